@@ -1,0 +1,234 @@
+//! The cluster configuration: one TOML file, identical on every node, that lists the machines,
+//! the engine and the model.
+//!
+//! Parsing happens in two layers. `raw` mirrors the file for serde (unknown keys rejected, spans
+//! kept so every problem can name a line and column); [`Config`] is the validated, span-free form
+//! the rest of the agent uses. Validation collects *all* problems before failing, so a person
+//! fixes the file in one pass instead of one error per run.
+
+mod raw;
+mod validate;
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use validate::check_layer_total;
+
+/// Where packages and the systemd unit expect the file.
+pub const DEFAULT_PATH: &str = "/etc/llm-cluster/cluster.toml";
+
+/// Which distributed engine runs the ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EngineKind {
+    /// prima.cpp: piped-ring parallelism, every rank holds the whole GGUF.
+    Prima,
+    /// llama.cpp RPC: rank 0 runs llama-server, the others run the stateless rpc server.
+    LlamaRpc,
+}
+
+impl EngineKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EngineKind::Prima => "prima",
+            EngineKind::LlamaRpc => "llama-rpc",
+        }
+    }
+}
+
+impl fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for EngineKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "prima" => Ok(EngineKind::Prima),
+            "llama-rpc" => Ok(EngineKind::LlamaRpc),
+            other => Err(format!(
+                "unknown engine `{other}`: expected `prima` or `llama-rpc`"
+            )),
+        }
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    /// The file this came from (or a description for generated configs), for messages.
+    pub source: PathBuf,
+    pub cluster: Cluster,
+    pub model: Model,
+    pub api: Api,
+    pub ports: Ports,
+    pub binaries: Binaries,
+    pub supervision: Supervision,
+    /// Sorted by rank; `nodes[r].rank == r` is guaranteed by validation.
+    pub nodes: Vec<Node>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Cluster {
+    pub name: String,
+    pub engine: EngineKind,
+    /// File holding the shared control token every agent authenticates with.
+    pub token_file: PathBuf,
+    /// Writable directory for rank working dirs (prima's profiler writes 1 GiB there) and caches.
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Model {
+    pub path: PathBuf,
+    /// Name clients use in the `model` field and see in `/v1/models`.
+    pub name: String,
+    pub sha256: Option<String>,
+    pub ctx_size: u32,
+    /// prima only: explicit layer windows, one per rank (disables Halda's profiling).
+    pub layer_windows: Option<Vec<u32>>,
+    /// llama-rpc only: proportions per device as llama-server lists them.
+    pub tensor_split: Option<Vec<f64>>,
+    /// prima only: prefetch weights ahead of compute.
+    pub prefetch: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Api {
+    pub listen: SocketAddr,
+    /// One key per line; when absent the API is open (the agent warns if it listens beyond loopback).
+    pub api_keys_file: Option<PathBuf>,
+}
+
+/// Base ports. prima ranks bind `data + rank` and `signal + rank`; llama.cpp rpc servers listen on
+/// `rpc + rank`, so several ranks can share one address. `server` is rank 0's engine HTTP port,
+/// bound to loopback only: clients reach it through the coordinator.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ports {
+    pub data: u16,
+    pub signal: u16,
+    pub rpc: u16,
+    pub server: u16,
+}
+
+/// Engine binary names. Distro packages rename prima.cpp's binaries so they can coexist with
+/// llama.cpp's; these defaults follow the project's packages.
+#[derive(Debug, Clone, Serialize)]
+pub struct Binaries {
+    pub prima_server: String,
+    pub prima_worker: String,
+    pub llama_server: String,
+    pub rpc_server: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Supervision {
+    /// How long rank 0 may take to report healthy before the attempt counts as failed.
+    pub ready_timeout_s: u64,
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+    /// How long a node agent may be unreachable while serving before its rank counts as lost.
+    pub node_timeout_s: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Node {
+    pub rank: u32,
+    pub address: IpAddr,
+    pub agent_port: u16,
+    /// GiB of GPU memory this rank may use; 0 means CPU only.
+    pub gpu_mem: f64,
+    /// Layers to offload to the GPU; defaults to all when `gpu_mem > 0`.
+    pub gpu_layers: Option<u32>,
+    pub threads: Option<u32>,
+    /// Directory holding the engine binaries; PATH is searched when absent.
+    pub engine_dir: Option<PathBuf>,
+}
+
+impl Node {
+    pub fn agent_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.address, self.agent_port)
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source: path.to_path_buf(),
+            problems: vec![Problem::general(format!("cannot read the file: {e}"))],
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `source` only names it in messages.
+    pub fn parse(text: &str, source: &Path) -> Result<Config, ConfigError> {
+        validate::parse(text, source)
+    }
+
+    pub fn world(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn node(&self, rank: u32) -> Option<&Node> {
+        self.nodes.get(rank as usize)
+    }
+
+    pub fn head(&self) -> &Node {
+        // Validation guarantees at least one node, with rank 0 first.
+        &self.nodes[0]
+    }
+}
+
+/// One thing wrong with a config file, located when it can be.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+impl Problem {
+    pub fn general(message: impl Into<String>) -> Problem {
+        Problem {
+            line: None,
+            column: None,
+            message: message.into(),
+        }
+    }
+}
+
+/// All problems found in one file.
+#[derive(Debug, Clone)]
+pub struct ConfigError {
+    pub source: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            match (p.line, p.column) {
+                (Some(l), Some(c)) => {
+                    write!(f, "{}:{l}:{c}: {}", self.source.display(), p.message)?
+                }
+                (Some(l), None) => write!(f, "{}:{l}: {}", self.source.display(), p.message)?,
+                _ => write!(f, "{}: {}", self.source.display(), p.message)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[cfg(test)]
+mod tests;

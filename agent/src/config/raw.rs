@@ -1,0 +1,165 @@
+//! The file as serde sees it. Spans are kept on everything a semantic check may point at.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::EngineKind;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    pub cluster: Spanned<ClusterSection>,
+    pub model: Spanned<ModelSection>,
+    #[serde(default)]
+    pub api: ApiSection,
+    #[serde(default)]
+    pub ports: PortsSection,
+    #[serde(default)]
+    pub binaries: BinariesSection,
+    #[serde(default)]
+    pub supervision: SupervisionSection,
+    #[serde(default, rename = "node")]
+    pub nodes: Vec<Spanned<NodeSection>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    pub name: Spanned<String>,
+    pub engine: EngineKind,
+    #[serde(default = "default_token_file")]
+    pub token_file: PathBuf,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: Spanned<PathBuf>,
+}
+
+fn default_token_file() -> PathBuf {
+    PathBuf::from("/etc/llm-cluster/token")
+}
+
+fn default_state_dir() -> Spanned<PathBuf> {
+    Spanned::new(0..0, PathBuf::from("/var/lib/llm-cluster"))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    pub path: Spanned<PathBuf>,
+    pub name: Option<String>,
+    pub sha256: Option<Spanned<String>>,
+    #[serde(default = "default_ctx")]
+    pub ctx_size: Spanned<u32>,
+    pub layer_windows: Option<Spanned<Vec<u32>>>,
+    pub tensor_split: Option<Spanned<Vec<f64>>>,
+    pub prefetch: Option<Spanned<bool>>,
+}
+
+fn default_ctx() -> Spanned<u32> {
+    Spanned::new(0..0, 4096)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSection {
+    #[serde(default = "default_listen")]
+    pub listen: Spanned<SocketAddr>,
+    pub api_keys_file: Option<PathBuf>,
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        ApiSection {
+            listen: default_listen(),
+            api_keys_file: None,
+        }
+    }
+}
+
+fn default_listen() -> Spanned<SocketAddr> {
+    Spanned::new(0..0, SocketAddr::from(([0, 0, 0, 0], 8080)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PortsSection {
+    pub data: Spanned<u16>,
+    pub signal: Spanned<u16>,
+    pub rpc: Spanned<u16>,
+    pub server: Spanned<u16>,
+}
+
+impl Default for PortsSection {
+    fn default() -> Self {
+        PortsSection {
+            data: Spanned::new(0..0, 9000),
+            signal: Spanned::new(0..0, 10000),
+            rpc: Spanned::new(0..0, 50052),
+            server: Spanned::new(0..0, 18080),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BinariesSection {
+    pub prima_server: String,
+    pub prima_worker: String,
+    pub llama_server: String,
+    pub rpc_server: String,
+}
+
+impl Default for BinariesSection {
+    fn default() -> Self {
+        BinariesSection {
+            prima_server: "prima-server".into(),
+            prima_worker: "prima-cli".into(),
+            llama_server: "llama-server".into(),
+            rpc_server: "ggml-rpc-server".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupervisionSection {
+    pub ready_timeout_s: u64,
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+    pub node_timeout_s: u64,
+}
+
+impl Default for SupervisionSection {
+    fn default() -> Self {
+        SupervisionSection {
+            ready_timeout_s: 600,
+            backoff_initial_ms: 1000,
+            backoff_max_ms: 60_000,
+            node_timeout_s: 15,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    pub rank: Spanned<i64>,
+    pub address: Spanned<String>,
+    #[serde(default = "default_agent_port")]
+    pub agent_port: Spanned<u16>,
+    #[serde(default = "default_gpu_mem")]
+    pub gpu_mem: Spanned<f64>,
+    pub gpu_layers: Option<u32>,
+    pub threads: Option<Spanned<u32>>,
+    pub engine_dir: Option<PathBuf>,
+}
+
+fn default_gpu_mem() -> Spanned<f64> {
+    Spanned::new(0..0, 0.0)
+}
+
+fn default_agent_port() -> Spanned<u16> {
+    Spanned::new(0..0, 7700)
+}

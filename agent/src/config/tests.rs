@@ -1,0 +1,220 @@
+use super::*;
+use std::path::Path;
+
+const GOOD: &str = r#"
+[cluster]
+name = "homelab"
+engine = "prima"
+
+[model]
+path = "/models/m.gguf"
+layer_windows = [10, 10, 10]
+
+[[node]]
+rank = 0
+address = "192.168.1.10"
+
+[[node]]
+rank = 2
+address = "192.168.1.12"
+threads = 8
+
+[[node]]
+rank = 1
+address = "192.168.1.11"
+gpu_mem = 10
+"#;
+
+fn problems(text: &str) -> Vec<String> {
+    match Config::parse(text, Path::new("c.toml")) {
+        Ok(_) => vec![],
+        Err(e) => e.to_string().lines().map(str::to_string).collect(),
+    }
+}
+
+#[test]
+fn good_config_is_sorted_by_rank_with_defaults() {
+    let c = Config::parse(GOOD, Path::new("c.toml")).expect("valid");
+    let ranks: Vec<u32> = c.nodes.iter().map(|n| n.rank).collect();
+    assert_eq!(ranks, [0, 1, 2]);
+    assert_eq!(c.nodes[1].gpu_mem, 10.0);
+    assert_eq!(c.nodes[2].threads, Some(8));
+    assert_eq!(c.ports.data, 9000);
+    assert_eq!(c.api.listen.to_string(), "0.0.0.0:8080");
+    assert_eq!(c.model.name, "m");
+    assert_eq!(c.binaries.prima_server, "prima-server");
+    assert_eq!(c.cluster.token_file, Path::new("/etc/llm-cluster/token"));
+}
+
+#[test]
+fn unknown_key_names_line_and_column() {
+    let text = GOOD.replace("threads = 8", "thread = 8");
+    let p = problems(&text);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(
+        p[0].starts_with("c.toml:17:1: unknown field `thread`"),
+        "{}",
+        p[0]
+    );
+    assert!(p[0].contains("expected one of"), "{}", p[0]);
+}
+
+#[test]
+fn syntax_error_is_located() {
+    let p = problems("[cluster]\nname = \"x\nengine = \"prima\"\n");
+    assert_eq!(p.len(), 1);
+    assert!(p[0].starts_with("c.toml:2:"), "{}", p[0]);
+}
+
+#[test]
+fn wrong_type_is_located_and_explained() {
+    let p = problems(&GOOD.replace("gpu_mem = 10", "gpu_mem = \"lots\""));
+    assert!(p[0].starts_with("c.toml:22:"), "{:?}", p);
+    assert!(p[0].contains("invalid type"), "{:?}", p);
+}
+
+#[test]
+fn all_semantic_problems_are_reported_at_once() {
+    let text = r#"
+[cluster]
+name = "x"
+engine = "prima"
+[model]
+path = "relative.gguf"
+layer_windows = [10, 0]
+tensor_split = [1.0]
+[[node]]
+rank = 0
+address = "pi.local"
+[[node]]
+rank = 0
+address = "10.0.0.2"
+[[node]]
+rank = 3
+address = "10.0.0.3"
+"#;
+    let p = problems(text);
+    let all = p.join("\n");
+    assert!(
+        all.contains("c.toml:6:8: model path must be absolute"),
+        "{all}"
+    );
+    assert!(
+        all.contains("c.toml:7:17: layer_windows has 2 entries but the cluster has 2 nodes")
+            || all.contains("layer_windows"),
+        "{all}"
+    );
+    assert!(
+        all.contains("c.toml:8:16: tensor_split applies to engine = \"llama-rpc\" only"),
+        "{all}"
+    );
+    assert!(
+        all.contains("c.toml:11:11: address `pi.local` is not an IP address"),
+        "{all}"
+    );
+    assert!(
+        all.contains("c.toml:13:8: rank 0 is used twice (first at line 10)"),
+        "{all}"
+    );
+    assert!(all.contains("missing: 1"), "{all}");
+}
+
+#[test]
+fn windows_must_match_world_and_be_positive() {
+    let p = problems(&GOOD.replace("[10, 10, 10]", "[15, 15]"));
+    assert!(
+        p.iter()
+            .any(|l| l
+                .contains("c.toml:8:17: layer_windows has 2 entries but the cluster has 3 nodes")),
+        "{p:?}"
+    );
+    let p = problems(&GOOD.replace("[10, 10, 10]", "[10, 0, 20]"));
+    assert!(p.iter().any(|l| l.contains("at least 1")), "{p:?}");
+}
+
+#[test]
+fn port_collisions_on_a_shared_address() {
+    let text = r#"
+[cluster]
+name = "x"
+engine = "prima"
+[model]
+path = "/m.gguf"
+[[node]]
+rank = 0
+address = "127.0.0.1"
+agent_port = 7700
+[[node]]
+rank = 1
+address = "127.0.0.1"
+agent_port = 9000
+"#;
+    let p = problems(text);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(p[0].contains("c.toml:11:1: port 9000 on 127.0.0.1 is used twice: prima data port of rank 0 and agent_port of rank 1"), "{p:?}");
+}
+
+#[test]
+fn same_agent_port_on_different_addresses_is_fine() {
+    assert!(problems(GOOD).is_empty());
+}
+
+#[test]
+fn tensor_split_counts_devices_llama_server_sees() {
+    let base = r#"
+[cluster]
+name = "x"
+engine = "llama-rpc"
+[model]
+path = "/m.gguf"
+tensor_split = SPLIT
+[[node]]
+rank = 0
+address = "10.0.0.1"
+GPU
+[[node]]
+rank = 1
+address = "10.0.0.2"
+[[node]]
+rank = 2
+address = "10.0.0.3"
+"#;
+    assert!(problems(&base.replace("SPLIT", "[1, 1]").replace("GPU", "")).is_empty());
+    assert!(problems(
+        &base
+            .replace("SPLIT", "[1, 1, 2]")
+            .replace("GPU", "gpu_mem = 12")
+    )
+    .is_empty());
+    let p = problems(&base.replace("SPLIT", "[1, 1, 2]").replace("GPU", ""));
+    assert!(
+        p[0].contains("tensor_split has 3 entries but llama-server will see 2 devices"),
+        "{p:?}"
+    );
+    let p = problems(&base.replace("SPLIT", "[0, 0]").replace("GPU", ""));
+    assert!(p[0].contains("not all 0"), "{p:?}");
+}
+
+#[test]
+fn missing_file_is_a_clear_error() {
+    let e = Config::load(Path::new("/nonexistent/cluster.toml")).expect_err("missing");
+    assert!(
+        e.to_string()
+            .starts_with("/nonexistent/cluster.toml: cannot read the file"),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_shipped_example_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/cluster.example.toml");
+    let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert!(c.world() >= 2);
+}
+
+#[test]
+fn layer_total_rule() {
+    assert!(check_layer_total(&[10, 10, 10], 30).is_ok());
+    assert!(check_layer_total(&[5, 5, 5], 30).is_ok());
+    assert!(check_layer_total(&[16, 16], 30).is_err());
+}

@@ -1,0 +1,447 @@
+//! Turns the raw file into a [`Config`], collecting every problem with its location.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::ops::Range;
+use std::path::Path;
+
+use super::raw;
+use super::*;
+
+/// Maps byte offsets to 1-based line/column.
+struct Locator<'a> {
+    text: &'a str,
+}
+
+impl Locator<'_> {
+    fn at(&self, span: Range<usize>, message: impl Into<String>) -> Problem {
+        // Defaults carry an empty span at 0: they have no place in the file.
+        if span.start == 0 && span.end == 0 {
+            return Problem::general(message);
+        }
+        let before = &self.text[..span.start.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before
+            .rfind('\n')
+            .map_or(before.len(), |i| before.len() - i - 1)
+            + 1;
+        Problem {
+            line: Some(line),
+            column: Some(column),
+            message: message.into(),
+        }
+    }
+}
+
+pub(super) fn parse(text: &str, source: &Path) -> Result<Config, ConfigError> {
+    let loc = Locator { text };
+    let fail = |problems| ConfigError {
+        source: source.to_path_buf(),
+        problems,
+    };
+    let file: raw::File = match toml::from_str(text) {
+        Ok(f) => f,
+        Err(e) => {
+            let message = e.message().trim().to_string();
+            let p = match e.span() {
+                Some(span) => loc.at(span, message),
+                None => Problem::general(message),
+            };
+            return Err(fail(vec![p]));
+        }
+    };
+    let mut problems = Vec::new();
+    let config = build(file, &loc, source, &mut problems);
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        problems.sort_by_key(|p| (p.line.unwrap_or(0), p.column.unwrap_or(0)));
+        Err(fail(problems))
+    }
+}
+
+fn build(file: raw::File, loc: &Locator, source: &Path, problems: &mut Vec<Problem>) -> Config {
+    let cluster_span = file.cluster.span();
+    let cluster = file.cluster.into_inner();
+    let engine = cluster.engine;
+    if cluster.name.get_ref().trim().is_empty() {
+        problems.push(loc.at(cluster.name.span(), "cluster name must not be empty"));
+    }
+    if !cluster.state_dir.get_ref().is_absolute() {
+        problems.push(loc.at(
+            cluster.state_dir.span(),
+            "state_dir must be an absolute path (ranks run with it as their working directory)",
+        ));
+    }
+
+    // --- nodes -------------------------------------------------------------------------
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut node_lines: Vec<Range<usize>> = Vec::new();
+    let mut seen: BTreeMap<i64, Range<usize>> = BTreeMap::new();
+    if file.nodes.is_empty() {
+        problems.push(loc.at(
+            cluster_span,
+            "no [[node]] entries: list at least one machine (rank 0 is the head node)",
+        ));
+    }
+    for spanned in file.nodes {
+        let span = spanned.span();
+        let n = spanned.into_inner();
+        let rank = *n.rank.get_ref();
+        if let Some(first) = seen.get(&rank) {
+            let first = loc.at(first.clone(), "");
+            problems.push(loc.at(
+                n.rank.span(),
+                format!(
+                    "rank {rank} is used twice (first at line {})",
+                    first.line.unwrap_or(0)
+                ),
+            ));
+            continue;
+        }
+        seen.insert(rank, n.rank.span());
+        if rank < 0 {
+            problems.push(loc.at(
+                n.rank.span(),
+                format!("rank {rank} is negative: ranks are 0..N-1"),
+            ));
+            continue;
+        }
+        let address: IpAddr = match n.address.get_ref().parse() {
+            Ok(a) => a,
+            Err(_) => {
+                problems.push(loc.at(
+                    n.address.span(),
+                    format!(
+                        "address `{}` is not an IP address: expected e.g. \"192.168.1.20\" \
+                         (the ring and its firewall rules work on addresses, not host names)",
+                        n.address.get_ref()
+                    ),
+                ));
+                continue;
+            }
+        };
+        if address.is_unspecified() {
+            problems.push(loc.at(
+                n.address.span(),
+                "address 0.0.0.0 cannot be dialled by the other ranks: give the node's own address",
+            ));
+        }
+        if *n.agent_port.get_ref() == 0 {
+            problems.push(loc.at(
+                n.agent_port.span(),
+                "agent_port must be between 1 and 65535",
+            ));
+        }
+        let gpu_mem = *n.gpu_mem.get_ref();
+        if !(gpu_mem.is_finite() && gpu_mem >= 0.0) {
+            problems.push(loc.at(
+                n.gpu_mem.span(),
+                "gpu_mem is GiB of GPU memory: expected a number >= 0 (0 = CPU only)",
+            ));
+        }
+        if let Some(t) = &n.threads {
+            if *t.get_ref() == 0 {
+                problems.push(loc.at(
+                    t.span(),
+                    "threads must be at least 1 (omit it to let the engine decide)",
+                ));
+            }
+        }
+        nodes.push(Node {
+            rank: rank as u32,
+            address,
+            agent_port: *n.agent_port.get_ref(),
+            gpu_mem,
+            gpu_layers: n.gpu_layers,
+            threads: n.threads.map(|t| t.into_inner()),
+            engine_dir: n.engine_dir,
+        });
+        node_lines.push(span);
+    }
+    let mut order: Vec<usize> = (0..nodes.len()).collect();
+    order.sort_by_key(|&i| nodes[i].rank);
+    let nodes: Vec<Node> = order.iter().map(|&i| nodes[i].clone()).collect();
+    let node_spans: Vec<Range<usize>> = order.iter().map(|&i| node_lines[i].clone()).collect();
+    let world = seen.len();
+    let missing: Vec<String> = (0..world as i64)
+        .filter(|r| !seen.contains_key(r))
+        .map(|r| r.to_string())
+        .collect();
+    if !missing.is_empty() {
+        problems.push(Problem::general(format!(
+            "ranks must be 0..{} without gaps ({} nodes); missing: {}",
+            world.saturating_sub(1),
+            world,
+            missing.join(", ")
+        )));
+    }
+
+    // --- model -------------------------------------------------------------------------
+    let model_span = file.model.span();
+    let m = file.model.into_inner();
+    if !m.path.get_ref().is_absolute() {
+        problems.push(loc.at(
+            m.path.span(),
+            "model path must be absolute (every node resolves it on its own disk)",
+        ));
+    }
+    let sha256 = m.sha256.map(|s| {
+        let v = s.get_ref().to_ascii_lowercase();
+        if v.len() != 64 || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
+            problems.push(loc.at(s.span(), "sha256 must be 64 hexadecimal characters"));
+        }
+        v
+    });
+    if *m.ctx_size.get_ref() == 0 {
+        problems.push(loc.at(m.ctx_size.span(), "ctx_size must be at least 1"));
+    }
+    let layer_windows = m.layer_windows.map(|w| {
+        if engine != EngineKind::Prima {
+            problems.push(loc.at(
+                w.span(),
+                "layer_windows apply to engine = \"prima\" only (llama-rpc uses tensor_split)",
+            ));
+        } else if w.get_ref().len() != world {
+            problems.push(loc.at(
+                w.span(),
+                format!(
+                    "layer_windows has {} entries but the cluster has {world} nodes: give one window per rank",
+                    w.get_ref().len()
+                ),
+            ));
+        } else if w.get_ref().contains(&0) {
+            problems.push(loc.at(
+                w.span(),
+                "every layer window must be at least 1 (drop the node instead of giving it 0 layers)",
+            ));
+        }
+        w.into_inner()
+    });
+    let head_has_gpu = nodes.first().is_some_and(|n| n.gpu_mem > 0.0);
+    let tensor_split = m.tensor_split.map(|t| {
+        let devices = world.saturating_sub(1) + usize::from(head_has_gpu);
+        if engine != EngineKind::LlamaRpc {
+            problems.push(loc.at(
+                t.span(),
+                "tensor_split applies to engine = \"llama-rpc\" only (prima uses layer_windows)",
+            ));
+        } else if t.get_ref().len() != devices {
+            problems.push(loc.at(
+                t.span(),
+                format!(
+                    "tensor_split has {} entries but llama-server will see {devices} devices \
+                     (one per worker rank{}): give one proportion per device",
+                    t.get_ref().len(),
+                    if head_has_gpu {
+                        ", then rank 0's own GPU"
+                    } else {
+                        "; rank 0 has gpu_mem = 0"
+                    }
+                ),
+            ));
+        } else if t.get_ref().iter().any(|v| !v.is_finite() || *v < 0.0)
+            || t.get_ref().iter().all(|v| *v == 0.0)
+        {
+            problems.push(loc.at(
+                t.span(),
+                "tensor_split proportions must be >= 0 and not all 0",
+            ));
+        }
+        t.into_inner()
+    });
+    let prefetch = match m.prefetch {
+        Some(p) if engine != EngineKind::Prima => {
+            problems.push(loc.at(p.span(), "prefetch applies to engine = \"prima\" only"));
+            false
+        }
+        Some(p) => p.into_inner(),
+        None => false,
+    };
+    let path = m.path.into_inner();
+    let name = m.name.unwrap_or_else(|| {
+        path.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    });
+    let _ = model_span;
+
+    // --- api, ports ----------------------------------------------------------------------
+    let listen = *file.api.listen.get_ref();
+    let ports = Ports {
+        data: *file.ports.data.get_ref(),
+        signal: *file.ports.signal.get_ref(),
+        rpc: *file.ports.rpc.get_ref(),
+        server: *file.ports.server.get_ref(),
+    };
+    let w = world as u32;
+    for (name, p, span, span_needed) in [
+        (
+            "data",
+            &file.ports.data,
+            file.ports.data.span(),
+            engine == EngineKind::Prima,
+        ),
+        (
+            "signal",
+            &file.ports.signal,
+            file.ports.signal.span(),
+            engine == EngineKind::Prima,
+        ),
+        (
+            "rpc",
+            &file.ports.rpc,
+            file.ports.rpc.span(),
+            engine == EngineKind::LlamaRpc,
+        ),
+        ("server", &file.ports.server, file.ports.server.span(), true),
+    ] {
+        let base = u32::from(*p.get_ref());
+        if span_needed && (base == 0 || base + w > 65536) {
+            problems.push(loc.at(
+                span,
+                format!("ports.{name} = {base} leaves no room for {w} ranks (base + rank must stay <= 65535)"),
+            ));
+        }
+    }
+
+    let config = Config {
+        source: source.to_path_buf(),
+        cluster: Cluster {
+            name: cluster.name.into_inner(),
+            engine,
+            token_file: cluster.token_file,
+            state_dir: cluster.state_dir.into_inner(),
+        },
+        model: Model {
+            path,
+            name,
+            sha256,
+            ctx_size: m.ctx_size.into_inner(),
+            layer_windows,
+            tensor_split,
+            prefetch,
+        },
+        api: Api {
+            listen,
+            api_keys_file: file.api.api_keys_file,
+        },
+        ports,
+        binaries: Binaries {
+            prima_server: file.binaries.prima_server,
+            prima_worker: file.binaries.prima_worker,
+            llama_server: file.binaries.llama_server,
+            rpc_server: file.binaries.rpc_server,
+        },
+        supervision: Supervision {
+            ready_timeout_s: file.supervision.ready_timeout_s,
+            backoff_initial_ms: file.supervision.backoff_initial_ms,
+            backoff_max_ms: file
+                .supervision
+                .backoff_max_ms
+                .max(file.supervision.backoff_initial_ms),
+            node_timeout_s: file.supervision.node_timeout_s,
+        },
+        nodes,
+    };
+    if missing.is_empty() {
+        check_ports(&config, loc, &node_spans, problems);
+    }
+    config
+}
+
+/// Every listening port the plan will use, per address, must be distinct: local clusters and
+/// machines running two ranks share one address.
+fn check_ports(
+    config: &Config,
+    loc: &Locator,
+    node_spans: &[Range<usize>],
+    problems: &mut Vec<Problem>,
+) {
+    let mut used: BTreeMap<(IpAddr, u16), String> = BTreeMap::new();
+    let mut claim =
+        |addr: IpAddr, port: u32, what: String, span: Range<usize>, problems: &mut Vec<Problem>| {
+            let Ok(port) = u16::try_from(port) else {
+                return;
+            };
+            if let Some(prev) = used.get(&(addr, port)) {
+                problems.push(loc.at(
+                    span,
+                    format!("port {port} on {addr} is used twice: {prev} and {what}"),
+                ));
+            } else {
+                used.insert((addr, port), what);
+            }
+        };
+    for (node, span) in config.nodes.iter().zip(node_spans) {
+        let r = node.rank;
+        claim(
+            node.address,
+            node.agent_port.into(),
+            format!("agent_port of rank {r}"),
+            span.clone(),
+            problems,
+        );
+        match config.cluster.engine {
+            EngineKind::Prima => {
+                claim(
+                    node.address,
+                    u32::from(config.ports.data) + r,
+                    format!("prima data port of rank {r}"),
+                    span.clone(),
+                    problems,
+                );
+                claim(
+                    node.address,
+                    u32::from(config.ports.signal) + r,
+                    format!("prima signal port of rank {r}"),
+                    span.clone(),
+                    problems,
+                );
+            }
+            EngineKind::LlamaRpc if r > 0 => {
+                claim(
+                    node.address,
+                    u32::from(config.ports.rpc) + r,
+                    format!("rpc server port of rank {r}"),
+                    span.clone(),
+                    problems,
+                );
+            }
+            EngineKind::LlamaRpc => {}
+        }
+        if r == 0 {
+            claim(
+                node.address,
+                config.ports.server.into(),
+                "rank 0's engine server port (ports.server)".into(),
+                span.clone(),
+                problems,
+            );
+            let listen = config.api.listen;
+            if listen.ip().is_unspecified() || listen.ip() == node.address {
+                claim(
+                    node.address,
+                    listen.port().into(),
+                    "the API listen port".into(),
+                    span.clone(),
+                    problems,
+                );
+            }
+        }
+    }
+}
+
+/// prima.cpp requires the model's layer count to be a multiple of the sum of the windows.
+/// Checked once the GGUF can be read (at `check-config` when the model is present, and when the
+/// coordinator plans the ring).
+pub fn check_layer_total(windows: &[u32], n_layers: u32) -> Result<(), String> {
+    let sum: u32 = windows.iter().sum();
+    if sum == 0 || n_layers % sum != 0 {
+        return Err(format!(
+            "layer_windows sum to {sum}, but the model has {n_layers} layers: prima.cpp needs the \
+             layer count to be a multiple of the sum (e.g. windows summing to {n_layers})"
+        ));
+    }
+    Ok(())
+}

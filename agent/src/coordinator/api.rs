@@ -1,0 +1,281 @@
+//! The public HTTP API on the head node: OpenAI-compatible routes proxied to rank 0's engine
+//! server, cluster status, and health probes.
+//!
+//! The proxy never buffers a response: bytes are forwarded as the engine produces them, so SSE
+//! streams reach the client token by token, and dropping the client's connection drops the
+//! upstream one (which makes the engine cancel the generation). While the ring is not serving,
+//! or when it fails under a request, clients get a 503 with Retry-After instead of a hang.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::{Stream, StreamExt};
+use serde_json::json;
+use tokio::sync::watch;
+
+use super::ClusterView;
+use crate::auth::{bearer, ApiKeys};
+
+/// Largest request body accepted (a long prompt is far smaller).
+const MAX_BODY: usize = 32 * 1024 * 1024;
+
+#[derive(Clone)]
+struct ApiState {
+    view: watch::Receiver<ClusterView>,
+    http: reqwest::Client,
+    upstream: Arc<str>,
+}
+
+pub fn router(
+    view: watch::Receiver<ClusterView>,
+    upstream_port: u16,
+    keys: Option<ApiKeys>,
+) -> anyhow::Result<Router> {
+    let http = reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .build()?;
+    let state = ApiState {
+        view,
+        http,
+        upstream: format!("http://127.0.0.1:{upstream_port}").into(),
+    };
+    let keys = Arc::new(keys.filter(|k| !k.is_empty()));
+    let protected = Router::new()
+        .route("/v1/chat/completions", post(proxy))
+        .route("/v1/completions", post(proxy))
+        .route("/v1/models", get(proxy))
+        .route("/api/v1/cluster", get(cluster))
+        .layer(middleware::from_fn(move |req: Request, next: Next| {
+            let keys = keys.clone();
+            async move {
+                match keys.as_ref() {
+                    Some(k) if !bearer(req.headers().get(header::AUTHORIZATION)).is_some_and(|t| k.allows(t)) => {
+                        openai_error(StatusCode::UNAUTHORIZED, "invalid_request_error", "invalid_api_key", "Incorrect or missing API key: send `Authorization: Bearer <key>` with a key from the cluster's API keys file.")
+                    }
+                    _ => next.run(req).await,
+                }
+            }
+        }));
+    Ok(Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .merge(protected)
+        .fallback(|| async {
+            openai_error(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "not_found",
+                "No such route on this llm-cluster endpoint.",
+            )
+        })
+        .with_state(state))
+}
+
+/// Binds and serves the API.
+pub async fn serve(
+    addr: SocketAddr,
+    router: Router,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use anyhow::Context;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for the API (api.listen)"))?;
+    tracing::info!(%addr, "API listening");
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!(error = %e, "API server stopped");
+        }
+    }))
+}
+
+fn openai_error(status: StatusCode, kind: &str, code: &str, message: &str) -> Response {
+    let body =
+        json!({ "error": { "message": message, "type": kind, "param": null, "code": code } });
+    (status, Json(body)).into_response()
+}
+
+fn unavailable(view: &ClusterView, message: String) -> Response {
+    let mut r = openai_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        "ring_unavailable",
+        &message,
+    );
+    if let Ok(v) = HeaderValue::from_str(&view.retry_after_s().to_string()) {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    r
+}
+
+fn not_serving_message(view: &ClusterView) -> String {
+    format!(
+        "The cluster is not serving right now ({}{}). Retry shortly.",
+        serde_json::to_value(view.phase)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        view.reason
+            .as_deref()
+            .map(|r| format!(": {r}"))
+            .unwrap_or_default()
+    )
+}
+
+async fn readyz(State(s): State<ApiState>) -> Response {
+    let v = s.view.borrow().clone();
+    let body = json!({ "phase": v.phase, "generation": v.generation, "reason": v.reason });
+    if v.serving() {
+        (StatusCode::OK, Json(body)).into_response()
+    } else {
+        let mut r = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+        if let Ok(h) = HeaderValue::from_str(&v.retry_after_s().to_string()) {
+            r.headers_mut().insert(header::RETRY_AFTER, h);
+        }
+        r
+    }
+}
+
+async fn cluster(State(s): State<ApiState>) -> Json<ClusterView> {
+    Json(s.view.borrow().clone())
+}
+
+/// Resolves when the ring that was serving `generation` is no longer serving.
+fn ring_lost(
+    mut view: watch::Receiver<ClusterView>,
+    generation: u64,
+) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    Box::pin(async move {
+        let _ = view
+            .wait_for(|v| v.generation != generation || !v.serving())
+            .await;
+    })
+}
+
+async fn proxy(State(s): State<ApiState>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let body = match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(b) => b,
+        Err(e) => {
+            return openai_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "bad_body",
+                &format!("cannot read the request body: {e}"),
+            )
+        }
+    };
+    let view = s.view.borrow().clone();
+    if !view.serving() {
+        return unavailable(&view, not_serving_message(&view));
+    }
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let mut upstream = s
+        .http
+        .request(parts.method.clone(), format!("{}{path}", s.upstream))
+        .body(body);
+    for h in [header::CONTENT_TYPE, header::ACCEPT] {
+        if let Some(v) = parts.headers.get(&h) {
+            upstream = upstream.header(h, v);
+        }
+    }
+    let mut lost = ring_lost(s.view.clone(), view.generation);
+    let resp = tokio::select! {
+        r = upstream.send() => r,
+        _ = &mut lost => {
+            let v = s.view.borrow().clone();
+            return unavailable(&v, "The ring failed while this request was waiting; it is being restarted. Retry shortly.".into());
+        }
+    };
+    let resp = match resp {
+        Ok(r) => r,
+        Err(e) => {
+            let v = s.view.borrow().clone();
+            tracing::warn!(error = %e, "rank 0 did not answer a proxied request");
+            return unavailable(
+                &v,
+                "Rank 0's engine did not answer; the ring is being checked. Retry shortly.".into(),
+            );
+        }
+    };
+    let status = resp.status();
+    let mut headers = HeaderMap::new();
+    for h in [header::CONTENT_TYPE, header::CACHE_CONTROL] {
+        if let Some(v) = resp.headers().get(&h) {
+            headers.insert(h, v.clone());
+        }
+    }
+    let sse = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if sse {
+        // Proxies between here and the client must not buffer the stream either.
+        headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    }
+    let stream = forward(resp.bytes_stream(), lost, sse);
+    let mut out = Response::new(Body::from_stream(stream));
+    *out.status_mut() = status;
+    *out.headers_mut() = headers;
+    out
+}
+
+/// Forwards upstream chunks until the upstream ends or the ring is lost. An SSE stream that is
+/// cut short ends with an OpenAI-style error event so clients fail instead of waiting; any other
+/// body ends with a transport error.
+fn forward(
+    upstream: impl Stream<Item = reqwest::Result<Bytes>> + Send + 'static,
+    lost: Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    sse: bool,
+) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+    struct St<S> {
+        upstream: Pin<Box<S>>,
+        lost: Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+        done: bool,
+    }
+    let error_event = || {
+        let e = json!({ "error": { "message": "The ring failed during this response; it is being restarted. Retry shortly.", "type": "server_error", "param": null, "code": "ring_unavailable" } });
+        Bytes::from(format!("data: {e}\n\n"))
+    };
+    futures_util::stream::unfold(
+        St {
+            upstream: Box::pin(upstream),
+            lost,
+            done: false,
+        },
+        move |mut st| async move {
+            if st.done {
+                return None;
+            }
+            let next = tokio::select! {
+                biased;
+                item = st.upstream.next() => item.map(|r| r.map_err(|e| e.to_string())),
+                _ = &mut st.lost => Some(Err("ring lost".to_string())),
+            };
+            match next {
+                Some(Ok(chunk)) => Some((Ok(chunk), st)),
+                None => None,
+                Some(Err(e)) => {
+                    st.done = true;
+                    tracing::warn!(error = %e, "response cut short");
+                    if sse {
+                        Some((Ok(error_event()), st))
+                    } else {
+                        Some((Err(std::io::Error::other(e)), st))
+                    }
+                }
+            }
+        },
+    )
+}

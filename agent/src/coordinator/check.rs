@@ -1,0 +1,222 @@
+//! Decides from every node's facts whether a ring may start. Pure.
+
+use crate::config::Config;
+use crate::node::facts::{HashState, NodeFacts};
+
+use super::state::NodeCheck;
+
+/// `facts[r]` is rank r's facts or why they could not be fetched. Returns the verdict and
+/// warnings that do not block (e.g. an engine version that could not be read).
+pub fn check_nodes(
+    config: &Config,
+    facts: &[Result<NodeFacts, String>],
+) -> (NodeCheck, Vec<String>) {
+    let mut waiting = Vec::new();
+    let mut refused = Vec::new();
+    let mut warnings = Vec::new();
+    let who = |r: usize| {
+        let n = &config.nodes[r];
+        format!("rank {r} ({})", n.agent_addr())
+    };
+    for (r, f) in facts.iter().enumerate() {
+        let f = match f {
+            Ok(f) => f,
+            Err(e) => {
+                waiting.push(format!("{} unreachable: {e}", who(r)));
+                continue;
+            }
+        };
+        match f.rank_binary() {
+            Some(b) if b.path.is_none() => refused.push(format!(
+                "{}: engine binary `{}` not found ({})",
+                who(r),
+                b.name,
+                match &config.nodes[r].engine_dir {
+                    Some(d) => format!("looked in engine_dir {}", d.display()),
+                    None => "looked on PATH; set engine_dir for this node".into(),
+                }
+            )),
+            _ => {}
+        }
+        match &f.model.hash {
+            HashState::Missing => refused.push(format!(
+                "{}: model file {} not found",
+                who(r),
+                f.model.path.display()
+            )),
+            HashState::Hashing => waiting.push(format!("{} is still hashing its model", who(r))),
+            HashState::Error { message } => refused.push(format!("{}: {message}", who(r))),
+            HashState::Done { sha256 } => {
+                if f.model.matches_expected == Some(false) {
+                    refused.push(format!(
+                        "{}: model {} has sha256 {sha256}, but the config expects {}",
+                        who(r),
+                        f.model.path.display(),
+                        f.model.expected_sha256.as_deref().unwrap_or("?")
+                    ));
+                }
+            }
+            HashState::NotRequired => {}
+        }
+        if f.engine_version.is_none() {
+            warnings.push(format!(
+                "{}: engine version unknown (server binary missing or silent)",
+                who(r)
+            ));
+        }
+    }
+    let ok: Vec<(usize, &NodeFacts)> = facts
+        .iter()
+        .enumerate()
+        .filter_map(|(r, f)| f.as_ref().ok().map(|f| (r, f)))
+        .collect();
+    // Every pair of known engine versions must agree.
+    if let Some((r0, v0)) = ok
+        .iter()
+        .find_map(|(r, f)| f.engine_version.as_ref().map(|v| (*r, v)))
+    {
+        for (r, f) in &ok {
+            if let Some(v) = &f.engine_version {
+                if v != v0 {
+                    refused.push(format!(
+                        "{} runs engine version `{v}` but {} runs `{v0}`: install the same engine build on every node",
+                        who(*r),
+                        who(r0)
+                    ));
+                }
+            }
+        }
+    }
+    // Every node that reads the model must read the same bytes.
+    let hashes: Vec<(usize, &str)> = ok
+        .iter()
+        .filter_map(|(r, f)| match &f.model.hash {
+            HashState::Done { sha256 } => Some((*r, sha256.as_str())),
+            _ => None,
+        })
+        .collect();
+    if let Some((r0, h0)) = hashes.first() {
+        for (r, h) in &hashes[1..] {
+            if h != h0 {
+                refused.push(format!(
+                    "{} has a different model file (sha256 {h}) than {} (sha256 {h0})",
+                    who(*r),
+                    who(*r0)
+                ));
+            }
+        }
+    }
+    let verdict = if !refused.is_empty() {
+        NodeCheck::Refused(format!(
+            "refusing to start the ring: {}",
+            refused.join("; ")
+        ))
+    } else if !waiting.is_empty() {
+        NodeCheck::Waiting(format!("waiting for nodes: {}", waiting.join("; ")))
+    } else {
+        NodeCheck::Ready
+    };
+    (verdict, warnings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::EngineKind;
+    use crate::node::facts::{BinaryFact, ModelFact};
+    use std::path::{Path, PathBuf};
+
+    fn config() -> Config {
+        let text = "[cluster]\nname=\"t\"\nengine=\"prima\"\n[model]\npath=\"/m.gguf\"\n\
+                    [[node]]\nrank=0\naddress=\"10.0.0.1\"\n[[node]]\nrank=1\naddress=\"10.0.0.2\"\n";
+        Config::parse(text, Path::new("t")).expect("config")
+    }
+
+    fn facts(rank: u32, version: &str, hash: HashState) -> Result<NodeFacts, String> {
+        Ok(NodeFacts {
+            agent_version: "0".into(),
+            rank,
+            hostname: "h".into(),
+            engine: EngineKind::Prima,
+            binaries: vec![BinaryFact {
+                name: "prima-cli".into(),
+                path: Some(PathBuf::from("/usr/bin/prima-cli")),
+                used_by_this_rank: true,
+            }],
+            engine_version: Some(version.into()),
+            model: ModelFact {
+                path: PathBuf::from("/m.gguf"),
+                size: Some(1),
+                hash,
+                expected_sha256: None,
+                matches_expected: None,
+            },
+            memory: None,
+            cpu: None,
+            gpus: vec![],
+        })
+    }
+
+    fn done(h: &str) -> HashState {
+        HashState::Done { sha256: h.into() }
+    }
+
+    #[test]
+    fn consistent_nodes_are_ready() {
+        let f = vec![facts(0, "b1", done("aa")), facts(1, "b1", done("aa"))];
+        assert_eq!(check_nodes(&config(), &f).0, NodeCheck::Ready);
+    }
+
+    #[test]
+    fn different_engine_versions_are_refused_naming_both_nodes() {
+        let f = vec![facts(0, "b1", done("aa")), facts(1, "b2", done("aa"))];
+        let NodeCheck::Refused(msg) = check_nodes(&config(), &f).0 else {
+            panic!("not refused")
+        };
+        assert!(
+            msg.contains("rank 1 (10.0.0.2:7700) runs engine version `b2`"),
+            "{msg}"
+        );
+        assert!(msg.contains("rank 0 (10.0.0.1:7700) runs `b1`"), "{msg}");
+    }
+
+    #[test]
+    fn different_model_hashes_are_refused() {
+        let f = vec![facts(0, "b1", done("aa")), facts(1, "b1", done("bb"))];
+        let NodeCheck::Refused(msg) = check_nodes(&config(), &f).0 else {
+            panic!("not refused")
+        };
+        assert!(msg.contains("different model file"), "{msg}");
+    }
+
+    #[test]
+    fn unreachable_or_hashing_nodes_mean_waiting() {
+        let f = vec![
+            facts(0, "b1", HashState::Hashing),
+            Err("connection refused".into()),
+        ];
+        let NodeCheck::Waiting(msg) = check_nodes(&config(), &f).0 else {
+            panic!("not waiting")
+        };
+        assert!(
+            msg.contains("hashing") && msg.contains("connection refused"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn missing_binary_or_model_is_refused() {
+        let mut f1 = facts(1, "b1", HashState::Missing);
+        if let Ok(f) = &mut f1 {
+            f.binaries[0].path = None;
+        }
+        let f = vec![facts(0, "b1", done("aa")), f1];
+        let NodeCheck::Refused(msg) = check_nodes(&config(), &f).0 else {
+            panic!("not refused")
+        };
+        assert!(
+            msg.contains("`prima-cli` not found") && msg.contains("model file /m.gguf not found"),
+            "{msg}"
+        );
+    }
+}

@@ -1,0 +1,491 @@
+//! The supervision state machine, free of I/O: events in, actions out. The driver in `mod.rs`
+//! performs the actions and feeds their outcomes back as events.
+//!
+//! Neither engine can repair a ring in place (prima hangs, llama.cpp's head aborts), so every
+//! failure takes the same road: stop every rank, back off, check the nodes, start a new
+//! generation.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::engine::ExitKind;
+
+/// Serving this long without a failure resets the backoff.
+pub const STABLE_AFTER: Duration = Duration::from_secs(60);
+/// How soon to look again at nodes that are not ready, and at nodes that were refused.
+pub const RECHECK_WAITING: Duration = Duration::from_secs(1);
+pub const RECHECK_REFUSED: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Some node is unreachable or still preparing (hashing its model).
+    WaitingForNodes,
+    /// The nodes disagree (engine build, model file) or miss something; a person must act.
+    Refused,
+    Starting,
+    /// Ranks are up; waiting for rank 0's /health.
+    WaitingReady,
+    Serving,
+    Stopping,
+    BackingOff,
+}
+
+/// Outcome of looking at every node's facts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NodeCheck {
+    Ready,
+    Waiting(String),
+    Refused(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    NodesChecked {
+        check: NodeCheck,
+        /// Highest generation any node has seen: a restarted coordinator continues after it.
+        highest_generation: u64,
+    },
+    RingStarted {
+        generation: u64,
+    },
+    StartFailed {
+        generation: u64,
+        error: String,
+    },
+    Ready {
+        generation: u64,
+    },
+    ReadyTimedOut {
+        generation: u64,
+    },
+    RankExited {
+        generation: u64,
+        rank: u32,
+        kind: ExitKind,
+        detail: String,
+    },
+    NodeLost {
+        rank: u32,
+        detail: String,
+    },
+    RingStopped {
+        generation: u64,
+    },
+    BackoffElapsed,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    CheckNodes { after: Duration },
+    StartRing { generation: u64 },
+    WaitReady { generation: u64 },
+    StopRing { generation: u64 },
+    Backoff { delay: Duration },
+}
+
+#[derive(Debug, Clone)]
+pub struct Supervisor {
+    pub phase: Phase,
+    pub generation: u64,
+    /// Failed attempts since the ring last served stably.
+    pub failures: u32,
+    /// Why the ring is not serving, for people and for 503 bodies.
+    pub reason: Option<String>,
+    pub serving_since: Option<Instant>,
+    pub backoff: Option<Duration>,
+    backoff_initial: Duration,
+    backoff_max: Duration,
+}
+
+impl Supervisor {
+    pub fn new(backoff_initial: Duration, backoff_max: Duration) -> (Supervisor, Vec<Action>) {
+        (
+            Supervisor {
+                phase: Phase::WaitingForNodes,
+                generation: 0,
+                failures: 0,
+                reason: Some("checking the nodes".into()),
+                serving_since: None,
+                backoff: None,
+                backoff_initial,
+                backoff_max,
+            },
+            vec![Action::CheckNodes {
+                after: Duration::ZERO,
+            }],
+        )
+    }
+
+    /// The delay before attempt number `failures + 1`: doubling from the initial value, capped.
+    pub fn backoff_for(&self, failures: u32) -> Duration {
+        let factor = 1u32
+            .checked_shl(failures.saturating_sub(1))
+            .unwrap_or(u32::MAX);
+        self.backoff_initial
+            .saturating_mul(factor)
+            .min(self.backoff_max)
+    }
+
+    fn is_current(&self, generation: u64) -> bool {
+        generation == self.generation
+    }
+
+    fn ring_active(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Starting | Phase::WaitingReady | Phase::Serving
+        )
+    }
+
+    fn fail(&mut self, reason: String, now: Instant) -> Vec<Action> {
+        if self
+            .serving_since
+            .is_some_and(|t| now.duration_since(t) >= STABLE_AFTER)
+        {
+            self.failures = 0;
+        }
+        self.failures += 1;
+        self.serving_since = None;
+        self.phase = Phase::Stopping;
+        self.reason = Some(reason);
+        vec![Action::StopRing {
+            generation: self.generation,
+        }]
+    }
+
+    pub fn handle(&mut self, event: Event, now: Instant) -> Vec<Action> {
+        match event {
+            Event::NodesChecked {
+                check,
+                highest_generation,
+            } => {
+                if !matches!(self.phase, Phase::WaitingForNodes | Phase::Refused) {
+                    return vec![];
+                }
+                match check {
+                    NodeCheck::Ready => {
+                        self.generation = self.generation.max(highest_generation) + 1;
+                        self.phase = Phase::Starting;
+                        self.reason = Some(format!("starting generation {}", self.generation));
+                        vec![Action::StartRing {
+                            generation: self.generation,
+                        }]
+                    }
+                    NodeCheck::Waiting(why) => {
+                        self.phase = Phase::WaitingForNodes;
+                        self.reason = Some(why);
+                        vec![Action::CheckNodes {
+                            after: RECHECK_WAITING,
+                        }]
+                    }
+                    NodeCheck::Refused(why) => {
+                        self.phase = Phase::Refused;
+                        self.reason = Some(why);
+                        vec![Action::CheckNodes {
+                            after: RECHECK_REFUSED,
+                        }]
+                    }
+                }
+            }
+            Event::RingStarted { generation }
+                if self.is_current(generation) && self.phase == Phase::Starting =>
+            {
+                self.phase = Phase::WaitingReady;
+                self.reason = Some("waiting for rank 0 to report healthy".into());
+                vec![Action::WaitReady { generation }]
+            }
+            Event::StartFailed { generation, error }
+                if self.is_current(generation) && self.phase == Phase::Starting =>
+            {
+                self.fail(
+                    format!("generation {generation} failed to start: {error}"),
+                    now,
+                )
+            }
+            Event::Ready { generation }
+                if self.is_current(generation) && self.phase == Phase::WaitingReady =>
+            {
+                self.phase = Phase::Serving;
+                self.reason = None;
+                self.serving_since = Some(now);
+                self.backoff = None;
+                vec![]
+            }
+            Event::ReadyTimedOut { generation }
+                if self.is_current(generation) && self.phase == Phase::WaitingReady =>
+            {
+                self.fail(
+                    format!("generation {generation}: rank 0 did not become healthy in time"),
+                    now,
+                )
+            }
+            Event::RankExited {
+                generation,
+                rank,
+                kind,
+                detail,
+            } if self.is_current(generation) && self.ring_active() => {
+                match kind {
+                    ExitKind::Failed => self.fail(format!("rank {rank} {detail}"), now),
+                    // The ring goes on without a rank the scheduler dropped; a stop we asked for
+                    // is accounted for by the action that asked.
+                    ExitKind::DroppedByScheduler | ExitKind::Stopped => vec![],
+                }
+            }
+            Event::NodeLost { rank, detail } if self.ring_active() => {
+                self.fail(format!("lost contact with rank {rank}: {detail}"), now)
+            }
+            Event::RingStopped { generation }
+                if self.is_current(generation) && self.phase == Phase::Stopping =>
+            {
+                let delay = self.backoff_for(self.failures);
+                self.phase = Phase::BackingOff;
+                self.backoff = Some(delay);
+                vec![Action::Backoff { delay }]
+            }
+            Event::BackoffElapsed if self.phase == Phase::BackingOff => {
+                self.phase = Phase::WaitingForNodes;
+                vec![Action::CheckNodes {
+                    after: Duration::ZERO,
+                }]
+            }
+            // Events from older generations or for other phases change nothing.
+            _ => vec![],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sup() -> Supervisor {
+        Supervisor::new(Duration::from_secs(1), Duration::from_secs(8)).0
+    }
+
+    fn serve(s: &mut Supervisor, now: Instant) -> u64 {
+        let a = s.handle(
+            Event::NodesChecked {
+                check: NodeCheck::Ready,
+                highest_generation: 0,
+            },
+            now,
+        );
+        let Action::StartRing { generation } = a[0] else {
+            panic!("expected start, got {a:?}")
+        };
+        assert_eq!(
+            s.handle(Event::RingStarted { generation }, now),
+            vec![Action::WaitReady { generation }]
+        );
+        assert!(s.handle(Event::Ready { generation }, now).is_empty());
+        assert_eq!(s.phase, Phase::Serving);
+        generation
+    }
+
+    fn crash(s: &mut Supervisor, generation: u64, now: Instant) -> Duration {
+        let a = s.handle(
+            Event::RankExited {
+                generation,
+                rank: 1,
+                kind: ExitKind::Failed,
+                detail: "exited with status 1".into(),
+            },
+            now,
+        );
+        assert_eq!(a, vec![Action::StopRing { generation }]);
+        assert_eq!(s.phase, Phase::Stopping);
+        let a = s.handle(Event::RingStopped { generation }, now);
+        let [Action::Backoff { delay }] = a[..] else {
+            panic!("expected backoff, got {a:?}")
+        };
+        assert_eq!(
+            s.handle(Event::BackoffElapsed, now),
+            vec![Action::CheckNodes {
+                after: Duration::ZERO
+            }]
+        );
+        delay
+    }
+
+    #[test]
+    fn starts_with_a_node_check_and_serves_after_health() {
+        let (s, actions) = Supervisor::new(Duration::from_secs(1), Duration::from_secs(8));
+        assert_eq!(
+            actions,
+            vec![Action::CheckNodes {
+                after: Duration::ZERO
+            }]
+        );
+        assert_eq!(s.phase, Phase::WaitingForNodes);
+        let mut s = s;
+        assert_eq!(serve(&mut s, Instant::now()), 1);
+        assert_eq!(s.reason, None);
+    }
+
+    #[test]
+    fn any_rank_failure_restarts_the_whole_ring_with_a_new_generation() {
+        let mut s = sup();
+        let now = Instant::now();
+        let g1 = serve(&mut s, now);
+        crash(&mut s, g1, now);
+        assert!(s
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("rank 1 exited with status 1"));
+        let g2 = serve(&mut s, now);
+        assert_eq!(g2, g1 + 1);
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_resets_after_stable_serving() {
+        let mut s = sup();
+        let t0 = Instant::now();
+        let mut delays = vec![];
+        for _ in 0..5 {
+            let g = serve(&mut s, t0);
+            delays.push(crash(&mut s, g, t0).as_secs());
+        }
+        assert_eq!(delays, [1, 2, 4, 8, 8]);
+        let g = serve(&mut s, t0);
+        let later = t0 + STABLE_AFTER + Duration::from_secs(1);
+        assert_eq!(
+            crash(&mut s, g, later),
+            Duration::from_secs(1),
+            "stable serving resets backoff"
+        );
+    }
+
+    #[test]
+    fn stale_and_benign_events_are_ignored() {
+        let mut s = sup();
+        let now = Instant::now();
+        let g = serve(&mut s, now);
+        let old = Event::RankExited {
+            generation: g - 1,
+            rank: 2,
+            kind: ExitKind::Failed,
+            detail: "old".into(),
+        };
+        assert!(s.handle(old, now).is_empty());
+        let dropped = Event::RankExited {
+            generation: g,
+            rank: 2,
+            kind: ExitKind::DroppedByScheduler,
+            detail: String::new(),
+        };
+        assert!(s.handle(dropped, now).is_empty());
+        assert!(s.handle(Event::Ready { generation: g }, now).is_empty());
+        assert_eq!(s.phase, Phase::Serving);
+    }
+
+    #[test]
+    fn refused_and_waiting_nodes_are_rechecked_without_starting() {
+        let mut s = sup();
+        let now = Instant::now();
+        let a = s.handle(
+            Event::NodesChecked {
+                check: NodeCheck::Refused("rank 2 has engine b2".into()),
+                highest_generation: 0,
+            },
+            now,
+        );
+        assert_eq!(
+            a,
+            vec![Action::CheckNodes {
+                after: RECHECK_REFUSED
+            }]
+        );
+        assert_eq!(s.phase, Phase::Refused);
+        let a = s.handle(
+            Event::NodesChecked {
+                check: NodeCheck::Waiting("hashing".into()),
+                highest_generation: 0,
+            },
+            now,
+        );
+        assert_eq!(
+            a,
+            vec![Action::CheckNodes {
+                after: RECHECK_WAITING
+            }]
+        );
+        assert_eq!(s.phase, Phase::WaitingForNodes);
+    }
+
+    #[test]
+    fn a_restarted_coordinator_continues_after_the_nodes_generation() {
+        let mut s = sup();
+        let a = s.handle(
+            Event::NodesChecked {
+                check: NodeCheck::Ready,
+                highest_generation: 7,
+            },
+            Instant::now(),
+        );
+        assert_eq!(a, vec![Action::StartRing { generation: 8 }]);
+    }
+
+    #[test]
+    fn start_failure_and_health_timeout_go_through_stop_and_backoff() {
+        let mut s = sup();
+        let now = Instant::now();
+        s.handle(
+            Event::NodesChecked {
+                check: NodeCheck::Ready,
+                highest_generation: 0,
+            },
+            now,
+        );
+        let a = s.handle(
+            Event::StartFailed {
+                generation: 1,
+                error: "rank 2 unreachable".into(),
+            },
+            now,
+        );
+        assert_eq!(a, vec![Action::StopRing { generation: 1 }]);
+        s.handle(Event::RingStopped { generation: 1 }, now);
+        s.handle(Event::BackoffElapsed, now);
+        s.handle(
+            Event::NodesChecked {
+                check: NodeCheck::Ready,
+                highest_generation: 1,
+            },
+            now,
+        );
+        s.handle(Event::RingStarted { generation: 2 }, now);
+        let a = s.handle(Event::ReadyTimedOut { generation: 2 }, now);
+        assert_eq!(a, vec![Action::StopRing { generation: 2 }]);
+        assert_eq!(s.failures, 2);
+    }
+
+    #[test]
+    fn node_lost_only_matters_while_the_ring_runs() {
+        let mut s = sup();
+        let now = Instant::now();
+        assert!(s
+            .handle(
+                Event::NodeLost {
+                    rank: 1,
+                    detail: "timeout".into()
+                },
+                now
+            )
+            .is_empty());
+        let g = serve(&mut s, now);
+        assert_eq!(
+            s.handle(
+                Event::NodeLost {
+                    rank: 1,
+                    detail: "timeout".into()
+                },
+                now
+            ),
+            vec![Action::StopRing { generation: g }]
+        );
+    }
+}

@@ -1,0 +1,157 @@
+//! Engine adapters: one per engine, each a pure function from a [`RankSpec`] to the command a
+//! node runs for that rank. Nothing here starts processes; runners do that.
+
+pub mod llama_rpc;
+pub mod prima;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Binaries, EngineKind};
+use crate::plan::RankSpec;
+
+/// What a runner needs to start one rank.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandSpec {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// Writable and roomy: prima's profiler writes a 1 GiB fio file here.
+    pub cwd: PathBuf,
+}
+
+impl CommandSpec {
+    /// The command as a person would type it, for logs and status.
+    pub fn display(&self) -> String {
+        let mut s = self.program.display().to_string();
+        for a in &self.args {
+            s.push(' ');
+            if a.is_empty() || a.contains(|c: char| c.is_whitespace() || c == '"' || c == '\'') {
+                s.push_str(&format!("{a:?}"));
+            } else {
+                s.push_str(a);
+            }
+        }
+        s
+    }
+}
+
+/// Where this node finds its engine binaries and runs its ranks.
+#[derive(Debug, Clone)]
+pub struct LocalEngine {
+    pub binaries: Binaries,
+    pub engine_dir: Option<PathBuf>,
+    pub workdir: PathBuf,
+}
+
+impl LocalEngine {
+    /// The binary names a rank of `engine` may run: (server, worker).
+    pub fn names(&self, engine: EngineKind) -> (&str, &str) {
+        match engine {
+            EngineKind::Prima => (&self.binaries.prima_server, &self.binaries.prima_worker),
+            EngineKind::LlamaRpc => (&self.binaries.llama_server, &self.binaries.rpc_server),
+        }
+    }
+
+    /// Resolves a binary name to a path: inside `engine_dir` when configured, else on PATH.
+    /// Returns the bare name when nothing is found so the error names what was looked for.
+    pub fn resolve(&self, name: &str) -> PathBuf {
+        find_binary(name, self.engine_dir.as_deref()).unwrap_or_else(|| PathBuf::from(name))
+    }
+}
+
+/// Finds an executable by name in `dir` or, without one, on PATH.
+pub fn find_binary(name: &str, dir: Option<&Path>) -> Option<PathBuf> {
+    let is_exec = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        p.metadata()
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    if name.contains('/') {
+        let p = PathBuf::from(name);
+        return is_exec(&p).then_some(p);
+    }
+    match dir {
+        Some(d) => {
+            let p = d.join(name);
+            is_exec(&p).then_some(p)
+        }
+        None => std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(name))
+                .find(|p| is_exec(p))
+        }),
+    }
+}
+
+/// Builds the command for one rank with the adapter of its engine.
+pub fn command(spec: &RankSpec, local: &LocalEngine) -> CommandSpec {
+    match spec.engine {
+        EngineKind::Prima => prima::command(spec, local),
+        EngineKind::LlamaRpc => llama_rpc::command(spec, local),
+    }
+}
+
+/// How a rank's exit is to be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitKind {
+    /// The agent asked it to stop: whatever the status, not a fault (prima's server often
+    /// segfaults on its way out).
+    Stopped,
+    /// prima's scheduler gave it no layers and it left with status 0: the ring goes on without it.
+    DroppedByScheduler,
+    /// Anything else: the ring is broken.
+    Failed,
+}
+
+/// Reads an exit in the light of what the engine is known to do.
+pub fn classify_exit(
+    engine: EngineKind,
+    stop_requested: bool,
+    code: Option<i32>,
+    log_tail: &[String],
+) -> ExitKind {
+    if stop_requested {
+        return ExitKind::Stopped;
+    }
+    if engine == EngineKind::Prima
+        && code == Some(0)
+        && log_tail.iter().any(|l| l.contains(prima::NO_LAYER_MESSAGE))
+    {
+        return ExitKind::DroppedByScheduler;
+    }
+    ExitKind::Failed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classify_prima_drop_only_with_status_zero_and_message() {
+        let tail = vec!["No layer is assigned to me, exit.".to_string()];
+        assert_eq!(
+            classify_exit(EngineKind::Prima, false, Some(0), &tail),
+            ExitKind::DroppedByScheduler
+        );
+        assert_eq!(
+            classify_exit(EngineKind::Prima, false, Some(1), &tail),
+            ExitKind::Failed
+        );
+        assert_eq!(
+            classify_exit(EngineKind::Prima, false, Some(0), &[]),
+            ExitKind::Failed
+        );
+        assert_eq!(
+            classify_exit(EngineKind::LlamaRpc, false, Some(0), &tail),
+            ExitKind::Failed
+        );
+        assert_eq!(
+            classify_exit(EngineKind::Prima, true, Some(139), &[]),
+            ExitKind::Stopped
+        );
+    }
+}

@@ -1,0 +1,138 @@
+//! llm-agent: the node agent and coordinator of llm-cluster.
+//!
+//! Every machine runs `llm-agent run --node rankN`; the rank-0 agent is also the coordinator and
+//! serves the OpenAI-compatible API. `llm-agent up --local N` runs a whole cluster on one machine.
+
+mod auth;
+mod config;
+mod coordinator;
+mod engine;
+mod gguf;
+mod local;
+mod node;
+mod plan;
+mod runner;
+mod service;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use config::{Config, DEFAULT_PATH};
+
+#[derive(Parser)]
+#[command(
+    name = "llm-agent",
+    version,
+    about = "Node agent and coordinator for llm-cluster: one OpenAI-compatible endpoint over a \
+             prima.cpp or llama.cpp RPC ring spread across your machines"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run this machine's node agent; the rank-0 agent also coordinates the ring and serves the API.
+    Run {
+        /// Cluster config file.
+        #[arg(long, env = "LLM_CLUSTER_CONFIG", default_value = DEFAULT_PATH)]
+        config: PathBuf,
+        /// Which [[node]] of the config this machine is: `rank2` or `2` (the systemd instance name).
+        #[arg(long)]
+        node: String,
+    },
+    /// Validate a config file: exit 0, or print every problem (file:line:column) and exit 1.
+    CheckConfig {
+        /// Config file to check.
+        #[arg(default_value = DEFAULT_PATH)]
+        path: PathBuf,
+    },
+    /// Run a whole cluster on this machine: N node agents and the coordinator over loopback.
+    Up(local::UpArgs),
+}
+
+fn init_logging(default_filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { path } => check_config(&path),
+        Command::Run { config, node } => {
+            init_logging("info");
+            run_async(service::run_node(config, node))
+        }
+        Command::Up(args) => {
+            init_logging("info,engine=warn");
+            run_async(local::up(args))
+        }
+    }
+}
+
+fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config(path: &std::path::Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(c) => {
+            let mut notes = Vec::new();
+            if let Some(windows) = &c.model.layer_windows {
+                match gguf::read_info(&c.model.path) {
+                    Ok(info) => {
+                        if let Err(e) = config::check_layer_total(windows, info.block_count) {
+                            eprintln!("{}: {e}", path.display());
+                            return ExitCode::FAILURE;
+                        }
+                    }
+                    Err(_) => notes.push(format!(
+                        "model {} is not readable here; layer_windows were not checked against its layer count",
+                        c.model.path.display()
+                    )),
+                }
+            }
+            println!(
+                "{}: ok — cluster `{}`, engine {}, {} node(s), model {}",
+                path.display(),
+                c.cluster.name,
+                c.cluster.engine,
+                c.world(),
+                c.model.path.display()
+            );
+            for n in notes {
+                println!("note: {n}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            eprintln!("{} problem(s) found", e.problems.len());
+            ExitCode::FAILURE
+        }
+    }
+}

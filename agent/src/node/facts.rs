@@ -1,0 +1,346 @@
+//! What a node knows about itself, reported to the coordinator so it can refuse inconsistent
+//! rings (different engine builds or model files) before starting anything.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::EngineKind;
+use crate::engine::{find_binary, LocalEngine};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeFacts {
+    pub agent_version: String,
+    pub rank: u32,
+    pub hostname: String,
+    pub engine: EngineKind,
+    /// The binary this node's rank runs, and the engine's server binary (whose `--version`
+    /// identifies the build).
+    pub binaries: Vec<BinaryFact>,
+    /// `version:` line of the engine's server binary, when it could be run.
+    pub engine_version: Option<String>,
+    pub model: ModelFact,
+    pub memory: Option<MemoryFact>,
+    pub cpu: Option<CpuFact>,
+    pub gpus: Vec<GpuFact>,
+}
+
+impl NodeFacts {
+    /// The binary this rank will run, if it was found.
+    pub fn rank_binary(&self) -> Option<&BinaryFact> {
+        self.binaries.iter().find(|b| b.used_by_this_rank)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BinaryFact {
+    pub name: String,
+    pub path: Option<PathBuf>,
+    pub used_by_this_rank: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum HashState {
+    /// This rank does not read the model (llama.cpp rpc workers get weights over the network).
+    NotRequired,
+    Missing,
+    Hashing,
+    Done {
+        sha256: String,
+    },
+    Error {
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelFact {
+    pub path: PathBuf,
+    pub size: Option<u64>,
+    pub hash: HashState,
+    /// The configured sha256, if any, and whether the file matches it.
+    pub expected_sha256: Option<String>,
+    pub matches_expected: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemoryFact {
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CpuFact {
+    pub model: String,
+    pub logical_cores: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GpuFact {
+    pub name: String,
+    pub memory_total_mib: Option<u64>,
+    pub memory_free_mib: Option<u64>,
+}
+
+/// Hashes the model once per (path, size, mtime) in the background; a 40 GB file takes minutes
+/// and the answer does not change until the file does.
+/// Size and mtime identify a version of the file.
+type HashCache = HashMap<PathBuf, (u64, SystemTime, HashState)>;
+
+#[derive(Clone, Default)]
+pub struct ModelHasher {
+    state: Arc<Mutex<HashCache>>,
+}
+
+impl ModelHasher {
+    /// Current state for `path`, starting a hash when the file is new or changed.
+    pub fn state(&self, path: &Path) -> (Option<u64>, HashState) {
+        let Ok(meta) = std::fs::metadata(path) else {
+            return (None, HashState::Missing);
+        };
+        let size = meta.len();
+        let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut map = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((s, m, st)) = map.get(path) {
+            if *s == size && *m == mtime {
+                return (Some(size), st.clone());
+            }
+        }
+        map.insert(path.to_path_buf(), (size, mtime, HashState::Hashing));
+        let state = self.state.clone();
+        let p = path.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let result = match sha256_file(&p) {
+                Ok(h) => HashState::Done { sha256: h },
+                Err(e) => HashState::Error {
+                    message: format!("cannot read {}: {e}", p.display()),
+                },
+            };
+            tracing::info!(model = %p.display(), seconds = started.elapsed().as_secs_f64(), ?result, "model hashed");
+            let mut map = state.lock().unwrap_or_else(|e| e.into_inner());
+            map.insert(p, (size, mtime, result));
+        });
+        (Some(size), HashState::Hashing)
+    }
+}
+
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Gathers the facts. `needs_model`: whether this rank reads the GGUF itself.
+pub async fn collect(
+    rank: u32,
+    engine: EngineKind,
+    local: &LocalEngine,
+    model_path: &Path,
+    expected_sha256: Option<&str>,
+    needs_model: bool,
+    hasher: &ModelHasher,
+) -> NodeFacts {
+    let (server, worker) = local.names(engine);
+    let rank_bin = if rank == 0 { server } else { worker };
+    let mut binaries = vec![BinaryFact {
+        name: rank_bin.to_string(),
+        path: find_binary(rank_bin, local.engine_dir.as_deref()),
+        used_by_this_rank: true,
+    }];
+    if rank_bin != server {
+        binaries.push(BinaryFact {
+            name: server.to_string(),
+            path: find_binary(server, local.engine_dir.as_deref()),
+            used_by_this_rank: false,
+        });
+    }
+    let server_path = binaries
+        .iter()
+        .find(|b| b.name == server)
+        .and_then(|b| b.path.clone());
+    let engine_version = match server_path {
+        Some(p) => probe_version(&p).await,
+        None => None,
+    };
+    let model = if needs_model {
+        let (size, hash) = hasher.state(model_path);
+        let matches_expected = match (&hash, expected_sha256) {
+            (HashState::Done { sha256 }, Some(e)) => Some(sha256.eq_ignore_ascii_case(e)),
+            _ => None,
+        };
+        ModelFact {
+            path: model_path.to_path_buf(),
+            size,
+            hash,
+            expected_sha256: expected_sha256.map(str::to_string),
+            matches_expected,
+        }
+    } else {
+        ModelFact {
+            path: model_path.to_path_buf(),
+            size: std::fs::metadata(model_path).ok().map(|m| m.len()),
+            hash: HashState::NotRequired,
+            expected_sha256: expected_sha256.map(str::to_string),
+            matches_expected: None,
+        }
+    };
+    NodeFacts {
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        rank,
+        hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default(),
+        engine,
+        binaries,
+        engine_version,
+        model,
+        memory: memory(),
+        cpu: cpu(),
+        gpus: gpus().await,
+    }
+}
+
+/// Runs `<server> --version` (llama.cpp and prima.cpp both print a `version:` line) with a timeout.
+async fn probe_version(path: &Path) -> Option<String> {
+    let out = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::process::Command::new(path)
+            .arg("--version")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("version:"))
+        .map(|l| l.trim_start_matches("version:").trim().to_string())
+}
+
+fn memory() -> Option<MemoryFact> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(name))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    };
+    Some(MemoryFact {
+        total_bytes: field("MemTotal:")?,
+        available_bytes: field("MemAvailable:")?,
+    })
+}
+
+fn cpu() -> Option<CpuFact> {
+    let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let model = text
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap_or_default();
+    Some(CpuFact {
+        model,
+        logical_cores: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+    })
+}
+
+/// NVIDIA through nvidia-smi, AMD through amdgpu's sysfs counters; nothing when neither is there.
+async fn gpus() -> Vec<GpuFact> {
+    let mut out = Vec::new();
+    if let Some(smi) = find_binary("nvidia-smi", None) {
+        let res = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::process::Command::new(smi)
+                .args([
+                    "--query-gpu=name,memory.total,memory.free",
+                    "--format=csv,noheader,nounits",
+                ])
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await;
+        if let Ok(Ok(o)) = res {
+            for line in String::from_utf8_lossy(&o.stdout).lines() {
+                let f: Vec<&str> = line.split(',').map(str::trim).collect();
+                if f.len() == 3 {
+                    out.push(GpuFact {
+                        name: f[0].to_string(),
+                        memory_total_mib: f[1].parse().ok(),
+                        memory_free_mib: f[2].parse().ok(),
+                    });
+                }
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/sys/class/drm") {
+        for e in entries.flatten() {
+            let dev = e.path().join("device");
+            let read = |f: &str| {
+                std::fs::read_to_string(dev.join(f))
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+            };
+            if let (Some(total), true) = (
+                read("mem_info_vram_total"),
+                e.file_name().to_string_lossy().starts_with("card"),
+            ) {
+                if e.file_name().to_string_lossy().contains('-') {
+                    continue; // connectors like card0-DP-1
+                }
+                out.push(GpuFact {
+                    name: format!("amdgpu {}", e.file_name().to_string_lossy()),
+                    memory_total_mib: Some(total / (1024 * 1024)),
+                    memory_free_mib: read("mem_info_vram_used")
+                        .map(|u| total.saturating_sub(u) / (1024 * 1024)),
+                });
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn hasher_reports_missing_then_hashing_then_done() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("m.gguf");
+        let h = ModelHasher::default();
+        assert_eq!(h.state(&p).1, HashState::Missing);
+        std::fs::write(&p, b"abc").expect("write");
+        let (size, first) = h.state(&p);
+        assert_eq!(size, Some(3));
+        assert_eq!(first, HashState::Hashing);
+        let mut last = first;
+        for _ in 0..100 {
+            last = h.state(&p).1;
+            if last != HashState::Hashing {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            last,
+            HashState::Done {
+                sha256: "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad".into()
+            }
+        );
+    }
+}

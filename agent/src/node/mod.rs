@@ -1,0 +1,379 @@
+//! The node agent: one per machine (per rank). It reports facts about its node and runs the rank
+//! the coordinator asks for, through a [`Runner`]. Desired state arrives generation-numbered, so
+//! repeating a request is harmless and a late request from an older ring is refused.
+
+pub mod api;
+pub mod facts;
+mod listen;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{Config, EngineKind};
+use crate::engine::{self, ExitKind, LocalEngine};
+use crate::plan::{listen_ports, RankSpec};
+use crate::runner::{RunEvent, Runner};
+use facts::{ModelHasher, NodeFacts};
+
+/// How long a rank gets to exit after SIGTERM before SIGKILL.
+/// prima's server ignores SIGTERM once it serves, so this bounds every ring restart.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RankPhase {
+    /// Nothing asked of this node yet, or the rank was stopped on request.
+    Idle,
+    Running,
+    /// The process ended on its own (see `exit`).
+    Exited,
+    /// The process could not be started (see `last_error`).
+    FailedToStart,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExitReport {
+    pub kind: ExitKind,
+    pub description: String,
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+/// The rank as this node sees it; `version` increases with every change so watchers can wait
+/// for the next one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RankStatus {
+    /// Random per agent process: versions of different instances are not comparable.
+    pub instance: u64,
+    pub version: u64,
+    pub rank: u32,
+    pub generation: u64,
+    pub phase: RankPhase,
+    pub pid: Option<u32>,
+    pub unit: Option<String>,
+    /// Every port the engine listens on for this rank is open.
+    pub listening: bool,
+    pub command: Option<String>,
+    pub exit: Option<ExitReport>,
+    pub last_error: Option<String>,
+    pub spec: Option<RankSpec>,
+}
+
+/// What to do with a desired spec, given the current one. Pure.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Same generation and spec: nothing to do (the request was a retry).
+    Keep,
+    /// A newer generation: stop whatever runs and start this.
+    Replace,
+    Stale {
+        current: u64,
+    },
+    Conflict,
+}
+
+pub fn decide(current: &RankStatus, desired: &RankSpec) -> Decision {
+    match current.spec.as_ref() {
+        None => Decision::Replace,
+        Some(_) if desired.generation < current.generation => Decision::Stale {
+            current: current.generation,
+        },
+        Some(spec) if desired.generation == current.generation => {
+            if spec == desired {
+                Decision::Keep
+            } else {
+                Decision::Conflict
+            }
+        }
+        Some(_) => Decision::Replace,
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("generation {desired} is older than the current generation {current}")]
+    Stale { desired: u64, current: u64 },
+    #[error("generation {0} was already applied with a different spec")]
+    Conflict(u64),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub struct NodeAgent {
+    pub rank: u32,
+    config: Arc<Config>,
+    local: LocalEngine,
+    runner: Arc<dyn Runner>,
+    hasher: ModelHasher,
+    status: watch::Sender<RankStatus>,
+    reconcile: tokio::sync::Mutex<()>,
+}
+
+impl NodeAgent {
+    /// Creates the agent and starts consuming the runner's exit events from `events`.
+    pub fn new(
+        config: Arc<Config>,
+        rank: u32,
+        runner: Arc<dyn Runner>,
+        mut events: mpsc::UnboundedReceiver<RunEvent>,
+    ) -> anyhow::Result<Arc<NodeAgent>> {
+        let node = config.node(rank).ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: no [[node]] with rank = {rank}",
+                config.source.display()
+            )
+        })?;
+        let local = LocalEngine {
+            binaries: config.binaries.clone(),
+            engine_dir: node.engine_dir.clone(),
+            workdir: config.cluster.state_dir.join(format!("rank{rank}")),
+        };
+        let (status, _) = watch::channel(RankStatus {
+            instance: rand::random(),
+            version: 0,
+            rank,
+            generation: 0,
+            phase: RankPhase::Idle,
+            pid: None,
+            unit: None,
+            listening: false,
+            command: None,
+            exit: None,
+            last_error: None,
+            spec: None,
+        });
+        let agent = Arc::new(NodeAgent {
+            rank,
+            config,
+            local,
+            runner,
+            hasher: ModelHasher::default(),
+            status,
+            reconcile: tokio::sync::Mutex::new(()),
+        });
+        let weak = Arc::downgrade(&agent);
+        tokio::spawn(async move {
+            while let Some(ev) = events.recv().await {
+                match weak.upgrade() {
+                    Some(a) => a.on_exit(ev),
+                    None => break,
+                }
+            }
+        });
+        Ok(agent)
+    }
+
+    pub fn status(&self) -> RankStatus {
+        self.status.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<RankStatus> {
+        self.status.subscribe()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut RankStatus)) {
+        self.status.send_modify(|s| {
+            f(s);
+            s.version += 1;
+        });
+    }
+
+    /// Whether this node's rank reads the model file itself.
+    fn needs_model(&self) -> bool {
+        self.config.cluster.engine == EngineKind::Prima || self.rank == 0
+    }
+
+    pub async fn facts(&self) -> NodeFacts {
+        facts::collect(
+            self.rank,
+            self.config.cluster.engine,
+            &self.local,
+            &self.config.model.path,
+            self.config.model.sha256.as_deref(),
+            self.needs_model(),
+            &self.hasher,
+        )
+        .await
+    }
+
+    fn process_name(&self, generation: u64) -> String {
+        format!("llm-rank{}-g{generation}", self.rank)
+    }
+
+    /// Makes `spec` the running rank.
+    pub async fn apply(self: &Arc<Self>, spec: RankSpec) -> Result<RankStatus, ApplyError> {
+        if spec.rank != self.rank {
+            return Err(ApplyError::Invalid(format!(
+                "this agent runs rank {}, not rank {}",
+                self.rank, spec.rank
+            )));
+        }
+        if spec.engine != self.config.cluster.engine {
+            return Err(ApplyError::Invalid(format!(
+                "this node is configured for engine {}, not {}",
+                self.config.cluster.engine, spec.engine
+            )));
+        }
+        let _guard = self.reconcile.lock().await;
+        let current = self.status();
+        match decide(&current, &spec) {
+            Decision::Keep => return Ok(current),
+            Decision::Stale { current } => {
+                return Err(ApplyError::Stale {
+                    desired: spec.generation,
+                    current,
+                })
+            }
+            Decision::Conflict => return Err(ApplyError::Conflict(spec.generation)),
+            Decision::Replace => {}
+        }
+        if current.phase == RankPhase::Running {
+            self.stop_current(&current).await;
+        }
+        let cmd = engine::command(&spec, &self.local);
+        let name = self.process_name(spec.generation);
+        tracing::info!(rank = self.rank, generation = spec.generation, command = %cmd.display(), "starting rank");
+        match self.runner.start(&name, &cmd).await {
+            Ok(started) => {
+                self.update(|s| {
+                    s.generation = spec.generation;
+                    s.phase = RankPhase::Running;
+                    s.pid = started.pid;
+                    s.unit = started.unit;
+                    s.listening = false;
+                    s.command = Some(cmd.display());
+                    s.exit = None;
+                    s.last_error = None;
+                    s.spec = Some(spec.clone());
+                });
+                self.watch_listening(spec);
+            }
+            Err(e) => {
+                tracing::error!(rank = self.rank, generation = spec.generation, error = %format!("{e:#}"), "rank failed to start");
+                self.update(|s| {
+                    s.generation = spec.generation;
+                    s.phase = RankPhase::FailedToStart;
+                    s.pid = None;
+                    s.unit = None;
+                    s.listening = false;
+                    s.command = Some(cmd.display());
+                    s.exit = None;
+                    s.last_error = Some(format!("{e:#}"));
+                    s.spec = Some(spec.clone());
+                });
+            }
+        }
+        Ok(self.status())
+    }
+
+    /// Stops the rank, whatever its generation. Idempotent.
+    pub async fn stop(&self) -> RankStatus {
+        let _guard = self.reconcile.lock().await;
+        let current = self.status();
+        if current.phase == RankPhase::Running {
+            self.stop_current(&current).await;
+        }
+        self.status()
+    }
+
+    async fn stop_current(&self, current: &RankStatus) {
+        let name = self.process_name(current.generation);
+        if let Err(e) = self.runner.stop(&name, STOP_GRACE).await {
+            tracing::warn!(rank = self.rank, error = %format!("{e:#}"), "stopping the rank failed");
+        }
+        self.update(|s| {
+            if s.generation == current.generation && s.phase == RankPhase::Running {
+                s.phase = RankPhase::Idle;
+                s.listening = false;
+            }
+        });
+    }
+
+    fn on_exit(&self, ev: RunEvent) {
+        let current = self.status();
+        if ev.name != self.process_name(current.generation) {
+            return; // an older generation's process, already accounted for
+        }
+        let kind = engine::classify_exit(
+            self.config.cluster.engine,
+            ev.exit.stop_requested,
+            ev.exit.code,
+            &ev.exit.log_tail,
+        );
+        let description = match kind {
+            ExitKind::DroppedByScheduler => {
+                "dropped by the scheduler (no layers assigned)".to_string()
+            }
+            ExitKind::Stopped => format!("stopped on request ({})", ev.exit.describe()),
+            ExitKind::Failed => ev.exit.describe(),
+        };
+        if kind == ExitKind::Failed {
+            tracing::error!(rank = self.rank, generation = current.generation, status = %description, "rank exited");
+        }
+        let last_error = (kind == ExitKind::Failed).then(|| {
+            let tail: Vec<&String> = ev.exit.log_tail.iter().rev().take(5).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().map(String::as_str).collect();
+            if tail.is_empty() {
+                description.clone()
+            } else {
+                format!("{description}; last output: {}", tail.join(" | "))
+            }
+        });
+        self.update(|s| {
+            s.phase = if kind == ExitKind::Stopped {
+                RankPhase::Idle
+            } else {
+                RankPhase::Exited
+            };
+            s.listening = false;
+            s.exit = Some(ExitReport {
+                kind,
+                description,
+                code: ev.exit.code,
+                signal: ev.exit.signal,
+            });
+            if last_error.is_some() {
+                s.last_error = last_error;
+            }
+        });
+    }
+
+    /// Marks the rank as listening once every port it should bind is open.
+    fn watch_listening(self: &Arc<Self>, spec: RankSpec) {
+        let ports = listen_ports(&spec);
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(agent) = weak.upgrade() else { return };
+                let st = agent.status();
+                if st.generation != spec.generation || st.phase != RankPhase::Running {
+                    return;
+                }
+                if ports.iter().all(|p| listen::is_listening(*p)) {
+                    agent.update(|s| {
+                        if s.generation == spec.generation && s.phase == RankPhase::Running {
+                            s.listening = true;
+                        }
+                    });
+                    return;
+                }
+                drop(agent);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+    }
+
+    /// Stops the rank when the agent itself shuts down, if the runner's processes would not
+    /// outlive it anyway.
+    pub async fn shutdown(&self) {
+        if self.runner.stops_with_agent() {
+            self.stop().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,220 @@
+//! Ring planning: from the config to one [`RankSpec`] per node. Pure, so it is tested directly.
+//!
+//! A `RankSpec` is what the coordinator sends a node agent. It describes the rank's place in the
+//! ring, not a command line: each node turns it into argv with its own engine adapter and its own
+//! binaries, so the control API never executes arbitrary commands sent over the network.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{check_layer_total, Config, EngineKind};
+
+/// Ports as the engines take them (bases; each rank adds its rank where the engine does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortSpec {
+    pub data: u16,
+    pub signal: u16,
+    pub rpc: u16,
+    pub server: u16,
+}
+
+/// One rank's part in one generation of the ring.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RankSpec {
+    /// Increases every time the ring is (re)started; a node ignores older generations.
+    pub generation: u64,
+    pub engine: EngineKind,
+    pub rank: u32,
+    pub world: u32,
+    pub address: IpAddr,
+    pub master: IpAddr,
+    pub next: IpAddr,
+    pub ports: PortSpec,
+    pub model_path: PathBuf,
+    pub model_name: String,
+    pub ctx_size: u32,
+    /// Set on rank 0 only (prima reads the windows of every rank from rank 0).
+    pub layer_windows: Option<Vec<u32>>,
+    /// Set on rank 0 only.
+    pub tensor_split: Option<Vec<f64>>,
+    pub prefetch: bool,
+    pub threads: Option<u32>,
+    pub gpu_mem: f64,
+    pub gpu_layers: Option<u32>,
+    /// llama-rpc rank 0: the workers' rpc endpoints in rank order.
+    pub rpc_workers: Vec<SocketAddr>,
+}
+
+impl RankSpec {
+    pub fn is_head(&self) -> bool {
+        self.rank == 0
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RingPlan {
+    pub generation: u64,
+    pub engine: EngineKind,
+    pub ranks: Vec<RankSpec>,
+}
+
+/// Plans generation `generation` of the ring. `model_layers` is the GGUF's block count when the
+/// head could read it; prima's layer windows are checked against it.
+pub fn plan(
+    config: &Config,
+    generation: u64,
+    model_layers: Option<u32>,
+) -> Result<RingPlan, String> {
+    let world = config.world() as u32;
+    if let (Some(windows), Some(n)) = (&config.model.layer_windows, model_layers) {
+        check_layer_total(windows, n)?;
+    }
+    let ports = PortSpec {
+        data: config.ports.data,
+        signal: config.ports.signal,
+        rpc: config.ports.rpc,
+        server: config.ports.server,
+    };
+    let head = config.head().address;
+    let ranks = config
+        .nodes
+        .iter()
+        .map(|node| {
+            let next = config.nodes[((node.rank + 1) % world) as usize].address;
+            let is_head = node.rank == 0;
+            let rpc_workers = if is_head && config.cluster.engine == EngineKind::LlamaRpc {
+                config.nodes[1..]
+                    .iter()
+                    .map(|w| SocketAddr::new(w.address, rpc_port(config.ports.rpc, w.rank)))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            RankSpec {
+                generation,
+                engine: config.cluster.engine,
+                rank: node.rank,
+                world,
+                address: node.address,
+                master: head,
+                next,
+                ports,
+                model_path: config.model.path.clone(),
+                model_name: config.model.name.clone(),
+                ctx_size: config.model.ctx_size,
+                layer_windows: if is_head {
+                    config.model.layer_windows.clone()
+                } else {
+                    None
+                },
+                tensor_split: if is_head {
+                    config.model.tensor_split.clone()
+                } else {
+                    None
+                },
+                prefetch: config.model.prefetch,
+                threads: node.threads,
+                gpu_mem: node.gpu_mem,
+                gpu_layers: node.gpu_layers,
+                rpc_workers,
+            }
+        })
+        .collect();
+    Ok(RingPlan {
+        generation,
+        engine: config.cluster.engine,
+        ranks,
+    })
+}
+
+/// The rpc server of rank `rank` listens on `base + rank`, so ranks sharing an address never clash.
+pub fn rpc_port(base: u16, rank: u32) -> u16 {
+    base.saturating_add(rank as u16)
+}
+
+/// Ports a rank listens on once it is up, for fencing and readiness checks.
+pub fn listen_ports(spec: &RankSpec) -> Vec<u16> {
+    match spec.engine {
+        EngineKind::Prima => vec![
+            spec.ports.data.saturating_add(spec.rank as u16),
+            spec.ports.signal.saturating_add(spec.rank as u16),
+        ],
+        EngineKind::LlamaRpc if spec.rank > 0 => vec![rpc_port(spec.ports.rpc, spec.rank)],
+        EngineKind::LlamaRpc => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn config(engine: &str, extra_model: &str, nodes: &[(&str, u16)]) -> Config {
+        let mut text = format!(
+            "[cluster]\nname = \"t\"\nengine = \"{engine}\"\n[model]\npath = \"/m.gguf\"\n{extra_model}\n"
+        );
+        for (i, (addr, port)) in nodes.iter().enumerate() {
+            text.push_str(&format!(
+                "[[node]]\nrank = {i}\naddress = \"{addr}\"\nagent_port = {port}\n"
+            ));
+        }
+        Config::parse(&text, Path::new("t.toml")).expect("valid config")
+    }
+
+    #[test]
+    fn ring_next_wraps_to_master() {
+        let c = config(
+            "prima",
+            "",
+            &[("10.0.0.1", 7700), ("10.0.0.2", 7700), ("10.0.0.3", 7700)],
+        );
+        let p = plan(&c, 4, None).expect("plan");
+        let nexts: Vec<String> = p.ranks.iter().map(|r| r.next.to_string()).collect();
+        assert_eq!(nexts, ["10.0.0.2", "10.0.0.3", "10.0.0.1"]);
+        assert!(p
+            .ranks
+            .iter()
+            .all(|r| r.master.to_string() == "10.0.0.1" && r.generation == 4));
+        assert!(p.ranks.iter().all(|r| r.world == 3));
+    }
+
+    #[test]
+    fn windows_only_on_head_and_checked_against_layers() {
+        let c = config(
+            "prima",
+            "layer_windows = [10, 10, 10]",
+            &[("10.0.0.1", 7700), ("10.0.0.2", 7700), ("10.0.0.3", 7700)],
+        );
+        let p = plan(&c, 1, Some(30)).expect("plan");
+        assert_eq!(p.ranks[0].layer_windows, Some(vec![10, 10, 10]));
+        assert_eq!(p.ranks[1].layer_windows, None);
+        assert!(plan(&c, 1, Some(60)).is_ok(), "60 is a multiple of 30");
+        let err = plan(&c, 1, Some(32)).expect_err("32 is not a multiple of 30");
+        assert!(err.contains("32 layers"), "{err}");
+    }
+
+    #[test]
+    fn llama_rpc_head_lists_workers_with_per_rank_ports() {
+        let c = config(
+            "llama-rpc",
+            "",
+            &[
+                ("127.0.0.1", 7701),
+                ("127.0.0.1", 7702),
+                ("127.0.0.1", 7703),
+            ],
+        );
+        let p = plan(&c, 1, None).expect("plan");
+        let w: Vec<String> = p.ranks[0]
+            .rpc_workers
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        assert_eq!(w, ["127.0.0.1:50053", "127.0.0.1:50054"]);
+        assert!(p.ranks[1].rpc_workers.is_empty());
+        assert_eq!(listen_ports(&p.ranks[2]), vec![50054]);
+        assert!(listen_ports(&p.ranks[0]).is_empty());
+    }
+}

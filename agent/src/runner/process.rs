@@ -1,0 +1,260 @@
+//! Runs each rank as a plain child process in its own process group, so a stop reaches every
+//! process the engine spawned, with its output forwarded line by line to the agent's log.
+
+use std::collections::{HashMap, VecDeque};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use async_trait::async_trait;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::Command;
+use tokio::sync::watch;
+
+use super::{EventSender, Exit, RunEvent, Runner, Started};
+use crate::engine::CommandSpec;
+
+/// Lines of output kept per process for failure reports.
+const TAIL_LINES: usize = 40;
+
+struct Child {
+    pgid: i32,
+    stop_requested: Arc<std::sync::atomic::AtomicBool>,
+    done: watch::Receiver<bool>,
+}
+
+pub struct ProcessRunner {
+    children: Mutex<HashMap<String, Child>>,
+    events: EventSender,
+}
+
+impl ProcessRunner {
+    pub fn new(events: EventSender) -> ProcessRunner {
+        ProcessRunner {
+            children: Mutex::new(HashMap::new()),
+            events,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Child>> {
+        // A panic while holding this lock leaves only a map behind; keep going with it.
+        self.children.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[async_trait]
+impl Runner for ProcessRunner {
+    async fn start(&self, name: &str, cmd: &CommandSpec) -> Result<Started> {
+        std::fs::create_dir_all(&cmd.cwd)
+            .with_context(|| format!("cannot create working directory {}", cmd.cwd.display()))?;
+        let mut c = Command::new(&cmd.program);
+        c.args(&cmd.args)
+            .envs(cmd.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(&cmd.cwd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        // SAFETY: prctl is async-signal-safe; it only asks the kernel to SIGTERM the child when
+        // the thread that forked it (a long-lived runtime worker) dies, so a killed agent leaves
+        // no orphaned ranks holding the ring's ports.
+        unsafe {
+            c.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)
+            });
+        }
+        let mut child = c
+            .spawn()
+            .with_context(|| format!("cannot start {}", cmd.program.display()))?;
+        let pid = child.id().context("child exited before its pid was read")?;
+        let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(forward(out, name.to_string(), tail.clone()));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(forward(err, name.to_string(), tail.clone()));
+        }
+        let stop_requested = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (done_tx, done_rx) = watch::channel(false);
+        self.lock().insert(
+            name.to_string(),
+            Child {
+                pgid: pid as i32,
+                stop_requested: stop_requested.clone(),
+                done: done_rx,
+            },
+        );
+        let events = self.events.clone();
+        let name_owned = name.to_string();
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            // Let the output forwarders drain the last lines before they are reported.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let (code, signal) = match &status {
+                Ok(s) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    (s.code(), s.signal())
+                }
+                Err(_) => (None, None),
+            };
+            let log_tail = tail
+                .lock()
+                .map(|t| t.iter().cloned().collect())
+                .unwrap_or_default();
+            let exit = Exit {
+                code,
+                signal,
+                stop_requested: stop_requested.load(std::sync::atomic::Ordering::SeqCst),
+                log_tail,
+            };
+            tracing::info!(rank_process = %name_owned, pid, status = %exit.describe(), "engine process ended");
+            let _ = done_tx.send(true);
+            let _ = events.send(RunEvent {
+                name: name_owned,
+                exit,
+            });
+        });
+        tracing::info!(rank_process = %name, pid, command = %cmd.display(), "engine process started");
+        Ok(Started {
+            pid: Some(pid),
+            unit: None,
+        })
+    }
+
+    async fn stop(&self, name: &str, grace: Duration) -> Result<()> {
+        let Some((pgid, mut done)) = ({
+            let map = self.lock();
+            map.get(name).map(|c| {
+                c.stop_requested
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                (c.pgid, c.done.clone())
+            })
+        }) else {
+            return Ok(());
+        };
+        if !*done.borrow() {
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGTERM);
+            // prima's rank 0 ignores SIGINT while the ring forms; SIGTERM works, SIGKILL always.
+            if tokio::time::timeout(grace, done.wait_for(|d| *d))
+                .await
+                .is_err()
+            {
+                tracing::warn!(rank_process = %name, "no exit after SIGTERM; sending SIGKILL");
+                let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+                let _ = tokio::time::timeout(Duration::from_secs(5), done.wait_for(|d| *d)).await;
+            }
+        }
+        // Members of the group that outlived the leader.
+        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        self.lock().remove(name);
+        Ok(())
+    }
+
+    fn stops_with_agent(&self) -> bool {
+        true
+    }
+}
+
+async fn forward(stream: impl AsyncRead + Unpin, name: String, tail: Arc<Mutex<VecDeque<String>>>) {
+    let mut lines = BufReader::new(stream).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        tracing::info!(target: "engine", rank_process = %name, "{line}");
+        if let Ok(mut t) = tail.lock() {
+            if t.len() == TAIL_LINES {
+                t.pop_front();
+            }
+            t.push_back(line);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn sh(script: &str) -> CommandSpec {
+        CommandSpec {
+            program: PathBuf::from("/bin/sh"),
+            args: vec!["-c".into(), script.into()],
+            env: vec![("GREETING".into(), "hello".into())],
+            cwd: std::env::temp_dir(),
+        }
+    }
+
+    #[tokio::test]
+    async fn reports_exit_status_and_output_tail() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let r = ProcessRunner::new(tx);
+        let s = r
+            .start("t1", &sh("echo $GREETING; echo oops >&2; exit 3"))
+            .await
+            .expect("start");
+        assert!(s.pid.is_some());
+        let ev = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("in time")
+            .expect("event");
+        assert_eq!(ev.name, "t1");
+        assert_eq!(ev.exit.code, Some(3));
+        assert!(!ev.exit.stop_requested);
+        assert!(
+            ev.exit.log_tail.contains(&"hello".to_string()),
+            "{:?}",
+            ev.exit.log_tail
+        );
+        assert!(
+            ev.exit.log_tail.contains(&"oops".to_string()),
+            "{:?}",
+            ev.exit.log_tail
+        );
+    }
+
+    #[tokio::test]
+    async fn stop_kills_the_whole_group_even_when_sigterm_is_ignored() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let r = ProcessRunner::new(tx);
+        // The shell ignores TERM and has a grandchild that must die with it.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ready = dir.path().join("ready");
+        let script = format!("trap '' TERM; sleep 300 & touch {}; wait", ready.display());
+        let s = r.start("t2", &sh(&script)).await.expect("start");
+        let pgid = s.pid.expect("pid") as i32;
+        for _ in 0..100 {
+            if ready.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        r.stop("t2", Duration::from_millis(300))
+            .await
+            .expect("stop");
+        let ev = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("in time")
+            .expect("event");
+        assert!(ev.exit.stop_requested);
+        assert_eq!(ev.exit.signal, Some(9));
+        // Nothing of the group is left.
+        assert!(
+            killpg(Pid::from_raw(pgid), None).is_err(),
+            "process group still alive"
+        );
+    }
+
+    #[tokio::test]
+    async fn start_error_names_the_program() {
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let r = ProcessRunner::new(tx);
+        let mut c = sh("true");
+        c.program = PathBuf::from("/nonexistent/llama-server");
+        let err = r.start("t3", &c).await.expect_err("missing binary");
+        assert!(
+            format!("{err:#}").contains("/nonexistent/llama-server"),
+            "{err:#}"
+        );
+    }
+}

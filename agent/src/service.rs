@@ -1,0 +1,148 @@
+//! Wires the parts together for one node: the node agent, and on rank 0 the coordinator and the
+//! API. Used by `run` (one node per process) and by `up --local` (every node in one process).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use tokio::sync::watch;
+
+use crate::auth::{self, ApiKeys, Secret};
+use crate::config::Config;
+use crate::coordinator::{api, client::NodeClient, ClusterView, Coordinator};
+use crate::node::{self, NodeAgent};
+use crate::runner::process::ProcessRunner;
+
+/// A node agent with its control API running.
+pub struct RunningNode {
+    pub agent: Arc<NodeAgent>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl RunningNode {
+    pub async fn shutdown(self) {
+        self.agent.shutdown().await;
+        self.server.abort();
+    }
+}
+
+pub async fn start_node(config: Arc<Config>, rank: u32, token: Secret) -> Result<RunningNode> {
+    let node = config
+        .node(rank)
+        .with_context(|| {
+            format!(
+                "{}: no [[node]] with rank = {rank}",
+                config.source.display()
+            )
+        })?
+        .clone();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let agent = NodeAgent::new(config, rank, Arc::new(ProcessRunner::new(tx)), rx)?;
+    // Start hashing the model now: on a large file this takes minutes.
+    let _ = agent.facts().await;
+    let server = node::api::serve(node.agent_addr(), agent.clone(), token).await?;
+    Ok(RunningNode { agent, server })
+}
+
+/// The coordinator and its API, with the handle that stops them.
+pub struct RunningCoordinator {
+    pub view: watch::Receiver<ClusterView>,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    api: tokio::task::JoinHandle<()>,
+}
+
+impl RunningCoordinator {
+    /// Stops the API and every rank of the ring.
+    pub async fn shutdown(self) {
+        self.api.abort();
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+}
+
+pub async fn start_coordinator(
+    config: Arc<Config>,
+    token_text: String,
+) -> Result<RunningCoordinator> {
+    let keys = match &config.api.api_keys_file {
+        Some(p) => Some(ApiKeys::load(p)?),
+        None => {
+            if !config.api.listen.ip().is_loopback() {
+                tracing::warn!(listen = %config.api.listen, "no api.api_keys_file: the API is open to anyone who can reach it");
+            }
+            None
+        }
+    };
+    let coordinator = Coordinator::new(config.clone(), NodeClient::new(token_text)?);
+    let view = coordinator.view();
+    let router = api::router(view.clone(), config.ports.server, keys)?;
+    let api = api::serve(config.api.listen, router).await?;
+    let (shutdown, rx) = watch::channel(false);
+    let task = tokio::spawn(coordinator.run(rx));
+    Ok(RunningCoordinator {
+        view,
+        shutdown,
+        task,
+        api,
+    })
+}
+
+/// Parses `rank2` or `2`.
+pub fn parse_node_name(name: &str) -> Result<u32> {
+    let digits = name.strip_prefix("rank").unwrap_or(name);
+    digits.parse().map_err(|_| {
+        anyhow::anyhow!("--node {name:?}: expected `rankN` or `N` (e.g. rank0 for the head node)")
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn stop_signal() -> Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
+/// `llm-agent run --node rankN`.
+pub async fn run_node(config_path: PathBuf, node_name: String) -> Result<()> {
+    let rank = parse_node_name(&node_name)?;
+    let config = Arc::new(Config::load(&config_path)?);
+    if config.node(rank).is_none() {
+        bail!(
+            "{}: no [[node]] with rank = {rank} (the config lists ranks 0..{})",
+            config_path.display(),
+            config.world().saturating_sub(1)
+        );
+    }
+    let token = auth::load_token(&config.cluster.token_file)?;
+    let node = start_node(config.clone(), rank, token).await?;
+    let coordinator = if rank == 0 {
+        let text = auth::read_token_text(&config.cluster.token_file)?;
+        Some(start_coordinator(config.clone(), text).await?)
+    } else {
+        None
+    };
+    let sig = stop_signal().await?;
+    tracing::info!(signal = sig, "shutting down");
+    if let Some(c) = coordinator {
+        c.shutdown().await;
+    }
+    node.shutdown().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_names() {
+        assert_eq!(parse_node_name("rank3").expect("ok"), 3);
+        assert_eq!(parse_node_name("0").expect("ok"), 0);
+        assert!(parse_node_name("node1").is_err());
+    }
+}
