@@ -52,6 +52,13 @@ enum Command {
     },
     /// Run a whole cluster on this machine: N node agents and the coordinator over loopback.
     Up(local::UpArgs),
+    /// Print a shell completion script (for packages).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page in roff (for packages).
+    Manpage,
 }
 
 fn init_logging(default_filter: &str) {
@@ -66,6 +73,21 @@ fn init_logging(default_filter: &str) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "llm-agent", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Manpage => {
+            use clap::CommandFactory;
+            match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: cannot write the man page: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::CheckConfig { path } => check_config(&path),
         Command::Run { config, node } => {
             init_logging("info");
