@@ -279,3 +279,75 @@ fn forward(
         },
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::coordinator::state::Phase;
+    use tower::ServiceExt;
+
+    fn view(phase: Phase) -> ClusterView {
+        let text = "[cluster]\nname=\"t\"\nengine=\"llama-rpc\"\n[model]\npath=\"/m.gguf\"\n[[node]]\nrank=0\naddress=\"127.0.0.1\"\n";
+        let c = Config::parse(text, std::path::Path::new("t")).expect("config");
+        let mut v = ClusterView::initial(&c);
+        v.phase = phase;
+        v.reason = Some("rank 1 exited with status 1".into());
+        v
+    }
+
+    async fn call(app: Router, path: &str, key: Option<&str>) -> (StatusCode, HeaderMap, serde_json::Value) {
+        let mut req = axum::http::Request::builder().method(if path.starts_with("/v1/chat") { "POST" } else { "GET" }).uri(path);
+        if let Some(k) = key {
+            req = req.header("authorization", format!("Bearer {k}"));
+        }
+        let resp = app.oneshot(req.body(Body::from("{}")).expect("request")).await.expect("response");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.expect("body");
+        (status, headers, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+    }
+
+    #[tokio::test]
+    async fn not_serving_means_503_with_retry_after_and_an_openai_error() {
+        let (_tx, rx) = watch::channel(view(Phase::BackingOff));
+        let app = router(rx, 1, None).expect("router");
+        let (status, headers, body) = call(app.clone(), "/v1/chat/completions", None).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(headers.get("retry-after").and_then(|v| v.to_str().ok()), Some("5"));
+        assert_eq!(body["error"]["code"], "ring_unavailable");
+        assert!(body["error"]["message"].as_str().unwrap_or("").contains("rank 1 exited"), "{body}");
+        let (status, _, body) = call(app.clone(), "/readyz", None).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["phase"], "backing_off");
+        let (status, _, _) = call(app, "/healthz", None).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn api_keys_guard_the_api_but_not_the_probes() {
+        let (_tx, rx) = watch::channel(view(Phase::Serving));
+        let app = router(rx, 1, Some(ApiKeys::parse("sk-good\n"))).expect("router");
+        let (status, _, body) = call(app.clone(), "/v1/models", None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(body["error"]["code"], "invalid_api_key");
+        let (status, _, _) = call(app.clone(), "/api/v1/cluster", Some("sk-bad")).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, _, body) = call(app.clone(), "/api/v1/cluster", Some("sk-good")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["phase"], "serving");
+        let (status, _, _) = call(app, "/readyz", None).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_rank_0_is_a_503_not_a_hang() {
+        // Port 1 on loopback refuses connections: the engine is gone under a serving view.
+        let (_tx, rx) = watch::channel(view(Phase::Serving));
+        let app = router(rx, 1, None).expect("router");
+        let (status, headers, body) = call(app, "/v1/chat/completions", None).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(headers.contains_key("retry-after"));
+        assert_eq!(body["error"]["type"], "server_error");
+    }
+}

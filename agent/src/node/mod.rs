@@ -19,8 +19,9 @@ use crate::runner::{RunEvent, Runner};
 use facts::{ModelHasher, NodeFacts};
 
 /// How long a rank gets to exit after SIGTERM before SIGKILL.
-/// prima's server ignores SIGTERM once it serves, so this bounds every ring restart.
-pub const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Both engines may ignore SIGTERM (prima once serving, llama-server with a dead rpc worker),
+/// and a ring being torn down holds no state worth waiting for: this bounds every restart.
+pub const STOP_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, unit tests, then end-to-end tests on a real local
+# ring (llama.cpp RPC always; prima.cpp when PRIMA_CPP_DIR points at its binaries).
+# Fetches and caches what it needs (scripts/fetch-deps.sh); safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CACHE=${LLM_CLUSTER_CACHE:-$HOME/.cache/llm-cluster}
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "fetching engines and the test model (cached under $CACHE)"
+eval "$(bash scripts/fetch-deps.sh)"
+export LLAMA_CPP_DIR SMOLLM2_GGUF
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+step "cargo clippy -D warnings"
+cargo clippy --all-targets --locked -- -D warnings
+step "unit tests"
+cargo test --locked
+cargo build --locked
+export LLM_AGENT_BIN=$PWD/target/debug/llm-agent
+
+step "python tools for the end-to-end tests"
+VENV=$CACHE/venv-e2e
+if [ ! -x "$VENV/bin/pytest" ] || ! cmp -s tests/requirements.txt "$VENV/requirements.txt"; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q -r tests/requirements.txt
+  cp tests/requirements.txt "$VENV/requirements.txt"
+fi
+
+step "end-to-end: 3-rank local rings through the coordinator"
+if [ -z "${PRIMA_CPP_DIR:-}" ]; then
+  echo "note: PRIMA_CPP_DIR is not set; the prima.cpp end-to-end tests will be SKIPPED (llama.cpp RPC runs)"
+fi
+"$VENV/bin/pytest" -rs -v -s -p no:cacheprovider tests/e2e
