@@ -75,7 +75,12 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Completions { shell } => {
             use clap::CommandFactory;
-            clap_complete::generate(shell, &mut Cli::command(), "llm-agent", &mut std::io::stdout());
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "llm-agent",
+                &mut std::io::stdout(),
+            );
             ExitCode::SUCCESS
         }
         Command::Manpage => {

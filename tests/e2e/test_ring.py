@@ -67,12 +67,21 @@ def test_streaming_chat_arrives_in_pieces_and_equals_reference(ring):
     assert "".join(pieces) == ref.choices[0].message.content
 
 
-def test_raw_completions_endpoint(ring):
+def test_text_completions_are_openai_shaped_plain_and_streamed(ring):
     cluster, _ = ring
-    r = requests.post(f"{cluster.base}/v1/completions", timeout=60,
-                      json={"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0})
-    assert r.status_code == 200, r.text
-    assert r.json()["choices"][0]["text"]
+    c = client(cluster.base)
+    plain = c.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert plain.object == "text_completion"
+    assert plain.choices[0].text
+    assert plain.choices[0].finish_reason in ("length", "stop")
+    streamed = "".join(
+        ch.choices[0].text for ch in c.completions.create(
+            model="smollm2", prompt="The capital of France is", max_tokens=8, temperature=0, stream=True)
+        if ch.choices)
+    assert streamed == plain.choices[0].text
+    # Whatever the engine calls its model, clients see the configured name.
+    model = cluster.status()["model"]["name"]
+    assert plain.model == model
 
 
 def test_client_disconnect_cancels_the_upstream_generation(ring):

@@ -21,6 +21,7 @@ use futures_util::{Stream, StreamExt};
 use serde_json::json;
 use tokio::sync::watch;
 
+use super::compat::{Rewrite, SseFramer};
 use super::ClusterView;
 use crate::auth::{bearer, ApiKeys};
 
@@ -224,7 +225,8 @@ async fn proxy(State(s): State<ApiState>, req: Request) -> Response {
         // Proxies between here and the client must not buffer the stream either.
         headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     }
-    let stream = forward(resp.bytes_stream(), lost, sse);
+    let rewrite = Rewrite::for_request(view.engine, path, &view.model.name);
+    let stream = forward(resp.bytes_stream(), lost, sse, rewrite);
     let mut out = Response::new(Body::from_stream(stream));
     *out.status_mut() = status;
     *out.headers_mut() = headers;
@@ -233,28 +235,36 @@ async fn proxy(State(s): State<ApiState>, req: Request) -> Response {
 
 /// Forwards upstream chunks until the upstream ends or the ring is lost. An SSE stream that is
 /// cut short ends with an OpenAI-style error event so clients fail instead of waiting; any other
-/// body ends with a transport error.
+/// body ends with a transport error. With a [`Rewrite`], SSE events are re-framed and rewritten
+/// one by one (still streamed), and other bodies are rewritten whole once they end.
 fn forward(
     upstream: impl Stream<Item = reqwest::Result<Bytes>> + Send + 'static,
     lost: Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
     sse: bool,
+    rewrite: Option<Rewrite>,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
     struct St<S> {
         upstream: Pin<Box<S>>,
         lost: Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
         done: bool,
+        rewrite: Option<Rewrite>,
+        framer: SseFramer,
+        whole: Vec<u8>,
     }
     let error_event = || {
         let e = json!({ "error": { "message": "The ring failed during this response; it is being restarted. Retry shortly.", "type": "server_error", "param": null, "code": "ring_unavailable" } });
         Bytes::from(format!("data: {e}\n\n"))
     };
-    futures_util::stream::unfold(
-        St {
-            upstream: Box::pin(upstream),
-            lost,
-            done: false,
-        },
-        move |mut st| async move {
+    let st = St {
+        upstream: Box::pin(upstream),
+        lost,
+        done: false,
+        rewrite,
+        framer: SseFramer::default(),
+        whole: Vec::new(),
+    };
+    futures_util::stream::unfold(st, move |mut st| async move {
+        loop {
             if st.done {
                 return None;
             }
@@ -263,21 +273,47 @@ fn forward(
                 item = st.upstream.next() => item.map(|r| r.map_err(|e| e.to_string())),
                 _ = &mut st.lost => Some(Err("ring lost".to_string())),
             };
-            match next {
-                Some(Ok(chunk)) => Some((Ok(chunk), st)),
-                None => None,
-                Some(Err(e)) => {
+            match (next, &st.rewrite) {
+                (Some(Ok(chunk)), None) => return Some((Ok(chunk), st)),
+                (Some(Ok(chunk)), Some(rw)) if sse => {
+                    let events = st.framer.push(&chunk);
+                    if events.is_empty() {
+                        continue;
+                    }
+                    let out: String = events
+                        .iter()
+                        .map(|e| format!("{}\n\n", rw.event(e)))
+                        .collect();
+                    return Some((Ok(Bytes::from(out)), st));
+                }
+                (Some(Ok(chunk)), Some(_)) => st.whole.extend_from_slice(&chunk),
+                (None, None) => return None,
+                (None, Some(rw)) => {
+                    st.done = true;
+                    let out = if sse {
+                        st.framer
+                            .finish()
+                            .map(|e| format!("{}\n\n", rw.event(&e)).into_bytes())
+                            .unwrap_or_default()
+                    } else {
+                        rw.body(&st.whole)
+                    };
+                    if out.is_empty() {
+                        return None;
+                    }
+                    return Some((Ok(Bytes::from(out)), st));
+                }
+                (Some(Err(e)), _) => {
                     st.done = true;
                     tracing::warn!(error = %e, "response cut short");
                     if sse {
-                        Some((Ok(error_event()), st))
-                    } else {
-                        Some((Err(std::io::Error::other(e)), st))
+                        return Some((Ok(error_event()), st));
                     }
+                    return Some((Err(std::io::Error::other(e)), st));
                 }
             }
-        },
-    )
+        }
+    })
 }
 
 #[cfg(test)]
@@ -296,16 +332,35 @@ mod tests {
         v
     }
 
-    async fn call(app: Router, path: &str, key: Option<&str>) -> (StatusCode, HeaderMap, serde_json::Value) {
-        let mut req = axum::http::Request::builder().method(if path.starts_with("/v1/chat") { "POST" } else { "GET" }).uri(path);
+    async fn call(
+        app: Router,
+        path: &str,
+        key: Option<&str>,
+    ) -> (StatusCode, HeaderMap, serde_json::Value) {
+        let mut req = axum::http::Request::builder()
+            .method(if path.starts_with("/v1/chat") {
+                "POST"
+            } else {
+                "GET"
+            })
+            .uri(path);
         if let Some(k) = key {
             req = req.header("authorization", format!("Bearer {k}"));
         }
-        let resp = app.oneshot(req.body(Body::from("{}")).expect("request")).await.expect("response");
+        let resp = app
+            .oneshot(req.body(Body::from("{}")).expect("request"))
+            .await
+            .expect("response");
         let status = resp.status();
         let headers = resp.headers().clone();
-        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.expect("body");
-        (status, headers, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        (
+            status,
+            headers,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        )
     }
 
     #[tokio::test]
@@ -314,9 +369,18 @@ mod tests {
         let app = router(rx, 1, None).expect("router");
         let (status, headers, body) = call(app.clone(), "/v1/chat/completions", None).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(headers.get("retry-after").and_then(|v| v.to_str().ok()), Some("5"));
+        assert_eq!(
+            headers.get("retry-after").and_then(|v| v.to_str().ok()),
+            Some("5")
+        );
         assert_eq!(body["error"]["code"], "ring_unavailable");
-        assert!(body["error"]["message"].as_str().unwrap_or("").contains("rank 1 exited"), "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("rank 1 exited"),
+            "{body}"
+        );
         let (status, _, body) = call(app.clone(), "/readyz", None).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(body["phase"], "backing_off");

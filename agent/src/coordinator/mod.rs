@@ -7,6 +7,7 @@
 pub mod api;
 pub mod check;
 pub mod client;
+pub mod compat;
 pub mod state;
 
 use std::net::SocketAddr;
