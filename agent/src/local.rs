@@ -149,7 +149,16 @@ pub async fn up(args: UpArgs) -> Result<()> {
 
     let mut nodes = Vec::new();
     for r in 0..args.local {
-        nodes.push(service::start_node(config.clone(), r, auth::Secret::new(&token)).await?);
+        nodes.push(
+            service::start_node(
+                config.clone(),
+                r,
+                auth::Secret::new(&token),
+                service::RunnerKind::Process,
+                false,
+            )
+            .await?,
+        );
     }
     let coordinator = service::start_coordinator(config.clone(), token.clone()).await?;
     tracing::info!(ranks = args.local, engine = %args.engine, state_dir = %state_dir.display(), "local cluster starting");

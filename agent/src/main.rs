@@ -13,6 +13,7 @@ mod node;
 mod plan;
 mod runner;
 mod service;
+mod tune;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,6 +44,9 @@ enum Command {
         /// Which [[node]] of the config this machine is: `rank2` or `2` (the systemd instance name).
         #[arg(long)]
         node: String,
+        /// How ranks are started.
+        #[arg(long, value_enum, default_value = "auto")]
+        runner: service::RunnerKind,
     },
     /// Validate a config file: exit 0, or print every problem (file:line:column) and exit 1.
     CheckConfig {
@@ -52,6 +56,12 @@ enum Command {
     },
     /// Run a whole cluster on this machine: N node agents and the coordinator over loopback.
     Up(local::UpArgs),
+    /// Report the network tuning for ring traffic, key by key; --apply sets what is not in effect.
+    Tune {
+        /// Apply the values (needs root) instead of only checking them.
+        #[arg(long)]
+        apply: bool,
+    },
     /// Print a shell completion script (for packages).
     Completions {
         #[arg(value_enum)]
@@ -94,9 +104,19 @@ fn main() -> ExitCode {
             }
         }
         Command::CheckConfig { path } => check_config(&path),
-        Command::Run { config, node } => {
+        Command::Tune { apply } => {
+            init_logging("warn");
+            let report = tune::Sysctl::default().tune(&tune::parse_conf(tune::SYSCTL_CONF), apply);
+            print!("{}", tune::render(&report));
+            ExitCode::SUCCESS
+        }
+        Command::Run {
+            config,
+            node,
+            runner,
+        } => {
             init_logging("info");
-            run_async(service::run_node(config, node))
+            run_async(service::run_node(config, node, runner))
         }
         Command::Up(args) => {
             init_logging("info,engine=warn");

@@ -45,6 +45,8 @@ pub struct RankSpec {
     pub gpu_layers: Option<u32>,
     /// llama-rpc rank 0: the workers' rpc endpoints in rank order.
     pub rpc_workers: Vec<SocketAddr>,
+    /// Every node address in the ring, in rank order: who may reach this rank's ports.
+    pub peers: Vec<IpAddr>,
 }
 
 impl RankSpec {
@@ -78,6 +80,7 @@ pub fn plan(
         server: config.ports.server,
     };
     let head = config.head().address;
+    let peers: Vec<IpAddr> = config.nodes.iter().map(|n| n.address).collect();
     let ranks = config
         .nodes
         .iter()
@@ -119,6 +122,7 @@ pub fn plan(
                 gpu_mem: node.gpu_mem,
                 gpu_layers: node.gpu_layers,
                 rpc_workers,
+                peers: peers.clone(),
             }
         })
         .collect();

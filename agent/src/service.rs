@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::coordinator::{api, client::NodeClient, ClusterView, Coordinator};
 use crate::node::{self, NodeAgent};
 use crate::runner::process::ProcessRunner;
+use crate::runner::systemd::SystemdRunner;
 
 /// A node agent with its control API running.
 pub struct RunningNode {
@@ -26,7 +27,28 @@ impl RunningNode {
     }
 }
 
-pub async fn start_node(config: Arc<Config>, rank: u32, token: Secret) -> Result<RunningNode> {
+/// Which runner starts the ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RunnerKind {
+    /// systemd when it is PID 1 (/run/systemd/system exists), else child processes.
+    Auto,
+    /// Transient systemd units over D-Bus.
+    Systemd,
+    /// Child processes of the agent.
+    Process,
+}
+
+fn systemd_booted() -> bool {
+    std::path::Path::new("/run/systemd/system").is_dir()
+}
+
+pub async fn start_node(
+    config: Arc<Config>,
+    rank: u32,
+    token: Secret,
+    runner: RunnerKind,
+    apply_tuning: bool,
+) -> Result<RunningNode> {
     let node = config
         .node(rank)
         .with_context(|| {
@@ -37,7 +59,22 @@ pub async fn start_node(config: Arc<Config>, rank: u32, token: Secret) -> Result
         })?
         .clone();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let agent = NodeAgent::new(config, rank, Arc::new(ProcessRunner::new(tx)), rx)?;
+    let use_systemd = match runner {
+        RunnerKind::Systemd => true,
+        RunnerKind::Auto => systemd_booted(),
+        RunnerKind::Process => false,
+    };
+    let runner: Arc<dyn crate::runner::Runner> = if use_systemd {
+        let user = Some(config.cluster.rank_user.clone());
+        Arc::new(SystemdRunner::connect(user, tx).await?)
+    } else {
+        Arc::new(ProcessRunner::new(tx))
+    };
+    let agent = NodeAgent::new(config, rank, runner, rx)?;
+    // A node agent owns its machine's network tuning; local clusters share the user's machine
+    // and only report it.
+    agent.tune_network(apply_tuning);
+    agent.recover().await;
     // Start hashing the model now: on a large file this takes minutes.
     let _ = agent.facts().await;
     let server = node::api::serve(node.agent_addr(), agent.clone(), token).await?;
@@ -108,7 +145,7 @@ pub async fn stop_signal() -> Result<&'static str> {
 }
 
 /// `llm-agent run --node rankN`.
-pub async fn run_node(config_path: PathBuf, node_name: String) -> Result<()> {
+pub async fn run_node(config_path: PathBuf, node_name: String, runner: RunnerKind) -> Result<()> {
     let rank = parse_node_name(&node_name)?;
     let config = Arc::new(Config::load(&config_path)?);
     if config.node(rank).is_none() {
@@ -119,7 +156,7 @@ pub async fn run_node(config_path: PathBuf, node_name: String) -> Result<()> {
         );
     }
     let token = auth::load_token(&config.cluster.token_file)?;
-    let node = start_node(config.clone(), rank, token).await?;
+    let node = start_node(config.clone(), rank, token, runner, true).await?;
     let coordinator = if rank == 0 {
         let text = auth::read_token_text(&config.cluster.token_file)?;
         Some(start_coordinator(config.clone(), text).await?)

@@ -81,6 +81,8 @@ pub struct Cluster {
     pub token_file: PathBuf,
     /// Writable directory for rank working dirs (prima's profiler writes 1 GiB there) and caches.
     pub state_dir: PathBuf,
+    /// Unprivileged user the engine ranks run as under systemd.
+    pub rank_user: String,
 }
 
 #[derive(Debug, Clone, Serialize)]

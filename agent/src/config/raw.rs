@@ -34,6 +34,12 @@ pub struct ClusterSection {
     pub token_file: PathBuf,
     #[serde(default = "default_state_dir")]
     pub state_dir: Spanned<PathBuf>,
+    #[serde(default = "default_rank_user")]
+    pub rank_user: String,
+}
+
+fn default_rank_user() -> String {
+    "llm-cluster".into()
 }
 
 fn default_token_file() -> PathBuf {

@@ -312,6 +312,7 @@ fn build(file: raw::File, loc: &Locator, source: &Path, problems: &mut Vec<Probl
             engine,
             token_file: cluster.token_file,
             state_dir: cluster.state_dir.into_inner(),
+            rank_user: cluster.rank_user,
         },
         model: Model {
             path,

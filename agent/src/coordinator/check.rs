@@ -154,6 +154,7 @@ mod tests {
             memory: None,
             cpu: None,
             gpus: vec![],
+            network: vec![],
         })
     }
 

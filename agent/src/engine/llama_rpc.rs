@@ -60,6 +60,7 @@ pub fn command(spec: &RankSpec, local: &LocalEngine) -> CommandSpec {
         args,
         env: Vec::new(),
         cwd: local.workdir.clone(),
+        allowed_peers: super::allowed_peers(spec),
     }
 }
 
@@ -115,6 +116,7 @@ mod tests {
             } else {
                 vec![]
             },
+            peers: vec![],
         }
     }
 

@@ -4,6 +4,7 @@
 pub mod llama_rpc;
 pub mod prima;
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -19,6 +20,9 @@ pub struct CommandSpec {
     pub env: Vec<(String, String)>,
     /// Writable and roomy: prima's profiler writes a 1 GiB fio file here.
     pub cwd: PathBuf,
+    /// The only remote addresses this rank may exchange traffic with (loopback is always
+    /// allowed). Runners that can fence a process (systemd) enforce it.
+    pub allowed_peers: Vec<IpAddr>,
 }
 
 impl CommandSpec {
@@ -91,6 +95,16 @@ pub fn command(spec: &RankSpec, local: &LocalEngine) -> CommandSpec {
     match spec.engine {
         EngineKind::Prima => prima::command(spec, local),
         EngineKind::LlamaRpc => llama_rpc::command(spec, local),
+    }
+}
+
+/// Who may talk to a rank. prima ranks exchange data with their ring neighbours and rank 0, so
+/// the whole ring; a llama.cpp rpc server has no authentication and serves only the head, so
+/// the head alone; llama.cpp's head dials its workers.
+pub fn allowed_peers(spec: &RankSpec) -> Vec<IpAddr> {
+    match (spec.engine, spec.is_head()) {
+        (EngineKind::LlamaRpc, false) => vec![spec.master],
+        _ => spec.peers.clone(),
     }
 }
 

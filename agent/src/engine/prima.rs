@@ -65,6 +65,7 @@ pub fn command(spec: &RankSpec, local: &LocalEngine) -> CommandSpec {
         args,
         env: Vec::new(),
         cwd: local.workdir.clone(),
+        allowed_peers: super::allowed_peers(spec),
     }
 }
 
@@ -124,6 +125,7 @@ mod tests {
             gpu_mem: 0.0,
             gpu_layers: None,
             rpc_workers: vec![],
+            peers: vec![],
         }
     }
 

@@ -27,6 +27,9 @@ pub struct NodeFacts {
     pub memory: Option<MemoryFact>,
     pub cpu: Option<CpuFact>,
     pub gpus: Vec<GpuFact>,
+    /// Network tuning for ring traffic, per key, as applied (or checked) at agent start.
+    #[serde(default)]
+    pub network: Vec<crate::tune::KeyReport>,
 }
 
 impl NodeFacts {
@@ -204,6 +207,7 @@ pub async fn collect(
         memory: memory(),
         cpu: cpu(),
         gpus: gpus().await,
+        network: Vec::new(),
     }
 }
 

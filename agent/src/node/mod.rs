@@ -111,6 +111,7 @@ pub struct NodeAgent {
     hasher: ModelHasher,
     status: watch::Sender<RankStatus>,
     reconcile: tokio::sync::Mutex<()>,
+    network: std::sync::Mutex<Vec<crate::tune::KeyReport>>,
 }
 
 impl NodeAgent {
@@ -154,6 +155,7 @@ impl NodeAgent {
             hasher: ModelHasher::default(),
             status,
             reconcile: tokio::sync::Mutex::new(()),
+            network: std::sync::Mutex::new(Vec::new()),
         });
         let weak = Arc::downgrade(&agent);
         tokio::spawn(async move {
@@ -187,8 +189,16 @@ impl NodeAgent {
         self.config.cluster.engine == EngineKind::Prima || self.rank == 0
     }
 
+    /// Checks (and with `apply`, sets) the network tuning, logs it and keeps it for the facts.
+    pub fn tune_network(&self, apply: bool) {
+        let report = crate::tune::Sysctl::default()
+            .tune(&crate::tune::parse_conf(crate::tune::SYSCTL_CONF), apply);
+        crate::tune::log_report(&report);
+        *self.network.lock().unwrap_or_else(|e| e.into_inner()) = report;
+    }
+
     pub async fn facts(&self) -> NodeFacts {
-        facts::collect(
+        let mut f = facts::collect(
             self.rank,
             self.config.cluster.engine,
             &self.local,
@@ -197,7 +207,13 @@ impl NodeAgent {
             self.needs_model(),
             &self.hasher,
         )
-        .await
+        .await;
+        f.network = self
+            .network
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        f
     }
 
     fn process_name(&self, generation: u64) -> String {
@@ -239,6 +255,7 @@ impl NodeAgent {
         tracing::info!(rank = self.rank, generation = spec.generation, command = %cmd.display(), "starting rank");
         match self.runner.start(&name, &cmd).await {
             Ok(started) => {
+                self.save_spec(&spec);
                 self.update(|s| {
                     s.generation = spec.generation;
                     s.phase = RankPhase::Running;
@@ -268,6 +285,76 @@ impl NodeAgent {
             }
         }
         Ok(self.status())
+    }
+
+    /// Where the applied spec is kept, so a restarted agent knows what its running unit is.
+    fn spec_file(&self) -> std::path::PathBuf {
+        self.config
+            .cluster
+            .state_dir
+            .join(format!("rank{}.spec.json", self.rank))
+    }
+
+    fn save_spec(&self, spec: &RankSpec) {
+        let res = serde_json::to_vec_pretty(spec)
+            .map_err(std::io::Error::other)
+            .and_then(|b| {
+                std::fs::create_dir_all(&self.config.cluster.state_dir)?;
+                let tmp = self.spec_file().with_extension("json.tmp");
+                std::fs::write(&tmp, b)?;
+                std::fs::rename(tmp, self.spec_file())
+            });
+        if let Err(e) = res {
+            tracing::warn!(file = %self.spec_file().display(), error = %e, "cannot record the applied spec; an agent restart will not adopt this rank");
+        }
+    }
+
+    /// After an agent restart: adopts the rank still running for the recorded generation, so
+    /// inference goes on, and stops any other leftover generation.
+    pub async fn recover(self: &Arc<Self>) {
+        let prefix = format!("llm-rank{}-g", self.rank);
+        let running = match self.runner.running(&prefix).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot list running ranks");
+                return;
+            }
+        };
+        if running.is_empty() {
+            return;
+        }
+        let spec: Option<RankSpec> = std::fs::read(self.spec_file())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let _guard = self.reconcile.lock().await;
+        for name in running {
+            let keep = spec
+                .as_ref()
+                .filter(|s| self.process_name(s.generation) == name);
+            match keep {
+                Some(spec) => match self.runner.adopt(&name).await {
+                    Ok(started) => {
+                        let cmd = engine::command(spec, &self.local);
+                        self.update(|s| {
+                            s.generation = spec.generation;
+                            s.phase = RankPhase::Running;
+                            s.pid = started.pid;
+                            s.unit = started.unit;
+                            s.command = Some(cmd.display());
+                            s.spec = Some(spec.clone());
+                        });
+                        self.watch_listening(spec.clone());
+                    }
+                    Err(e) => {
+                        tracing::warn!(%name, error = %format!("{e:#}"), "cannot adopt running rank")
+                    }
+                },
+                None => {
+                    tracing::info!(%name, "stopping a leftover rank of an unknown generation");
+                    let _ = self.runner.stop(&name, STOP_GRACE).await;
+                }
+            }
+        }
     }
 
     /// Stops the rank, whatever its generation. Idempotent.

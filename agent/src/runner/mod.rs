@@ -3,6 +3,7 @@
 //! systemd) and, on real nodes, systemd units.
 
 pub mod process;
+pub mod systemd;
 
 use std::time::Duration;
 
@@ -59,6 +60,17 @@ pub trait Runner: Send + Sync + 'static {
     /// Stops `name`: SIGTERM, then SIGKILL after `grace`. Returns once it is gone; unknown or
     /// already-ended names are not an error.
     async fn stop(&self, name: &str, grace: Duration) -> anyhow::Result<()>;
+
+    /// Names of processes started under `prefix` that are still running from an earlier agent
+    /// process, newest generation first. Child processes never outlive the agent: none.
+    async fn running(&self, _prefix: &str) -> anyhow::Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
+    /// Takes over a process found by [`Runner::running`]; its exit is then reported as usual.
+    async fn adopt(&self, name: &str) -> anyhow::Result<Started> {
+        anyhow::bail!("this runner cannot adopt {name}")
+    }
 
     /// Whether the agent's own exit should stop the ranks it started. A child process dies with
     /// its parent anyway; a systemd unit outlives an agent restart by design.

@@ -182,6 +182,7 @@ mod tests {
             args: vec!["-c".into(), script.into()],
             env: vec![("GREETING".into(), "hello".into())],
             cwd: std::env::temp_dir(),
+            allowed_peers: vec![],
         }
     }
 

@@ -1,0 +1,287 @@
+//! Network tuning for ring traffic: every token crosses the ring, and each hop is a burst of
+//! activations over TCP. The wanted values are the packaged `sysctl.d/99-llm-net.conf`
+//! (compiled in, so the agent and the package never disagree). At start the agent checks every
+//! key, applies what is not in effect, and reports per key what happened — a key it cannot set
+//! is a line in the report, never a crash.
+
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The packaged sysctl file.
+pub const SYSCTL_CONF: &str = include_str!("../../sysctl.d/99-llm-net.conf");
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum KeyState {
+    AlreadySet,
+    Applied,
+    /// Check-only mode: the value differs and would be applied.
+    Differs,
+    NotSettable {
+        reason: String,
+    },
+    Unsupported {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyReport {
+    pub key: String,
+    pub wanted: String,
+    pub before: Option<String>,
+    pub after: Option<String>,
+    #[serde(flatten)]
+    pub state: KeyState,
+}
+
+/// `key = value` lines of a sysctl.d file.
+pub fn parse_conf(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with(';'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().trim_start_matches('-').to_string(), normalize(v)))
+        .collect()
+}
+
+fn normalize(v: &str) -> String {
+    v.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Where sysctls live; tests point this at a directory of plain files.
+pub struct Sysctl {
+    root: PathBuf,
+}
+
+impl Default for Sysctl {
+    fn default() -> Self {
+        Sysctl {
+            root: PathBuf::from("/proc/sys"),
+        }
+    }
+}
+
+impl Sysctl {
+    pub fn at(root: &Path) -> Sysctl {
+        Sysctl {
+            root: root.to_path_buf(),
+        }
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.root.join(key.replace('.', "/"))
+    }
+
+    pub fn read(&self, key: &str) -> std::io::Result<String> {
+        std::fs::read_to_string(self.path(key)).map(|s| normalize(&s))
+    }
+
+    fn write(&self, key: &str, value: &str) -> std::io::Result<()> {
+        std::fs::write(self.path(key), value)
+    }
+
+    /// Checks (and with `apply`, sets) every wanted key.
+    pub fn tune(&self, wanted: &[(String, String)], apply: bool) -> Vec<KeyReport> {
+        wanted
+            .iter()
+            .map(|(k, v)| self.tune_key(k, v, apply))
+            .collect()
+    }
+
+    fn tune_key(&self, key: &str, wanted: &str, apply: bool) -> KeyReport {
+        let report = |before: Option<String>, after: Option<String>, state| KeyReport {
+            key: key.to_string(),
+            wanted: wanted.to_string(),
+            before,
+            after,
+            state,
+        };
+        let before = match self.read(key) {
+            Ok(v) => v,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return report(None, None, KeyState::NotSettable {
+                    reason: "absent in this network namespace (the kernel keeps it host-wide or does not have it)".into(),
+                })
+            }
+            Err(e) => return report(None, None, KeyState::NotSettable { reason: format!("cannot read it: {e}") }),
+        };
+        if before == wanted {
+            return report(Some(before.clone()), Some(before), KeyState::AlreadySet);
+        }
+        if !apply {
+            return report(Some(before.clone()), Some(before), KeyState::Differs);
+        }
+        if key == "net.ipv4.tcp_congestion_control" {
+            self.ensure_congestion_module(wanted);
+        }
+        let result = self.write(key, wanted);
+        let after = self.read(key).ok();
+        match result {
+            Ok(()) if after.as_deref() == Some(wanted) => {
+                report(Some(before), after, KeyState::Applied)
+            }
+            Ok(()) => report(
+                Some(before),
+                after,
+                KeyState::NotSettable {
+                    reason: "the kernel accepted the write but kept another value".into(),
+                },
+            ),
+            Err(e) => {
+                let state = explain(key, wanted, &e, &self.root);
+                report(Some(before), after, state)
+            }
+        }
+    }
+
+    /// bbr is a module on most kernels; load it before selecting it (modules-load.d covers boot).
+    fn ensure_congestion_module(&self, algo: &str) {
+        let available = self
+            .read("net.ipv4.tcp_available_congestion_control")
+            .unwrap_or_default();
+        if available.split(' ').any(|a| a == algo) || self.root != Path::new("/proc/sys") {
+            return;
+        }
+        match std::process::Command::new("modprobe")
+            .arg(format!("tcp_{algo}"))
+            .output()
+        {
+            Ok(o) if o.status.success() => {
+                tracing::info!(module = %format!("tcp_{algo}"), "kernel module loaded")
+            }
+            Ok(o) => {
+                tracing::warn!(module = %format!("tcp_{algo}"), error = %String::from_utf8_lossy(&o.stderr).trim(), "cannot load kernel module")
+            }
+            Err(e) => {
+                tracing::warn!(module = %format!("tcp_{algo}"), error = %e, "cannot run modprobe")
+            }
+        }
+    }
+}
+
+/// Turns a failed write into a reason a person can act on.
+fn explain(key: &str, wanted: &str, e: &std::io::Error, root: &Path) -> KeyState {
+    let code = e.raw_os_error().unwrap_or(0);
+    const EPERM: i32 = 1;
+    const ENOENT: i32 = 2;
+    const EACCES: i32 = 13;
+    const EINVAL: i32 = 22;
+    const EROFS: i32 = 30;
+    match (key, code) {
+        ("net.ipv4.tcp_congestion_control", ENOENT) => KeyState::Unsupported {
+            reason: format!("congestion control `{wanted}` is not available in this kernel (module tcp_{wanted} missing)"),
+        },
+        ("net.ipv4.tcp_congestion_control", EPERM) => {
+            let allowed = Sysctl::at(root).read("net.ipv4.tcp_allowed_congestion_control").unwrap_or_default();
+            KeyState::NotSettable {
+                reason: format!("not permitted in this network namespace: only the host's tcp_allowed_congestion_control ({allowed}) may be chosen here"),
+            }
+        }
+        ("net.core.default_qdisc", ENOENT | EINVAL) => KeyState::Unsupported {
+            reason: format!("qdisc `{wanted}` is not built into this kernel"),
+        },
+        (_, EACCES | EROFS | EPERM) => KeyState::NotSettable {
+            reason: "read-only here: a host-wide key that only the machine's initial network namespace can set".into(),
+        },
+        _ => KeyState::NotSettable { reason: format!("write failed: {e}") },
+    }
+}
+
+/// Logs the report, one line per key with structured fields.
+pub fn log_report(report: &[KeyReport]) {
+    for r in report {
+        let state = serde_json::to_value(&r.state)
+            .ok()
+            .and_then(|v| v.get("state").and_then(|s| s.as_str()).map(str::to_string))
+            .unwrap_or_default();
+        let reason = match &r.state {
+            KeyState::NotSettable { reason } | KeyState::Unsupported { reason } => reason.as_str(),
+            _ => "",
+        };
+        tracing::info!(key = %r.key, wanted = %r.wanted, before = r.before.as_deref().unwrap_or("-"), after = r.after.as_deref().unwrap_or("-"), state = %state, reason, "network tuning");
+    }
+}
+
+/// The report as a table for people.
+pub fn render(report: &[KeyReport]) -> String {
+    let mut out = String::new();
+    for r in report {
+        let (state, reason) = match &r.state {
+            KeyState::AlreadySet => ("already set", String::new()),
+            KeyState::Applied => (
+                "applied",
+                format!(" (was {})", r.before.as_deref().unwrap_or("?")),
+            ),
+            KeyState::Differs => (
+                "differs",
+                format!(" (now {})", r.before.as_deref().unwrap_or("?")),
+            ),
+            KeyState::NotSettable { reason } => ("not settable here", format!(": {reason}")),
+            KeyState::Unsupported { reason } => ("unsupported", format!(": {reason}")),
+        };
+        out.push_str(&format!("{:<34} {:<24} {state}{reason}\n", r.key, r.wanted));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_packaged_file_has_the_seed_values() {
+        let w = parse_conf(SYSCTL_CONF);
+        let get = |k: &str| w.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("net.core.rmem_max"), Some("16777216"));
+        assert_eq!(get("net.core.wmem_max"), Some("16777216"));
+        assert_eq!(get("net.ipv4.tcp_rmem"), Some("4096 87380 16777216"));
+        assert_eq!(get("net.ipv4.tcp_wmem"), Some("4096 65536 16777216"));
+        assert_eq!(get("net.ipv4.tcp_window_scaling"), Some("1"));
+        assert_eq!(get("net.core.default_qdisc"), Some("fq"));
+        assert_eq!(get("net.ipv4.tcp_congestion_control"), Some("bbr"));
+    }
+
+    /// Unit test over plain files standing in for /proc/sys (a narrow mock: the real kernel
+    /// behaviour is covered by the systemd-host tests).
+    #[test]
+    fn reports_already_set_applied_differs_and_absent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let put = |k: &str, v: &str| {
+            let p = dir.path().join(k.replace('.', "/"));
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            std::fs::write(p, v).expect("write");
+        };
+        put("net.ipv4.tcp_window_scaling", "1\n");
+        put("net.ipv4.tcp_rmem", "4096\t131072\t6291456\n");
+        let wanted = vec![
+            ("net.ipv4.tcp_window_scaling".to_string(), "1".to_string()),
+            (
+                "net.ipv4.tcp_rmem".to_string(),
+                "4096 87380 16777216".to_string(),
+            ),
+            ("net.core.default_qdisc".to_string(), "fq".to_string()),
+        ];
+        let s = Sysctl::at(dir.path());
+        let check = s.tune(&wanted, false);
+        assert_eq!(check[0].state, KeyState::AlreadySet);
+        assert_eq!(check[1].state, KeyState::Differs);
+        assert!(
+            matches!(&check[2].state, KeyState::NotSettable { reason } if reason.contains("absent"))
+        );
+        let applied = s.tune(&wanted, true);
+        assert_eq!(applied[1].state, KeyState::Applied);
+        assert_eq!(applied[1].before.as_deref(), Some("4096 131072 6291456"));
+        assert_eq!(
+            s.read("net.ipv4.tcp_rmem").expect("read"),
+            "4096 87380 16777216"
+        );
+        let table = render(&applied);
+        assert!(
+            table.contains("applied (was 4096 131072 6291456)"),
+            "{table}"
+        );
+    }
+}
