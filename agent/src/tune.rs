@@ -47,6 +47,32 @@ pub fn parse_conf(text: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Buffer sizes are floors: a machine already tuned higher is left alone, and applying takes the
+/// larger value per component instead of shrinking anything.
+const AT_LEAST: &[&str] = &[
+    "net.core.rmem_max",
+    "net.core.wmem_max",
+    "net.ipv4.tcp_rmem",
+    "net.ipv4.tcp_wmem",
+];
+
+/// The value to write for `key`: `wanted`, or per component the larger of current and wanted.
+fn target(key: &str, current: &str, wanted: &str) -> String {
+    if !AT_LEAST.contains(&key) {
+        return wanted.to_string();
+    }
+    let cur: Vec<u64> = current.split(' ').filter_map(|x| x.parse().ok()).collect();
+    let want: Vec<u64> = wanted.split(' ').filter_map(|x| x.parse().ok()).collect();
+    if cur.len() != want.len() {
+        return wanted.to_string();
+    }
+    cur.iter()
+        .zip(&want)
+        .map(|(c, w)| (*c).max(*w).to_string())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn normalize(v: &str) -> String {
     v.split_whitespace().collect::<Vec<_>>().join(" ")
 }
@@ -108,7 +134,8 @@ impl Sysctl {
             }
             Err(e) => return report(None, None, KeyState::NotSettable { reason: format!("cannot read it: {e}") }),
         };
-        if before == wanted {
+        let target = target(key, &before, wanted);
+        if before == target {
             return report(Some(before.clone()), Some(before), KeyState::AlreadySet);
         }
         if !apply {
@@ -117,10 +144,10 @@ impl Sysctl {
         if key == "net.ipv4.tcp_congestion_control" {
             self.ensure_congestion_module(wanted);
         }
-        let result = self.write(key, wanted);
+        let result = self.write(key, &target);
         let after = self.read(key).ok();
         match result {
-            Ok(()) if after.as_deref() == Some(wanted) => {
+            Ok(()) if after.as_deref() == Some(target.as_str()) => {
                 report(Some(before), after, KeyState::Applied)
             }
             Ok(()) => report(
@@ -276,8 +303,25 @@ mod tests {
         assert_eq!(applied[1].before.as_deref(), Some("4096 131072 6291456"));
         assert_eq!(
             s.read("net.ipv4.tcp_rmem").expect("read"),
-            "4096 87380 16777216"
+            "4096 131072 16777216",
+            "the larger default stays, the max is raised"
         );
+        // A host already tuned above the floor keeps its values.
+        put("net.core.rmem_max", "33554432\n");
+        let higher = s.tune(
+            &[("net.core.rmem_max".to_string(), "16777216".to_string())],
+            true,
+        );
+        assert_eq!(higher[0].state, KeyState::AlreadySet);
+        put("net.ipv4.tcp_wmem", "4096 16384 33554432\n");
+        let mixed = s.tune(
+            &[(
+                "net.ipv4.tcp_wmem".to_string(),
+                "4096 65536 16777216".to_string(),
+            )],
+            true,
+        );
+        assert_eq!(mixed[0].after.as_deref(), Some("4096 65536 33554432"));
         let table = render(&applied);
         assert!(
             table.contains("applied (was 4096 131072 6291456)"),
