@@ -61,6 +61,20 @@ enum Command {
         /// Apply the values (needs root) instead of only checking them.
         #[arg(long)]
         apply: bool,
+        /// Also measure a prefill-sized transfer between two network namespaces over a shaped
+        /// link, with default and with tuned settings (needs root and iproute2).
+        #[arg(long)]
+        measure: bool,
+        /// GGUF whose hidden size sets the transfer size (hidden × 2 bytes × 512 tokens);
+        /// default: a 70B-class hidden size of 8192.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Link rate for --measure (tc syntax).
+        #[arg(long, default_value = "1gbit")]
+        rate: String,
+        /// One-way delay for --measure (tc syntax; needs netem in the kernel).
+        #[arg(long, default_value = "5ms")]
+        delay: String,
     },
     /// Print a shell completion script (for packages).
     Completions {
@@ -104,10 +118,19 @@ fn main() -> ExitCode {
             }
         }
         Command::CheckConfig { path } => check_config(&path),
-        Command::Tune { apply } => {
+        Command::Tune {
+            apply,
+            measure,
+            model,
+            rate,
+            delay,
+        } => {
             init_logging("warn");
             let report = tune::Sysctl::default().tune(&tune::parse_conf(tune::SYSCTL_CONF), apply);
             print!("{}", tune::render(&report));
+            if measure {
+                return measure_transfer(model.as_deref(), rate, delay);
+            }
             ExitCode::SUCCESS
         }
         Command::Run {
@@ -138,6 +161,35 @@ fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> Exit
     };
     match rt.block_on(fut) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn measure_transfer(model: Option<&std::path::Path>, rate: String, delay: String) -> ExitCode {
+    let hidden = match model.map(gguf::read_info) {
+        Some(Ok(info)) => info.embedding_length.unwrap_or(8192),
+        Some(Err(e)) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+        None => 8192,
+    };
+    let opts = tune::measure::Options {
+        rate,
+        delay,
+        bytes: u64::from(hidden) * 2 * 512,
+        rounds: 30,
+        gap: std::time::Duration::from_millis(20),
+    };
+    println!("\nmeasuring (hidden size {hidden})…");
+    match tune::measure::run(&opts) {
+        Ok(r) => {
+            print!("{}", r.render(opts.bytes));
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

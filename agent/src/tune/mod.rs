@@ -7,10 +7,12 @@
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
+pub mod measure;
+
 use serde::{Deserialize, Serialize};
 
 /// The packaged sysctl file.
-pub const SYSCTL_CONF: &str = include_str!("../../sysctl.d/99-llm-net.conf");
+pub const SYSCTL_CONF: &str = include_str!("../../../sysctl.d/99-llm-net.conf");
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
