@@ -85,13 +85,33 @@ enum Command {
     Manpage,
 }
 
+/// Logs go to journald with structured fields when systemd connected our output to the journal
+/// (JOURNAL_STREAM is set, or stderr is a socket while journald's socket exists), else to stderr.
 fn init_logging(default_filter: &str) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    let stderr_is_socket = {
+        use std::os::unix::fs::FileTypeExt;
+        std::fs::metadata("/proc/self/fd/2").is_ok_and(|m| m.file_type().is_socket())
+    };
+    let under_journald = std::env::var_os("JOURNAL_STREAM").is_some()
+        || (stderr_is_socket && std::path::Path::new("/run/systemd/journal/socket").exists());
+    let journald = under_journald
+        .then(tracing_journald::layer)
+        .and_then(Result::ok)
+        .map(|l| {
+            l.with_syslog_identifier("llm-agent".into())
+                .with_field_prefix(None)
+        });
+    match journald {
+        Some(j) => tracing_subscriber::registry().with(filter).with(j).init(),
+        None => tracing_subscriber::registry()
+            .with(filter)
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .init(),
+    }
 }
 
 fn main() -> ExitCode {
