@@ -34,3 +34,17 @@ if [ -z "${PRIMA_CPP_DIR:-}" ]; then
   echo "note: PRIMA_CPP_DIR is not set; the prima.cpp end-to-end tests will be SKIPPED (llama.cpp RPC runs)"
 fi
 "$VENV/bin/pytest" -rs -v -s -p no:cacheprovider tests/e2e
+
+step "systemd hosts: a 3-host ring under llm-agent@ units (systemd-nspawn)"
+if [ "$(id -u)" = 0 ]; then
+  "$VENV/bin/pytest" -rs -v -s -p no:cacheprovider tests/systemd
+else
+  echo "SKIPPED: the systemd-host tests boot containers with systemd-nspawn and need root"
+fi
+
+step "Arch packages: lint, .SRCINFO, real makepkg build of llm-agent + llm-cluster, contents"
+if [ "$(id -u)" = 0 ] || command -v makepkg >/dev/null; then
+  bash scripts/check-packages.sh
+else
+  echo "SKIPPED: the package checks need root (to install makepkg) or makepkg on PATH"
+fi
