@@ -58,6 +58,9 @@ enum Command {
     Up(local::UpArgs),
     /// Report the network tuning for ring traffic, key by key; --apply sets what is not in effect.
     Tune {
+        /// Only check and report (the default).
+        #[arg(long, conflicts_with = "apply")]
+        check: bool,
         /// Apply the values (needs root) instead of only checking them.
         #[arg(long)]
         apply: bool,
@@ -139,6 +142,7 @@ fn main() -> ExitCode {
         }
         Command::CheckConfig { path } => check_config(&path),
         Command::Tune {
+            check: _,
             apply,
             measure,
             model,
