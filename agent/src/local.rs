@@ -160,7 +160,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
             .await?,
         );
     }
-    let coordinator = service::start_coordinator(config.clone(), token.clone()).await?;
+    let coordinator = service::start_coordinator(config.clone(), token.clone(), true).await?;
     tracing::info!(ranks = args.local, engine = %args.engine, state_dir = %state_dir.display(), "local cluster starting");
 
     let mut view = coordinator.view.clone();

@@ -101,6 +101,7 @@ impl RunningCoordinator {
 pub async fn start_coordinator(
     config: Arc<Config>,
     token_text: String,
+    stop_ring_on_exit: bool,
 ) -> Result<RunningCoordinator> {
     let keys = match &config.api.api_keys_file {
         Some(p) => Some(ApiKeys::load(p)?),
@@ -116,7 +117,7 @@ pub async fn start_coordinator(
     let router = api::router(view.clone(), config.ports.server, keys)?;
     let api = api::serve(config.api.listen, router).await?;
     let (shutdown, rx) = watch::channel(false);
-    let task = tokio::spawn(coordinator.run(rx));
+    let task = tokio::spawn(coordinator.run(rx, stop_ring_on_exit));
     Ok(RunningCoordinator {
         view,
         shutdown,
@@ -159,7 +160,7 @@ pub async fn run_node(config_path: PathBuf, node_name: String, runner: RunnerKin
     let node = start_node(config.clone(), rank, token, runner, true).await?;
     let coordinator = if rank == 0 {
         let text = auth::read_token_text(&config.cluster.token_file)?;
-        Some(start_coordinator(config.clone(), text).await?)
+        Some(start_coordinator(config.clone(), text, !node.agent.ranks_outlive_agent()).await?)
     } else {
         None
     };

@@ -250,6 +250,31 @@ def test_agent_restart_keeps_the_rank_unit_and_loses_no_request(cluster):
     assert "adopted running rank unit" in h.journal("llm-agent@rank1.service", 100)
 
 
+def test_coordinator_restart_adopts_the_running_ring(cluster):
+    lab, base, _ = cluster
+    st = status(base)
+    pids = [h.unit_property(n["unit"], "MainPID") for n, h in zip(st["nodes"], lab.hosts)]
+    lab.hosts[0].systemctl("restart", "llm-agent@rank0.service")
+    lab.hosts[0].wait_active("llm-agent@rank0.service")
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            code, _, _ = chat(base)
+            if code == 200:
+                break
+        except OSError:
+            pass  # the API is down while its agent restarts
+        assert time.monotonic() < deadline, "not serving within 60 s of the coordinator's restart"
+        time.sleep(0.2)
+    after = status(base)
+    assert after["generation"] == st["generation"], "the new coordinator restarted the ring"
+    assert [h.unit_property(n["unit"], "MainPID") for n, h in zip(after["nodes"], lab.hosts)] == pids
+    out = lab.hosts[0].run(["journalctl", "-u", "llm-agent@rank0.service", "-o", "json",
+                            "--no-pager", "-n", "300"]).stdout
+    reasons = [json.loads(l).get("REASON", "") for l in out.splitlines() if l.strip()]
+    assert any(r.startswith("adopting the running generation") for r in reasons), reasons
+
+
 def test_killed_rank_unit_restarts_the_ring(cluster):
     lab, base, _ = cluster
     st = status(base)

@@ -2,6 +2,7 @@
 
 use crate::config::Config;
 use crate::node::facts::{HashState, NodeFacts};
+use crate::node::{RankPhase, RankStatus};
 
 use super::state::NodeCheck;
 
@@ -119,6 +120,24 @@ pub fn check_nodes(
     (verdict, warnings)
 }
 
+/// The generation every rank is running, when the whole ring runs exactly what the config plans
+/// for it — a ring a previous coordinator started that a new one may take over. A changed config
+/// (other nodes, model, ports) never matches, so it gets a fresh ring.
+pub fn running_generation(config: &Config, statuses: &[Option<RankStatus>]) -> Option<u64> {
+    let first = statuses.first()?.as_ref()?;
+    let generation = first.generation;
+    let plan = crate::plan::plan(config, generation, None).ok()?;
+    let all_match = statuses.len() == plan.ranks.len()
+        && statuses.iter().zip(&plan.ranks).all(|(st, want)| {
+            st.as_ref().is_some_and(|st| {
+                st.phase == RankPhase::Running
+                    && st.generation == generation
+                    && st.spec.as_ref() == Some(want)
+            })
+        });
+    (generation > 0 && all_match).then_some(generation)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,6 +179,56 @@ mod tests {
 
     fn done(h: &str) -> HashState {
         HashState::Done { sha256: h.into() }
+    }
+
+    fn running(config: &Config, generation: u64) -> Vec<Option<RankStatus>> {
+        crate::plan::plan(config, generation, None)
+            .expect("plan")
+            .ranks
+            .into_iter()
+            .map(|spec| {
+                Some(RankStatus {
+                    instance: 1,
+                    version: 3,
+                    rank: spec.rank,
+                    generation,
+                    phase: RankPhase::Running,
+                    pid: Some(10),
+                    unit: None,
+                    listening: true,
+                    command: None,
+                    exit: None,
+                    last_error: None,
+                    spec: Some(spec),
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_ring_running_the_planned_specs_can_be_adopted() {
+        let c = config();
+        assert_eq!(running_generation(&c, &running(&c, 4)), Some(4));
+        let mut mixed = running(&c, 4);
+        mixed[1] = running(&c, 3)[1].clone();
+        assert_eq!(running_generation(&c, &mixed), None, "generations differ");
+        let mut stopped = running(&c, 4);
+        if let Some(s) = stopped[0].as_mut() {
+            s.phase = RankPhase::Exited;
+        }
+        assert_eq!(running_generation(&c, &stopped), None);
+        let mut changed = running(&c, 4);
+        if let Some(s) = changed[1].as_mut().and_then(|s| s.spec.as_mut()) {
+            s.ctx_size = 99;
+        }
+        assert_eq!(
+            running_generation(&c, &changed),
+            None,
+            "the config changed since"
+        );
+        let mut unreachable = running(&c, 4);
+        unreachable[1] = None;
+        assert_eq!(running_generation(&c, &unreachable), None);
     }
 
     #[test]

@@ -160,8 +160,10 @@ impl Coordinator {
         self.view.subscribe()
     }
 
-    /// Supervises the ring until `shutdown` turns true, then stops every rank.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    /// Supervises the ring until `shutdown` turns true. Then it stops every rank when
+    /// `stop_ring_on_exit`; under systemd it leaves the ring serving for the next coordinator to
+    /// adopt, so restarting the head's agent does not interrupt inference.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>, stop_ring_on_exit: bool) {
         let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();
         let mut watchers = Vec::new();
         for (rank, node) in self.config.nodes.iter().enumerate() {
@@ -267,8 +269,14 @@ impl Coordinator {
         for w in watchers {
             w.abort();
         }
-        tracing::info!("coordinator stopping every rank");
-        stop_ring(&self.config, &self.client).await;
+        if stop_ring_on_exit {
+            tracing::info!("coordinator stopping every rank");
+            stop_ring(&self.config, &self.client).await;
+        } else {
+            tracing::info!(
+                "coordinator exiting; the ring's units keep running for the next coordinator"
+            );
+        }
     }
 
     fn publish(&self, sup: &Supervisor, tracks: &[Track], restarts: u64) {
@@ -311,7 +319,7 @@ impl Coordinator {
             let view = self.view.subscribe();
             match action {
                 Action::CheckNodes { after } => {
-                    let highest = tracks
+                    let seen = tracks
                         .iter()
                         .filter_map(|t| t.status.as_ref().map(|s| s.generation))
                         .max()
@@ -319,10 +327,27 @@ impl Coordinator {
                     tokio::spawn(async move {
                         tokio::time::sleep(after).await;
                         let (check, facts, warnings) = check_all(&config, &client).await;
+                        let client = &client;
+                        let statuses: Vec<Option<RankStatus>> =
+                            join_all(config.nodes.iter().map(|n| async move {
+                                client
+                                    .rank_status(n.agent_addr(), None, Duration::from_secs(5))
+                                    .await
+                                    .ok()
+                            }))
+                            .await;
+                        let highest = statuses
+                            .iter()
+                            .flatten()
+                            .map(|s| s.generation)
+                            .chain([seen])
+                            .max()
+                            .unwrap_or(0);
                         let _ = tx.send(Msg::Facts(facts, warnings));
                         let _ = tx.send(Msg::Event(Event::NodesChecked {
                             check,
                             highest_generation: highest,
+                            running_generation: check::running_generation(&config, &statuses),
                         }));
                     });
                 }

@@ -46,6 +46,9 @@ pub enum Event {
         check: NodeCheck,
         /// Highest generation any node has seen: a restarted coordinator continues after it.
         highest_generation: u64,
+        /// Every rank runs this generation with exactly the spec the config plans: a ring a
+        /// previous coordinator started, which a new one takes over instead of restarting.
+        running_generation: Option<u64>,
     },
     RingStarted {
         generation: u64,
@@ -160,12 +163,20 @@ impl Supervisor {
             Event::NodesChecked {
                 check,
                 highest_generation,
+                running_generation,
             } => {
                 if !matches!(self.phase, Phase::WaitingForNodes | Phase::Refused) {
                     return vec![];
                 }
-                match check {
-                    NodeCheck::Ready => {
+                match (check, running_generation) {
+                    // Only a coordinator that has not started anything yet adopts.
+                    (NodeCheck::Ready, Some(generation)) if self.generation == 0 => {
+                        self.generation = generation;
+                        self.phase = Phase::WaitingReady;
+                        self.reason = Some(format!("adopting the running generation {generation}"));
+                        vec![Action::WaitReady { generation }]
+                    }
+                    (NodeCheck::Ready, _) => {
                         self.generation = self.generation.max(highest_generation) + 1;
                         self.phase = Phase::Starting;
                         self.reason = Some(format!("starting generation {}", self.generation));
@@ -173,14 +184,14 @@ impl Supervisor {
                             generation: self.generation,
                         }]
                     }
-                    NodeCheck::Waiting(why) => {
+                    (NodeCheck::Waiting(why), _) => {
                         self.phase = Phase::WaitingForNodes;
                         self.reason = Some(why);
                         vec![Action::CheckNodes {
                             after: RECHECK_WAITING,
                         }]
                     }
-                    NodeCheck::Refused(why) => {
+                    (NodeCheck::Refused(why), _) => {
                         self.phase = Phase::Refused;
                         self.reason = Some(why);
                         vec![Action::CheckNodes {
@@ -270,6 +281,7 @@ mod tests {
             Event::NodesChecked {
                 check: NodeCheck::Ready,
                 highest_generation: 0,
+                running_generation: None,
             },
             now,
         );
@@ -390,6 +402,7 @@ mod tests {
             Event::NodesChecked {
                 check: NodeCheck::Refused("rank 2 has engine b2".into()),
                 highest_generation: 0,
+                running_generation: None,
             },
             now,
         );
@@ -404,6 +417,7 @@ mod tests {
             Event::NodesChecked {
                 check: NodeCheck::Waiting("hashing".into()),
                 highest_generation: 0,
+                running_generation: None,
             },
             now,
         );
@@ -417,12 +431,41 @@ mod tests {
     }
 
     #[test]
+    fn a_new_coordinator_adopts_a_running_ring_but_an_active_one_never_does() {
+        let mut s = sup();
+        let now = Instant::now();
+        let a = s.handle(
+            Event::NodesChecked {
+                check: NodeCheck::Ready,
+                highest_generation: 7,
+                running_generation: Some(7),
+            },
+            now,
+        );
+        assert_eq!(a, vec![Action::WaitReady { generation: 7 }]);
+        assert!(s.handle(Event::Ready { generation: 7 }, now).is_empty());
+        assert_eq!((s.phase, s.generation), (Phase::Serving, 7));
+        // After a failure the same coordinator restarts with a new generation, never re-adopts.
+        crash(&mut s, 7, now);
+        let a = s.handle(
+            Event::NodesChecked {
+                check: NodeCheck::Ready,
+                highest_generation: 7,
+                running_generation: Some(7),
+            },
+            now,
+        );
+        assert_eq!(a, vec![Action::StartRing { generation: 8 }]);
+    }
+
+    #[test]
     fn a_restarted_coordinator_continues_after_the_nodes_generation() {
         let mut s = sup();
         let a = s.handle(
             Event::NodesChecked {
                 check: NodeCheck::Ready,
                 highest_generation: 7,
+                running_generation: None,
             },
             Instant::now(),
         );
@@ -437,6 +480,7 @@ mod tests {
             Event::NodesChecked {
                 check: NodeCheck::Ready,
                 highest_generation: 0,
+                running_generation: None,
             },
             now,
         );
@@ -454,6 +498,7 @@ mod tests {
             Event::NodesChecked {
                 check: NodeCheck::Ready,
                 highest_generation: 1,
+                running_generation: None,
             },
             now,
         );

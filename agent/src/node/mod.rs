@@ -454,6 +454,11 @@ impl NodeAgent {
         });
     }
 
+    /// Whether ranks outlive this agent process (systemd units do; child processes do not).
+    pub fn ranks_outlive_agent(&self) -> bool {
+        !self.runner.stops_with_agent()
+    }
+
     /// Stops the rank when the agent itself shuts down, if the runner's processes would not
     /// outlive it anyway.
     pub async fn shutdown(&self) {
