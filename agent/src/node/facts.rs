@@ -169,7 +169,7 @@ pub async fn collect(
         .find(|b| b.name == server)
         .and_then(|b| b.path.clone());
     let engine_version = match server_path {
-        Some(p) => probe_version(&p).await,
+        Some(p) => cached_version(&p).await,
         None => None,
     };
     let model = if needs_model {
@@ -209,6 +209,26 @@ pub async fn collect(
         gpus: gpus().await,
         network: Vec::new(),
     }
+}
+
+/// The engine version per binary path and mtime: the coordinator asks for facts every few
+/// seconds while it waits, and the answer changes only when the binary does (a package upgrade).
+async fn cached_version(path: &Path) -> Option<String> {
+    type Cache = Mutex<HashMap<PathBuf, (SystemTime, Option<String>)>>;
+    static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok()?;
+    if let Some((t, v)) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(path) {
+        if *t == mtime {
+            return v.clone();
+        }
+    }
+    let v = probe_version(path).await;
+    cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(path.to_path_buf(), (mtime, v.clone()));
+    v
 }
 
 /// Runs `<server> --version` (llama.cpp and prima.cpp both print a `version:` line) with a timeout.
