@@ -605,7 +605,9 @@ if ((BUILT)); then
       "$(numfmt --to=iec "$(sed -n 's/^size = //p' <<<"$info")")"
     listing "$p" | sed 's/^/  /'
   done
+  rm -f "$CACHE/last-build.log"
   cp "$WORK/build.log" "$CACHE/last-build.log"
+  ((IS_ROOT == 0)) || chown "$BUILD_USER:" "$CACHE/last-build.log"
   log "build log: $CACHE/last-build.log"
 fi
 
