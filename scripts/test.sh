@@ -42,6 +42,9 @@ else
   echo "SKIPPED: the systemd-host tests boot containers with systemd-nspawn and need root"
 fi
 
+step "Ansible: ansible-lint (production), syntax check, a converge of three systemd hosts over ssh"
+bash scripts/check-ansible.sh
+
 step "Arch packages: lint, .SRCINFO, real makepkg build of llm-agent + llm-cluster, contents"
 if [ "$(id -u)" = 0 ] || command -v makepkg >/dev/null; then
   bash scripts/check-packages.sh
