@@ -17,13 +17,11 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from hosts import Lab  # tests/systemd, on sys.path through conftest.py
+from hosts import Lab, http  # tests/systemd, on sys.path through conftest.py
 
 REPO = Path(__file__).resolve().parents[2]
 PLAYBOOK = REPO / "ansible" / "site.yml"
@@ -57,17 +55,6 @@ def _need(name):
     if not v or not Path(v).exists():
         pytest.fail(f"{name} is not set or missing: run through scripts/check-ansible.sh")
     return Path(v)
-
-
-def http(method, url, body=None, headers=None, timeout=30):
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={
-        "Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
 
 
 def start_sshd(host, pubkey):
@@ -226,9 +213,9 @@ def test_cluster_serves_through_the_coordinator(converged):
     lab = converged["lab"]
     base = f"http://{lab.hosts[0].ip}:8080"
     assert http("GET", f"{base}/readyz")[0] == 200
-    code, _ = http("POST", f"{base}/v1/chat/completions", {"messages": []})
+    code, _, _ = http("POST", f"{base}/v1/chat/completions", {"messages": []})
     assert code == 401, "the API keys file from the inventory is enforced"
-    code, body = http("POST", f"{base}/v1/chat/completions",
+    code, _, body = http("POST", f"{base}/v1/chat/completions",
                       {"messages": [{"role": "user", "content": "Name a colour."}],
                        "max_tokens": 8, "temperature": 0},
                       headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
@@ -301,7 +288,7 @@ def test_changed_config_restarts_the_agents_and_serves_again(converged):
         after = h.unit_property(f"llm-agent@rank{h.index}.service", "MainPID")
         assert after != pids[h.index], f"llm-agent@rank{h.index} was not restarted"
     # The playbook's own check (readyz + chat completion) passed; and from here too:
-    code, body = http("POST", f"http://{lab.hosts[0].ip}:8080/v1/chat/completions",
+    code, _, body = http("POST", f"http://{lab.hosts[0].ip}:8080/v1/chat/completions",
                       {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
                       headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
     assert code == 200, body

@@ -146,6 +146,21 @@ def _comm(pid: int):
         return None
 
 
+def http(method, url, body=None, headers=None, timeout=30):
+    """A JSON request from the machine to a host's HTTP endpoint: (status, headers, body bytes).
+    HTTP errors are answers, not exceptions; connection failures raise OSError."""
+    import urllib.error
+    import urllib.request
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={
+        "Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
 def machine_sysctl(key: str) -> str:
     """The machine's own value of a sysctl (read here, in the caller's namespaces)."""
     return Path("/proc/sys", key.replace(".", "/")).read_text().strip()

@@ -11,13 +11,11 @@ import os
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from hosts import Lab
+from hosts import Lab, http
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "systemd-test-token-0123456789abcdef"
@@ -29,17 +27,6 @@ def _need(name):
     if not v or not Path(v).exists():
         pytest.fail(f"{name} is not set or missing: run through scripts/test.sh")
     return Path(v)
-
-
-def http(method, url, body=None, headers=None, timeout=30):
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={
-        "Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, dict(r.headers), r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
 
 
 def config_text(lab, model):
