@@ -387,10 +387,8 @@ if ((BUILT)); then
     [usr/share/doc/llm-agent/README.md]=-rw-r--r--
     [usr/share/doc/llm-agent/cluster.example.toml]=-rw-r--r--
     [usr/share/doc/llm-agent/PACKAGES.md]=-rw-r--r--
+    [usr/share/licenses/llm-agent/LICENSE]=-rw-r--r--
   )
-  if [[ -e $TREE/LICENSE ]]; then
-    WANT[usr/share/licenses/llm-agent/LICENSE]=-rw-r--r--
-  fi
   listing "$AGENT_PKG" >"$WORK/agent.list"
   bad=()
   declare -A SEEN=()
