@@ -10,6 +10,7 @@ mod engine;
 mod gguf;
 mod local;
 mod node;
+mod pacman;
 mod plan;
 mod runner;
 mod service;

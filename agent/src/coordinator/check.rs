@@ -88,6 +88,27 @@ pub fn check_nodes(
             }
         }
     }
+    // On Arch, the engine package's version is the build's identity (GPU variants of one version
+    // may differ in name: prima-cpp-cuda on one node, prima-cpp on another).
+    let packages: Vec<(usize, &crate::pacman::InstalledPackage)> = ok
+        .iter()
+        .filter_map(|(r, f)| f.engine_package.as_ref().map(|p| (*r, p)))
+        .collect();
+    if let Some((r0, p0)) = packages.first() {
+        for (r, p) in &packages[1..] {
+            if p.version != p0.version {
+                refused.push(format!(
+                    "{} has engine package {} {} but {} has {} {}: install the same version on every node",
+                    who(*r),
+                    p.name,
+                    p.version,
+                    who(*r0),
+                    p0.name,
+                    p0.version
+                ));
+            }
+        }
+    }
     // Every node that reads the model must read the same bytes.
     let hashes: Vec<(usize, &str)> = ok
         .iter()
@@ -163,6 +184,7 @@ mod tests {
                 used_by_this_rank: true,
             }],
             engine_version: Some(version.into()),
+            engine_package: None,
             model: ModelFact {
                 path: PathBuf::from("/m.gguf"),
                 size: Some(1),
@@ -248,6 +270,36 @@ mod tests {
             "{msg}"
         );
         assert!(msg.contains("rank 0 (10.0.0.1:7700) runs `b1`"), "{msg}");
+    }
+
+    #[test]
+    fn different_engine_package_versions_are_refused_but_variants_are_not() {
+        let pkg = |name: &str, version: &str| {
+            Some(crate::pacman::InstalledPackage {
+                name: name.into(),
+                version: version.into(),
+            })
+        };
+        let mut a = facts(0, "0 (unknown)", done("aa"));
+        let mut b = facts(1, "0 (unknown)", done("aa"));
+        if let (Ok(a), Ok(b)) = (&mut a, &mut b) {
+            a.engine_package = pkg("prima-cpp-cuda", "0.0.0.r20250717.bdf9d8e-1");
+            b.engine_package = pkg("prima-cpp", "0.0.0.r20250717.bdf9d8e-1");
+        }
+        assert_eq!(
+            check_nodes(&config(), &[a.clone(), b.clone()]).0,
+            NodeCheck::Ready
+        );
+        if let Ok(b) = &mut b {
+            b.engine_package = pkg("prima-cpp", "0.0.0.r20250801.1234567-1");
+        }
+        let NodeCheck::Refused(msg) = check_nodes(&config(), &[a, b]).0 else {
+            panic!("not refused")
+        };
+        assert!(
+            msg.contains("engine package prima-cpp 0.0.0.r20250801.1234567-1"),
+            "{msg}"
+        );
     }
 
     #[test]

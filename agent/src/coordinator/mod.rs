@@ -68,6 +68,7 @@ pub struct NodeView {
     pub last_error: Option<String>,
     pub hostname: Option<String>,
     pub engine_version: Option<String>,
+    pub engine_package: Option<crate::pacman::InstalledPackage>,
     pub model_hash: Option<HashState>,
 }
 
@@ -104,6 +105,7 @@ impl ClusterView {
                     last_error: None,
                     hostname: None,
                     engine_version: None,
+                    engine_package: None,
                     model_hash: None,
                 })
                 .collect(),
@@ -230,6 +232,7 @@ impl Coordinator {
                                 if let Ok(f) = f {
                                     n.hostname = Some(f.hostname.clone());
                                     n.engine_version = f.engine_version.clone();
+                                    n.engine_package = f.engine_package.clone();
                                     n.model_hash = Some(f.model.hash.clone());
                                 }
                             }

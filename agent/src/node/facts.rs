@@ -23,6 +23,9 @@ pub struct NodeFacts {
     pub binaries: Vec<BinaryFact>,
     /// `version:` line of the engine's server binary, when it could be run.
     pub engine_version: Option<String>,
+    /// The Arch package that installed this rank's engine binary (pacman's local database).
+    #[serde(default)]
+    pub engine_package: Option<crate::pacman::InstalledPackage>,
     pub model: ModelFact,
     pub memory: Option<MemoryFact>,
     pub cpu: Option<CpuFact>,
@@ -194,8 +197,13 @@ pub async fn collect(
             matches_expected: None,
         }
     };
+    let engine_package = binaries[0]
+        .path
+        .as_deref()
+        .and_then(|p| crate::pacman::owner_of(Path::new(crate::pacman::LOCAL_DB), p));
     NodeFacts {
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        engine_package,
         rank,
         hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|s| s.trim().to_string())
