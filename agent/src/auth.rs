@@ -32,8 +32,9 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-/// Reads the cluster's control token (first non-empty line of the file).
-pub fn load_token(path: &Path) -> Result<Secret> {
+/// Reads and checks the cluster's control token (first non-empty line of the file). The node
+/// API verifies it as a [`Secret`]; the coordinator sends it to the other agents.
+pub fn load_token(path: &Path) -> Result<String> {
     let text = std::fs::read_to_string(path).with_context(|| {
         format!(
             "cannot read the control token file {} (cluster.token_file): every node needs the same \
@@ -54,19 +55,7 @@ pub fn load_token(path: &Path) -> Result<Secret> {
             token.len()
         );
     }
-    Ok(Secret::new(token))
-}
-
-/// Reads the plain token text, for clients (the coordinator) that must send it.
-pub fn read_token_text(path: &Path) -> Result<String> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the control token file {}", path.display()))?;
-    Ok(text
-        .lines()
-        .map(str::trim)
-        .find(|l| !l.is_empty())
-        .unwrap_or("")
-        .to_string())
+    Ok(token.to_string())
 }
 
 /// API keys: one per line, blank lines and `#` comments ignored.
@@ -166,6 +155,6 @@ mod tests {
             "{err}"
         );
         std::fs::write(&p, "\n0123456789abcdef0123\n").expect("write");
-        assert!(load_token(&p).expect("ok").matches("0123456789abcdef0123"));
+        assert_eq!(load_token(&p).expect("ok"), "0123456789abcdef0123");
     }
 }

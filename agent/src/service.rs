@@ -75,8 +75,7 @@ pub async fn start_node(
     // and only report it.
     agent.tune_network(apply_tuning);
     agent.recover().await;
-    // Start hashing the model now: on a large file this takes minutes.
-    let _ = agent.facts().await;
+    agent.start_model_hash();
     let server = node::api::serve(node.agent_addr(), agent.clone(), token).await?;
     Ok(RunningNode { agent, server })
 }
@@ -157,10 +156,9 @@ pub async fn run_node(config_path: PathBuf, node_name: String, runner: RunnerKin
         );
     }
     let token = auth::load_token(&config.cluster.token_file)?;
-    let node = start_node(config.clone(), rank, token, runner, true).await?;
+    let node = start_node(config.clone(), rank, Secret::new(&token), runner, true).await?;
     let coordinator = if rank == 0 {
-        let text = auth::read_token_text(&config.cluster.token_file)?;
-        Some(start_coordinator(config.clone(), text, !node.agent.ranks_outlive_agent()).await?)
+        Some(start_coordinator(config.clone(), token, !node.agent.ranks_outlive_agent()).await?)
     } else {
         None
     };

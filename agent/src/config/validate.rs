@@ -178,7 +178,6 @@ fn build(file: raw::File, loc: &Locator, source: &Path, problems: &mut Vec<Probl
     }
 
     // --- model -------------------------------------------------------------------------
-    let model_span = file.model.span();
     let m = file.model.into_inner();
     if !m.path.get_ref().is_absolute() {
         problems.push(loc.at(
@@ -264,7 +263,6 @@ fn build(file: raw::File, loc: &Locator, source: &Path, problems: &mut Vec<Probl
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into())
     });
-    let _ = model_span;
 
     // --- api, ports ----------------------------------------------------------------------
     let listen = *file.api.listen.get_ref();

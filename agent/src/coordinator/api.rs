@@ -104,25 +104,26 @@ fn openai_error(status: StatusCode, kind: &str, code: &str, message: &str) -> Re
 }
 
 fn unavailable(view: &ClusterView, message: String) -> Response {
-    let mut r = openai_error(
+    let r = openai_error(
         StatusCode::SERVICE_UNAVAILABLE,
         "server_error",
         "ring_unavailable",
         &message,
     );
-    if let Ok(v) = HeaderValue::from_str(&view.retry_after_s().to_string()) {
-        r.headers_mut().insert(header::RETRY_AFTER, v);
-    }
+    with_retry_after(r, view)
+}
+
+/// Tells the client when to come back (RFC 9110 Retry-After, in seconds).
+fn with_retry_after(mut r: Response, view: &ClusterView) -> Response {
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(view.retry_after_s()));
     r
 }
 
 fn not_serving_message(view: &ClusterView) -> String {
     format!(
         "The cluster is not serving right now ({}{}). Retry shortly.",
-        serde_json::to_value(view.phase)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default(),
+        view.phase.as_str(),
         view.reason
             .as_deref()
             .map(|r| format!(": {r}"))
@@ -136,11 +137,10 @@ async fn readyz(State(s): State<ApiState>) -> Response {
     if v.serving() {
         (StatusCode::OK, Json(body)).into_response()
     } else {
-        let mut r = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
-        if let Ok(h) = HeaderValue::from_str(&v.retry_after_s().to_string()) {
-            r.headers_mut().insert(header::RETRY_AFTER, h);
-        }
-        r
+        with_retry_after(
+            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response(),
+            &v,
+        )
     }
 }
 

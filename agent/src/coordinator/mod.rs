@@ -28,7 +28,7 @@ use client::NodeClient;
 use state::{Action, Event, NodeCheck, Phase, Supervisor};
 
 /// What `/api/v1/cluster` shows and what the API layer consults before proxying.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ClusterView {
     pub cluster: String,
     pub engine: EngineKind,
@@ -45,13 +45,13 @@ pub struct ClusterView {
     pub nodes: Vec<NodeView>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ModelView {
     pub name: String,
     pub path: PathBuf,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NodeView {
     pub rank: u32,
     pub address: String,
@@ -284,7 +284,7 @@ impl Coordinator {
 
     fn publish(&self, sup: &Supervisor, tracks: &[Track], restarts: u64) {
         self.view.send_if_modified(|v| {
-            let before = serde_json::to_string(v).unwrap_or_default();
+            let before = v.clone();
             v.phase = sup.phase;
             v.generation = sup.generation;
             v.reason = sup.reason.clone();
@@ -293,10 +293,7 @@ impl Coordinator {
             for (n, t) in v.nodes.iter_mut().zip(tracks) {
                 n.reachable = t.unreachable_since.is_none() && t.status.is_some();
                 if let Some(st) = &t.status {
-                    n.state = serde_json::to_value(st.phase)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_default();
+                    n.state = st.phase.as_str().into();
                     n.generation = st.generation;
                     n.pid = st.pid;
                     n.unit = st.unit.clone();
@@ -310,7 +307,7 @@ impl Coordinator {
                     n.last_error = t.error.clone();
                 }
             }
-            serde_json::to_string(v).unwrap_or_default() != before
+            *v != before
         });
     }
 
@@ -441,22 +438,14 @@ async fn watch_node(
     tx: mpsc::UnboundedSender<Msg>,
 ) {
     let mut after: Option<u64> = None;
-    let mut instance: Option<u64> = None;
     loop {
         let res = client
             .rank_status(addr, after, Duration::from_secs(20))
             .await;
         let failed = res.is_err();
         let status = res.map_err(|e| format!("{e:#}"));
-        if let Ok(st) = &status {
-            // A restarted agent counts versions from zero again.
-            if instance != Some(st.instance) {
-                instance = Some(st.instance);
-            }
-            after = Some(st.version);
-        } else {
-            after = None;
-        }
+        // After a failure ask without `after`: a restarted agent counts versions from zero again.
+        after = status.as_ref().ok().map(|st| st.version);
         if tx
             .send(Msg::Node {
                 rank,

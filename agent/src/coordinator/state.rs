@@ -32,6 +32,21 @@ pub enum Phase {
     BackingOff,
 }
 
+impl Phase {
+    /// The name the API shows (the serde name).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::WaitingForNodes => "waiting_for_nodes",
+            Phase::Refused => "refused",
+            Phase::Starting => "starting",
+            Phase::WaitingReady => "waiting_ready",
+            Phase::Serving => "serving",
+            Phase::Stopping => "stopping",
+            Phase::BackingOff => "backing_off",
+        }
+    }
+}
+
 /// Outcome of looking at every node's facts.
 #[derive(Debug, Clone, PartialEq)]
 pub enum NodeCheck {
@@ -532,5 +547,45 @@ mod tests {
             ),
             vec![Action::StopRing { generation: g }]
         );
+    }
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::Phase;
+    use crate::node::RankPhase;
+    use crate::tune::KeyState;
+
+    /// The names shown in messages and node views are the ones the JSON APIs use.
+    #[test]
+    fn as_str_equals_the_serde_names() {
+        for p in [
+            Phase::WaitingForNodes,
+            Phase::Refused,
+            Phase::Starting,
+            Phase::WaitingReady,
+            Phase::Serving,
+            Phase::Stopping,
+            Phase::BackingOff,
+        ] {
+            assert_eq!(serde_json::to_value(p).expect("json"), p.as_str());
+        }
+        for p in [
+            RankPhase::Idle,
+            RankPhase::Running,
+            RankPhase::Exited,
+            RankPhase::FailedToStart,
+        ] {
+            assert_eq!(serde_json::to_value(p).expect("json"), p.as_str());
+        }
+        for k in [
+            KeyState::AlreadySet,
+            KeyState::Applied,
+            KeyState::Differs,
+            KeyState::NotSettable { reason: "r".into() },
+            KeyState::Unsupported { reason: "r".into() },
+        ] {
+            assert_eq!(serde_json::to_value(&k).expect("json")["state"], k.as_str());
+        }
     }
 }

@@ -321,26 +321,26 @@ async fn gpus() -> Vec<GpuFact> {
     }
     if let Ok(entries) = std::fs::read_dir("/sys/class/drm") {
         for e in entries.flatten() {
+            let card = e.file_name().to_string_lossy().into_owned();
+            // cardN only: connectors (card0-DP-1) and render nodes have no VRAM counters.
+            if !card.starts_with("card") || card.contains('-') {
+                continue;
+            }
             let dev = e.path().join("device");
             let read = |f: &str| {
                 std::fs::read_to_string(dev.join(f))
                     .ok()
                     .and_then(|s| s.trim().parse::<u64>().ok())
             };
-            if let (Some(total), true) = (
-                read("mem_info_vram_total"),
-                e.file_name().to_string_lossy().starts_with("card"),
-            ) {
-                if e.file_name().to_string_lossy().contains('-') {
-                    continue; // connectors like card0-DP-1
-                }
-                out.push(GpuFact {
-                    name: format!("amdgpu {}", e.file_name().to_string_lossy()),
-                    memory_total_mib: Some(total / (1024 * 1024)),
-                    memory_free_mib: read("mem_info_vram_used")
-                        .map(|u| total.saturating_sub(u) / (1024 * 1024)),
-                });
-            }
+            let Some(total) = read("mem_info_vram_total") else {
+                continue;
+            };
+            out.push(GpuFact {
+                name: format!("amdgpu {card}"),
+                memory_total_mib: Some(total / (1024 * 1024)),
+                memory_free_mib: read("mem_info_vram_used")
+                    .map(|u| total.saturating_sub(u) / (1024 * 1024)),
+            });
         }
     }
     out

@@ -35,6 +35,18 @@ pub enum RankPhase {
     FailedToStart,
 }
 
+impl RankPhase {
+    /// The name the APIs show (the serde name).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RankPhase::Idle => "idle",
+            RankPhase::Running => "running",
+            RankPhase::Exited => "exited",
+            RankPhase::FailedToStart => "failed_to_start",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExitReport {
     pub kind: ExitKind,
@@ -182,6 +194,14 @@ impl NodeAgent {
             f(s);
             s.version += 1;
         });
+    }
+
+    /// Starts hashing the model in the background now: on a large file this takes minutes, and
+    /// the coordinator waits for the hash before it starts a ring.
+    pub fn start_model_hash(&self) {
+        if self.needs_model() {
+            self.hasher.state(&self.config.model.path);
+        }
     }
 
     /// Whether this node's rank reads the model file itself.

@@ -192,34 +192,6 @@ impl SystemdRunner {
         Ok(started)
     }
 
-    async fn running_units(&self, prefix: &str) -> Result<Vec<String>> {
-        let pattern = format!("{prefix}*.service");
-        let units = self
-            .manager
-            .list_units_by_patterns(
-                vec!["active", "activating", "reloading"],
-                vec![pattern.as_str()],
-            )
-            .await?;
-        let mut names: Vec<String> = units
-            .into_iter()
-            .map(|u| u.0.trim_end_matches(".service").to_string())
-            .collect();
-        names.sort_by_key(|n| {
-            std::cmp::Reverse(
-                n.rsplit_once("-g")
-                    .and_then(|(_, g)| g.parse::<u64>().ok())
-                    .unwrap_or(0),
-            )
-        });
-        Ok(names)
-    }
-
-    async fn adopt_unit(&self, name: &str) -> Result<Started> {
-        let path = self.manager.get_unit(&unit_name(name)).await?;
-        self.monitor(name, path).await
-    }
-
     /// The rank's working directory, owned by the rank user so the engine can write there.
     fn prepare_workdir(&self, dir: &std::path::Path) -> Result<()> {
         std::fs::create_dir_all(dir)
@@ -415,11 +387,31 @@ impl Runner for SystemdRunner {
     }
 
     async fn running(&self, prefix: &str) -> Result<Vec<String>> {
-        self.running_units(prefix).await
+        let pattern = format!("{prefix}*.service");
+        let units = self
+            .manager
+            .list_units_by_patterns(
+                vec!["active", "activating", "reloading"],
+                vec![pattern.as_str()],
+            )
+            .await?;
+        let mut names: Vec<String> = units
+            .into_iter()
+            .map(|u| u.0.trim_end_matches(".service").to_string())
+            .collect();
+        names.sort_by_key(|n| {
+            std::cmp::Reverse(
+                n.rsplit_once("-g")
+                    .and_then(|(_, g)| g.parse::<u64>().ok())
+                    .unwrap_or(0),
+            )
+        });
+        Ok(names)
     }
 
     async fn adopt(&self, name: &str) -> Result<Started> {
-        let started = self.adopt_unit(name).await?;
+        let path = self.manager.get_unit(&unit_name(name)).await?;
+        let started = self.monitor(name, path).await?;
         tracing::info!(unit = %unit_name(name), pid = ?started.pid, "adopted running rank unit");
         Ok(started)
     }

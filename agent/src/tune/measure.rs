@@ -156,13 +156,9 @@ fn configure(ns: &str, tuned: bool) -> Result<()> {
         if tuned {
             s.tune(&parse_conf(SYSCTL_CONF), true);
         } else {
-            let defaults: Vec<(String, String)> = KERNEL_DEFAULTS
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect();
-            // Exact values, not floors: write them directly.
-            for (k, v) in defaults {
-                std::fs::write(format!("/proc/sys/{}", k.replace('.', "/")), v)?;
+            // Exact values, not floors: written as they are.
+            for (k, v) in KERNEL_DEFAULTS {
+                s.write(k, v)?;
             }
         }
         Ok(())

@@ -29,6 +29,19 @@ pub enum KeyState {
     },
 }
 
+impl KeyState {
+    /// The name the reports show (the serde tag).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            KeyState::AlreadySet => "already_set",
+            KeyState::Applied => "applied",
+            KeyState::Differs => "differs",
+            KeyState::NotSettable { .. } => "not_settable",
+            KeyState::Unsupported { .. } => "unsupported",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KeyReport {
     pub key: String,
@@ -107,7 +120,7 @@ impl Sysctl {
         std::fs::read_to_string(self.path(key)).map(|s| normalize(&s))
     }
 
-    fn write(&self, key: &str, value: &str) -> std::io::Result<()> {
+    pub(super) fn write(&self, key: &str, value: &str) -> std::io::Result<()> {
         std::fs::write(self.path(key), value)
     }
 
@@ -222,10 +235,7 @@ fn explain(key: &str, wanted: &str, e: &std::io::Error, root: &Path) -> KeyState
 /// Logs the report, one line per key with structured fields.
 pub fn log_report(report: &[KeyReport]) {
     for r in report {
-        let state = serde_json::to_value(&r.state)
-            .ok()
-            .and_then(|v| v.get("state").and_then(|s| s.as_str()).map(str::to_string))
-            .unwrap_or_default();
+        let state = r.state.as_str();
         let reason = match &r.state {
             KeyState::NotSettable { reason } | KeyState::Unsupported { reason } => reason.as_str(),
             _ => "",
