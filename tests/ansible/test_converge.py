@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from ansible_tools import ansible_tool
 from hosts import Lab, http  # tests/systemd, on sys.path through conftest.py
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,12 +42,6 @@ AuthorizedKeysFile .ssh/authorized_keys
 PrintMotd no
 Subsystem sftp /usr/lib/openssh/sftp-server
 """
-
-
-def ansible_tool(name):
-    """An Ansible command next to this Python (the venv), else on PATH."""
-    here = Path(sys.executable).parent / name
-    return str(here) if here.exists() else shutil.which(name)
 
 
 def _need(name):

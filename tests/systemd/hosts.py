@@ -362,6 +362,31 @@ def _lab_owner_alive(lab_id: str) -> bool:
     return _alive(st.get("owner_pid", -1), st.get("owner_start"))
 
 
+_UNAVAILABLE: dict[tuple, str | None] = {}
+
+
+def unavailable_reason(extra_packages=()) -> str | None:
+    """None when labs can run here (after preparing them once), else why not. For test suites'
+    skip markers; computed once per process and package set."""
+    key = tuple(extra_packages)
+    if key not in _UNAVAILABLE:
+        reason = None
+        if os.geteuid() != 0:
+            reason = "systemd hosts need root (network namespaces, bridges, cgroups, nspawn)"
+        elif not Path("/sys/fs/cgroup/unified").is_dir() and not Path(
+                "/sys/fs/cgroup/cgroup.controllers").exists():
+            reason = "systemd hosts need a cgroup v2 hierarchy (unified or hybrid)"
+        else:
+            try:
+                prepare(extra_packages=extra_packages)
+                cleanup_stale()
+            except Exception as e:  # noqa: BLE001 - any failure means: cannot run here
+                packages = " and ".join(["systemd-nspawn", *extra_packages])
+                reason = f"{packages} cannot be installed or prepared: {e}"
+        _UNAVAILABLE[key] = reason
+    return _UNAVAILABLE[key]
+
+
 def cleanup_stale(prefix: str = PREFIX) -> list[str]:
     """Remove leftovers (netns, bridges, veths, cgroups, processes, state dirs) of labs
     whose owning process is gone.  Only names made by this harness (prefix + id) are touched.
