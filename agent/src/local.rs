@@ -47,7 +47,8 @@ pub struct UpArgs {
     /// server 18080), to run beside another cluster.
     #[arg(long, default_value_t = 0)]
     pub port_offset: u16,
-    /// Where ranks run (working directories); a fresh directory under the system temp dir by default.
+    /// Where ranks run (working directories), the token and the generated config; by default
+    /// `llm-cluster-local-<API port>` under the system temp dir, reused by later runs.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
 }
