@@ -88,7 +88,7 @@ def bench(engine, engine_dir, extra, offset):
             st = requests.get(f"{base}/api/v1/cluster", timeout=5).json()
             rank = 1 + i % 2
             t = time.monotonic()
-            os.kill(st["nodes"][rank]["pid"], signal.SIGKILL)
+            os.kill(st["nodes"][rank]["status"]["pid"], signal.SIGKILL)
             recoveries.append(serving_again(base, t))
             time.sleep(1)
         final = requests.get(f"{base}/api/v1/cluster", timeout=5).json()

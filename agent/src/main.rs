@@ -12,7 +12,9 @@ mod local;
 mod node;
 mod pacman;
 mod plan;
+mod proto;
 mod runner;
+mod server;
 mod service;
 mod tune;
 

@@ -9,17 +9,11 @@
 use std::path::Path;
 use std::str::FromStr;
 
+use crate::proto::InstalledPackage;
 use alpm_db::desc::DbDescFile;
-use serde::{Deserialize, Serialize};
 
 /// pacman's local database.
 pub const LOCAL_DB: &str = "/var/lib/pacman/local";
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InstalledPackage {
-    pub name: String,
-    pub version: String,
-}
 
 /// The installed package that owns `binary` (an absolute path), if pacman installed it.
 pub fn owner_of(db: &Path, binary: &Path) -> Option<InstalledPackage> {

@@ -1,59 +1,14 @@
 //! Ring planning: from the config to one [`RankSpec`] per node. Pure, so it is tested directly.
 //!
-//! A `RankSpec` is what the coordinator sends a node agent. It describes the rank's place in the
-//! ring, not a command line: each node turns it into argv with its own engine adapter and its own
-//! binaries, so the control API never executes arbitrary commands sent over the network.
+//! A [`RankSpec`] (defined with the rest of the wire protocol in `proto`) is what the coordinator
+//! sends a node agent.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::config::{check_layer_total, Config, EngineKind};
-
-/// Ports as the engines take them (bases; each rank adds its rank where the engine does).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PortSpec {
-    pub data: u16,
-    pub signal: u16,
-    pub rpc: u16,
-    pub server: u16,
-}
-
-/// One rank's part in one generation of the ring.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RankSpec {
-    /// Increases every time the ring is (re)started; a node ignores older generations.
-    pub generation: u64,
-    pub engine: EngineKind,
-    pub rank: u32,
-    pub world: u32,
-    pub address: IpAddr,
-    pub master: IpAddr,
-    pub next: IpAddr,
-    pub ports: PortSpec,
-    pub model_path: PathBuf,
-    pub model_name: String,
-    pub ctx_size: u32,
-    /// Set on rank 0 only (prima reads the windows of every rank from rank 0).
-    pub layer_windows: Option<Vec<u32>>,
-    /// Set on rank 0 only.
-    pub tensor_split: Option<Vec<f64>>,
-    pub prefetch: bool,
-    pub threads: Option<u32>,
-    pub gpu_mem: f64,
-    pub gpu_layers: Option<u32>,
-    /// llama-rpc rank 0: the workers' rpc endpoints in rank order.
-    pub rpc_workers: Vec<SocketAddr>,
-    /// Every node address in the ring, in rank order: who may reach this rank's ports.
-    pub peers: Vec<IpAddr>,
-}
-
-impl RankSpec {
-    pub fn is_head(&self) -> bool {
-        self.rank == 0
-    }
-}
+use crate::proto::{PortSpec, RankSpec};
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RingPlan {

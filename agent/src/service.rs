@@ -1,29 +1,45 @@
 //! Wires the parts together for one node: the node agent, and on rank 0 the coordinator and the
 //! API. Used by `run` (one node per process) and by `up --local` (every node in one process).
+//!
+//! Shutdown runs in the reverse order of start-up, each step bounded: the public API stops
+//! accepting and drains (streams get [`API_DRAIN`] to finish), the coordinator's tasks are
+//! cancelled and awaited (and, with child-process ranks, the ring is stopped), then the node
+//! agent stops its rank if it would not outlive the agent, and its control API closes last,
+//! because the coordinator stops ranks through it. Under systemd the agent says READY=1 once its
+//! APIs listen, STOPPING=1 when it begins to stop, and feeds the watchdog from the same runtime
+//! as long as the coordinator's loop keeps turning, so a wedged agent is restarted by systemd.
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::{self, ApiKeys, Secret};
 use crate::config::Config;
+use crate::coordinator::driver::Heartbeat;
 use crate::coordinator::{api, client::NodeClient, ClusterView, Coordinator};
 use crate::node::{self, NodeAgent};
 use crate::runner::process::ProcessRunner;
 use crate::runner::systemd::SystemdRunner;
+use crate::server::Server;
+
+/// How long responses in flight may go on once the agent is asked to stop.
+pub const API_DRAIN: Duration = Duration::from_secs(10);
 
 /// A node agent with its control API running.
 pub struct RunningNode {
     pub agent: Arc<NodeAgent>,
-    server: tokio::task::JoinHandle<()>,
+    server: Server,
 }
 
 impl RunningNode {
     pub async fn shutdown(self) {
         self.agent.shutdown().await;
-        self.server.abort();
+        // Requests to a node agent are short (a start takes seconds); long polls end at once.
+        self.server.shutdown(Duration::from_secs(5)).await;
     }
 }
 
@@ -83,17 +99,21 @@ pub async fn start_node(
 /// The coordinator and its API, with the handle that stops them.
 pub struct RunningCoordinator {
     pub view: watch::Receiver<ClusterView>,
-    shutdown: watch::Sender<bool>,
+    pub heartbeat: Heartbeat,
+    shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
-    api: tokio::task::JoinHandle<()>,
+    api: Server,
 }
 
 impl RunningCoordinator {
-    /// Stops the API and every rank of the ring.
+    /// Drains and stops the API, then the coordinator (which stops the ring when its ranks
+    /// would not outlive it).
     pub async fn shutdown(self) {
-        self.api.abort();
-        let _ = self.shutdown.send(true);
-        let _ = self.task.await;
+        self.api.shutdown(API_DRAIN).await;
+        self.shutdown.cancel();
+        if let Err(e) = self.task.await {
+            tracing::error!(error = %e, "the coordinator task failed");
+        }
     }
 }
 
@@ -111,14 +131,15 @@ pub async fn start_coordinator(
             None
         }
     };
-    let coordinator = Coordinator::new(config.clone(), NodeClient::new(token_text)?);
+    let coordinator = Coordinator::new(config.clone(), Arc::new(NodeClient::new(token_text)?));
     let view = coordinator.view();
-    let router = api::router(view.clone(), config.ports.server, keys)?;
-    let api = api::serve(config.api.listen, router).await?;
-    let (shutdown, rx) = watch::channel(false);
-    let task = tokio::spawn(coordinator.run(rx, stop_ring_on_exit));
+    let heartbeat = coordinator.heartbeat();
+    let api = api::serve(config.api.listen, view.clone(), config.ports.server, keys).await?;
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(coordinator.run(shutdown.clone(), stop_ring_on_exit));
     Ok(RunningCoordinator {
         view,
+        heartbeat,
         shutdown,
         task,
         api,
@@ -162,13 +183,52 @@ pub async fn run_node(config_path: PathBuf, node_name: String, runner: RunnerKin
     } else {
         None
     };
+    notify(&[sd_notify::NotifyState::Ready]);
+    let watchdog = tokio::spawn(feed_watchdog(
+        coordinator.as_ref().map(|c| c.heartbeat.clone()),
+    ));
     let sig = stop_signal().await?;
     tracing::info!(signal = sig, "shutting down");
+    notify(&[sd_notify::NotifyState::Stopping]);
+    watchdog.abort();
     if let Some(c) = coordinator {
         c.shutdown().await;
     }
     node.shutdown().await;
     Ok(())
+}
+
+/// Tells systemd (Type=notify) about the agent's state; a no-op when not run by systemd.
+fn notify(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(false, state) {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+/// Pings systemd's watchdog (WatchdogSec=) at a third of its interval while the coordinator's
+/// loop turns. A ping comes from this runtime, so a runtime that no longer schedules tasks, or a
+/// coordinator loop stuck for half the interval, stops the pings and systemd restarts the agent.
+async fn feed_watchdog(heartbeat: Option<Heartbeat>) {
+    let mut usec = 0u64;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return;
+    }
+    let interval = Duration::from_micros(usec);
+    tracing::info!(
+        seconds = interval.as_secs_f64(),
+        "feeding the systemd watchdog"
+    );
+    let mut tick = tokio::time::interval(interval / 3);
+    loop {
+        tick.tick().await;
+        match &heartbeat {
+            Some(h) if h.age() > interval / 2 => tracing::error!(
+                stalled_s = h.age().as_secs_f64(),
+                "the coordinator loop has stalled; not feeding the watchdog"
+            ),
+            _ => notify(&[sd_notify::NotifyState::Watchdog]),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -32,8 +32,9 @@ def test_cluster_status_and_probes(ring):
     assert [n["rank"] for n in st["nodes"]] == [0, 1, 2]
     for n in st["nodes"]:
         assert n["state"] == "running", n
-        assert isinstance(n["pid"], int) and os.path.exists(f"/proc/{n['pid']}"), n
-        assert n["generation"] == st["generation"]
+        pid = n["status"]["pid"]
+        assert isinstance(pid, int) and os.path.exists(f"/proc/{pid}"), n
+        assert n["status"]["generation"] == st["generation"]
     models = client(cluster.base).models.list()
     assert len(models.data) >= 1
     # `up` tells the person where the endpoint is and how to call it.
@@ -107,7 +108,7 @@ def test_client_disconnect_cancels_the_upstream_generation(ring):
 
 
 def _pid(cluster, rank):
-    return cluster.status()["nodes"][rank]["pid"]
+    return cluster.status()["nodes"][rank]["status"]["pid"]
 
 
 def test_in_flight_stream_ends_with_an_error_when_a_rank_dies(ring):
@@ -137,7 +138,7 @@ def test_in_flight_stream_ends_with_an_error_when_a_rank_dies(ring):
 def test_killed_rank_gives_503s_then_serves_again(ring):
     cluster, _ = ring
     before = cluster.status()
-    os.kill(before["nodes"][1]["pid"], signal.SIGKILL)
+    os.kill(before["nodes"][1]["status"]["pid"], signal.SIGKILL)
     killed_at = time.monotonic()
     saw_503 = False
     while True:
@@ -159,5 +160,5 @@ def test_killed_rank_gives_503s_then_serves_again(ring):
     after = cluster.status()
     assert after["generation"] > before["generation"]
     assert after["restarts"] >= 1
-    assert after["nodes"][1]["pid"] != before["nodes"][1]["pid"]
+    assert after["nodes"][1]["status"]["pid"] != before["nodes"][1]["status"]["pid"]
     print(f"[figure] {cluster.engine}: killed rank 1 -> serving again in {time.monotonic() - killed_at:.2f} s")

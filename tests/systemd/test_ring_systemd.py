@@ -140,11 +140,11 @@ def test_ranks_are_units_of_the_rank_user_and_serve(cluster):
     assert st["phase"] == "serving"
     g = st["generation"]
     for n, h in zip(st["nodes"], lab.hosts):
-        assert n["unit"] == f"llm-rank{h.index}-g{g}.service", n
-        assert h.unit_property(n["unit"], "ActiveState") == "active"
-        assert h.unit_property(n["unit"], "User") == "llm-cluster"
-        assert h.unit_property(n["unit"], "LimitMEMLOCK") == "infinity"
-        assert int(h.unit_property(n["unit"], "MainPID")) > 0
+        assert n["status"]["unit"] == f"llm-rank{h.index}-g{g}.service", n
+        assert h.unit_property(n["status"]["unit"], "ActiveState") == "active"
+        assert h.unit_property(n["status"]["unit"], "User") == "llm-cluster"
+        assert h.unit_property(n["status"]["unit"], "LimitMEMLOCK") == "infinity"
+        assert int(h.unit_property(n["status"]["unit"], "MainPID")) > 0
     # The API keys file is enforced.
     code, _, _ = http("POST", f"{base}/v1/chat/completions", {"messages": []})
     assert code == 401
@@ -209,7 +209,7 @@ def test_agent_restart_keeps_the_rank_unit_and_loses_no_request(cluster):
     lab, base, _ = cluster
     h = lab.hosts[1]
     st = status(base)
-    unit = st["nodes"][1]["unit"]
+    unit = st["nodes"][1]["status"]["unit"]
     pid_before = h.unit_property(unit, "MainPID")
     failures, done = [], threading.Event()
 
@@ -233,14 +233,14 @@ def test_agent_restart_keeps_the_rank_unit_and_loses_no_request(cluster):
     assert not failures, failures
     after = status(base)
     assert after["generation"] == st["generation"]
-    assert after["nodes"][1]["state"] == "running" and after["nodes"][1]["unit"] == unit
+    assert after["nodes"][1]["state"] == "running" and after["nodes"][1]["status"]["unit"] == unit
     assert "adopted running rank unit" in h.journal("llm-agent@rank1.service", 100)
 
 
 def test_coordinator_restart_adopts_the_running_ring(cluster):
     lab, base, _ = cluster
     st = status(base)
-    pids = [h.unit_property(n["unit"], "MainPID") for n, h in zip(st["nodes"], lab.hosts)]
+    pids = [h.unit_property(n["status"]["unit"], "MainPID") for n, h in zip(st["nodes"], lab.hosts)]
     lab.hosts[0].systemctl("restart", "llm-agent@rank0.service")
     lab.hosts[0].wait_active("llm-agent@rank0.service")
     deadline = time.monotonic() + 60
@@ -255,7 +255,7 @@ def test_coordinator_restart_adopts_the_running_ring(cluster):
         time.sleep(0.2)
     after = status(base)
     assert after["generation"] == st["generation"], "the new coordinator restarted the ring"
-    assert [h.unit_property(n["unit"], "MainPID") for n, h in zip(after["nodes"], lab.hosts)] == pids
+    assert [h.unit_property(n["status"]["unit"], "MainPID") for n, h in zip(after["nodes"], lab.hosts)] == pids
     out = lab.hosts[0].run(["journalctl", "-u", "llm-agent@rank0.service", "-o", "json",
                             "--no-pager", "-n", "300"]).stdout
     reasons = [json.loads(l).get("REASON", "") for l in out.splitlines() if l.strip()]
@@ -265,13 +265,13 @@ def test_coordinator_restart_adopts_the_running_ring(cluster):
 def test_killed_rank_unit_restarts_the_ring(cluster):
     lab, base, _ = cluster
     st = status(base)
-    unit = st["nodes"][2]["unit"]
+    unit = st["nodes"][2]["status"]["unit"]
     lab.hosts[2].systemctl("kill", "--signal=SIGKILL", unit)
     seconds, saw_503 = wait_serving_after(base, st["generation"])
     print(f"\n[figure] systemd: killed rank unit -> serving again in {seconds:.2f} s")
     after = status(base)
     assert after["restarts"] >= 1
-    assert after["nodes"][2]["unit"] != unit
+    assert after["nodes"][2]["status"]["unit"] != unit
     assert "killed by signal 9" in (status(base)["reason"] or "") or after["phase"] == "serving"
     journal = lab.hosts[0].journal("llm-agent@rank0.service", 300)
     assert "ring failed; stopping every rank to restart it" in journal

@@ -20,10 +20,12 @@ use axum::{Json, Router};
 use futures_util::{Stream, StreamExt};
 use serde_json::json;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use super::compat::{Rewrite, SseFramer};
 use super::ClusterView;
 use crate::auth::{bearer, ApiKeys};
+use crate::server::{self, Server, Signals};
 
 /// Largest request body accepted (a long prompt is far smaller).
 const MAX_BODY: usize = 32 * 1024 * 1024;
@@ -33,12 +35,16 @@ struct ApiState {
     view: watch::Receiver<ClusterView>,
     http: reqwest::Client,
     upstream: Arc<str>,
+    /// Cancelled when the server's drain grace is over: responses still streaming end then.
+    ending: CancellationToken,
 }
 
+/// The API's routes. `signals.ending` ends responses still streaming at shutdown.
 pub fn router(
     view: watch::Receiver<ClusterView>,
     upstream_port: u16,
     keys: Option<ApiKeys>,
+    signals: &Signals,
 ) -> anyhow::Result<Router> {
     let http = reqwest::Client::builder()
         .connect_timeout(std::time::Duration::from_secs(5))
@@ -47,6 +53,7 @@ pub fn router(
         view,
         http,
         upstream: format!("http://127.0.0.1:{upstream_port}").into(),
+        ending: signals.ending.clone(),
     };
     let keys = Arc::new(keys.filter(|k| !k.is_empty()));
     let protected = Router::new()
@@ -80,21 +87,18 @@ pub fn router(
         .with_state(state))
 }
 
-/// Binds and serves the API.
+/// Binds and serves the API until [`Server::shutdown`].
 pub async fn serve(
     addr: SocketAddr,
-    router: Router,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    use anyhow::Context;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr} for the API (api.listen)"))?;
+    view: watch::Receiver<ClusterView>,
+    upstream_port: u16,
+    keys: Option<ApiKeys>,
+) -> anyhow::Result<Server> {
+    let listener = server::bind(addr, "the API (api.listen)").await?;
     tracing::info!(%addr, "API listening");
-    Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
-            tracing::error!(error = %e, "API server stopped");
-        }
-    }))
+    let signals = Signals::default();
+    let app = router(view, upstream_port, keys, &signals)?;
+    Ok(server::spawn(listener, app, signals, "API"))
 }
 
 fn openai_error(status: StatusCode, kind: &str, code: &str, message: &str) -> Response {
@@ -148,15 +152,18 @@ async fn cluster(State(s): State<ApiState>) -> Json<ClusterView> {
     Json(s.view.borrow().clone())
 }
 
-/// Resolves when the ring that was serving `generation` is no longer serving.
+/// Resolves when the ring that was serving `generation` is no longer serving, or when the
+/// server's drain grace is over: either way this response cannot go on.
 fn ring_lost(
     mut view: watch::Receiver<ClusterView>,
     generation: u64,
+    ending: CancellationToken,
 ) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
     Box::pin(async move {
-        let _ = view
-            .wait_for(|v| v.generation != generation || !v.serving())
-            .await;
+        tokio::select! {
+            _ = view.wait_for(|v| v.generation != generation || !v.serving()) => {}
+            _ = ending.cancelled_owned() => {}
+        }
     })
 }
 
@@ -191,7 +198,7 @@ async fn proxy(State(s): State<ApiState>, req: Request) -> Response {
             upstream = upstream.header(h, v);
         }
     }
-    let mut lost = ring_lost(s.view.clone(), view.generation);
+    let mut lost = ring_lost(s.view.clone(), view.generation, s.ending.clone());
     let resp = tokio::select! {
         r = upstream.send() => r,
         _ = &mut lost => {
@@ -366,7 +373,7 @@ mod tests {
     #[tokio::test]
     async fn not_serving_means_503_with_retry_after_and_an_openai_error() {
         let (_tx, rx) = watch::channel(view(Phase::BackingOff));
-        let app = router(rx, 1, None).expect("router");
+        let app = router(rx, 1, None, &Signals::default()).expect("router");
         let (status, headers, body) = call(app.clone(), "/v1/chat/completions", None).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(
@@ -391,7 +398,13 @@ mod tests {
     #[tokio::test]
     async fn api_keys_guard_the_api_but_not_the_probes() {
         let (_tx, rx) = watch::channel(view(Phase::Serving));
-        let app = router(rx, 1, Some(ApiKeys::parse("sk-good\n"))).expect("router");
+        let app = router(
+            rx,
+            1,
+            Some(ApiKeys::parse("sk-good\n")),
+            &Signals::default(),
+        )
+        .expect("router");
         let (status, _, body) = call(app.clone(), "/v1/models", None).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         assert_eq!(body["error"]["code"], "invalid_api_key");
@@ -408,7 +421,7 @@ mod tests {
     async fn an_unreachable_rank_0_is_a_503_not_a_hang() {
         // Port 1 on loopback refuses connections: the engine is gone under a serving view.
         let (_tx, rx) = watch::channel(view(Phase::Serving));
-        let app = router(rx, 1, None).expect("router");
+        let app = router(rx, 1, None, &Signals::default()).expect("router");
         let (status, headers, body) = call(app, "/v1/chat/completions", None).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(headers.contains_key("retry-after"));

@@ -1,17 +1,52 @@
 //! Decides from every node's facts whether a ring may start. Pure.
 
 use crate::config::Config;
-use crate::node::facts::{HashState, NodeFacts};
-use crate::node::{RankPhase, RankStatus};
+use crate::proto::{
+    HashState, InstalledPackage, NodeFacts, RankPhase, RankStatus, AGENT_VERSION, PROTOCOL_VERSION,
+};
 
 use super::state::NodeCheck;
 
-/// `facts[r]` is rank r's facts or why they could not be fetched. Returns the verdict and
-/// warnings that do not block (e.g. an engine version that could not be read).
-pub fn check_nodes(
-    config: &Config,
-    facts: &[Result<NodeFacts, String>],
-) -> (NodeCheck, Vec<String>) {
+/// Why a node's facts are not at hand.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FactsError {
+    /// The agent did not answer (or answered an error): the node may come back by itself.
+    Unreachable(String),
+    /// The agent answered with facts this coordinator cannot read: another agent version.
+    Unreadable {
+        agent_version: Option<String>,
+        protocol_version: Option<u32>,
+        error: String,
+    },
+}
+
+impl std::fmt::Display for FactsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FactsError::Unreachable(e) => write!(f, "unreachable: {e}"),
+            FactsError::Unreadable { error, .. } => write!(f, "unreadable facts: {error}"),
+        }
+    }
+}
+
+/// What one node's agent said about itself, or why nothing usable came back.
+pub type NodeReport = Result<NodeFacts, FactsError>;
+
+/// Why a node running `agent`/`protocol` cannot join this coordinator's ring, if it cannot.
+fn version_mismatch(agent: Option<&str>, protocol: Option<u32>) -> Option<String> {
+    if agent == Some(AGENT_VERSION) && protocol == Some(PROTOCOL_VERSION) {
+        return None;
+    }
+    Some(format!(
+        "runs llm-agent {} (protocol {}) but this coordinator runs llm-agent {AGENT_VERSION} (protocol {PROTOCOL_VERSION}): install the same llm-agent on every node",
+        agent.unwrap_or("of an unknown version"),
+        protocol.map_or("unknown".to_string(), |p| p.to_string()),
+    ))
+}
+
+/// `facts[r]` is rank r's report. Returns the verdict and warnings that do not block (e.g. an
+/// engine version that could not be read).
+pub fn check_nodes(config: &Config, facts: &[NodeReport]) -> (NodeCheck, Vec<String>) {
     let mut waiting = Vec::new();
     let mut refused = Vec::new();
     let mut warnings = Vec::new();
@@ -22,11 +57,27 @@ pub fn check_nodes(
     for (r, f) in facts.iter().enumerate() {
         let f = match f {
             Ok(f) => f,
-            Err(e) => {
+            Err(FactsError::Unreachable(e)) => {
                 waiting.push(format!("{} unreachable: {e}", who(r)));
                 continue;
             }
+            Err(FactsError::Unreadable {
+                agent_version,
+                protocol_version,
+                error,
+            }) => {
+                refused.push(
+                    match version_mismatch(agent_version.as_deref(), *protocol_version) {
+                        Some(why) => format!("{} {why}", who(r)),
+                        None => format!("{}: its facts cannot be read: {error}", who(r)),
+                    },
+                );
+                continue;
+            }
         };
+        if let Some(why) = version_mismatch(Some(&f.agent_version), Some(f.protocol_version)) {
+            refused.push(format!("{} {why}", who(r)));
+        }
         match f.rank_binary() {
             Some(b) if b.path.is_none() => refused.push(format!(
                 "{}: engine binary `{}` not found ({})",
@@ -90,7 +141,7 @@ pub fn check_nodes(
     }
     // On Arch, the engine package's version is the build's identity (GPU variants of one version
     // may differ in name: prima-cpp-cuda on one node, prima-cpp on another).
-    let packages: Vec<(usize, &crate::pacman::InstalledPackage)> = ok
+    let packages: Vec<(usize, &InstalledPackage)> = ok
         .iter()
         .filter_map(|(r, f)| f.engine_package.as_ref().map(|p| (*r, p)))
         .collect();
@@ -163,7 +214,7 @@ pub fn running_generation(config: &Config, statuses: &[Option<RankStatus>]) -> O
 mod tests {
     use super::*;
     use crate::config::EngineKind;
-    use crate::node::facts::{BinaryFact, ModelFact};
+    use crate::proto::{BinaryFact, ModelFact};
     use std::path::{Path, PathBuf};
 
     fn config() -> Config {
@@ -172,9 +223,10 @@ mod tests {
         Config::parse(text, Path::new("t")).expect("config")
     }
 
-    fn facts(rank: u32, version: &str, hash: HashState) -> Result<NodeFacts, String> {
+    fn facts(rank: u32, version: &str, hash: HashState) -> NodeReport {
         Ok(NodeFacts {
-            agent_version: "0".into(),
+            agent_version: AGENT_VERSION.into(),
+            protocol_version: PROTOCOL_VERSION,
             rank,
             hostname: "h".into(),
             engine: EngineKind::Prima,
@@ -222,6 +274,7 @@ mod tests {
                     exit: None,
                     last_error: None,
                     spec: Some(spec),
+                    facts_version: 0,
                 })
             })
             .collect()
@@ -275,7 +328,7 @@ mod tests {
     #[test]
     fn different_engine_package_versions_are_refused_but_variants_are_not() {
         let pkg = |name: &str, version: &str| {
-            Some(crate::pacman::InstalledPackage {
+            Some(InstalledPackage {
                 name: name.into(),
                 version: version.into(),
             })
@@ -315,7 +368,7 @@ mod tests {
     fn unreachable_or_hashing_nodes_mean_waiting() {
         let f = vec![
             facts(0, "b1", HashState::Hashing),
-            Err("connection refused".into()),
+            Err(FactsError::Unreachable("connection refused".into())),
         ];
         let NodeCheck::Waiting(msg) = check_nodes(&config(), &f).0 else {
             panic!("not waiting")
@@ -340,5 +393,35 @@ mod tests {
             msg.contains("`prima-cli` not found") && msg.contains("model file /m.gguf not found"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn another_agent_or_protocol_version_is_refused_naming_it() {
+        let mut old = facts(1, "b1", done("aa"));
+        if let Ok(f) = &mut old {
+            f.agent_version = "0.0.9".into();
+        }
+        let f = vec![facts(0, "b1", done("aa")), old];
+        let NodeCheck::Refused(msg) = check_nodes(&config(), &f).0 else {
+            panic!("not refused")
+        };
+        assert!(
+            msg.contains("rank 1 (10.0.0.2:7700) runs llm-agent 0.0.9 (protocol")
+                && msg.contains(&format!("this coordinator runs llm-agent {AGENT_VERSION}")),
+            "{msg}"
+        );
+        // An agent whose facts do not even parse is refused by its version, not "unreachable".
+        let f = vec![
+            facts(0, "b1", done("aa")),
+            Err(FactsError::Unreadable {
+                agent_version: Some("0.0.1".into()),
+                protocol_version: Some(1),
+                error: "missing field `protocol_version`".into(),
+            }),
+        ];
+        let NodeCheck::Refused(msg) = check_nodes(&config(), &f).0 else {
+            panic!("not refused")
+        };
+        assert!(msg.contains("runs llm-agent 0.0.1 (protocol 1)"), "{msg}");
     }
 }

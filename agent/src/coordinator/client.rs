@@ -1,13 +1,36 @@
-//! The coordinator's client for node control APIs.
+//! How the coordinator talks to node agents: the [`Nodes`] trait the driver is written against,
+//! and [`NodeClient`], its implementation over the token-authenticated control API. The trait
+//! exists so the driver loop can be tested against a fake cluster (stale answers, lost nodes,
+//! start ordering) without processes or sockets.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use async_trait::async_trait;
 
-use crate::node::facts::NodeFacts;
-use crate::node::RankStatus;
-use crate::plan::RankSpec;
+use super::check::{FactsError, NodeReport};
+use crate::proto::{FactsVersion, NodeFacts, RankSpec, RankStatus, WaitQuery, STOP_GRACE};
+
+#[async_trait]
+pub trait Nodes: Send + Sync + 'static {
+    /// The node's facts, or why they are not to be had.
+    async fn facts(&self, addr: SocketAddr) -> NodeReport;
+    /// The rank's status; with `after`, a long poll answered on the first change after that
+    /// version or after `wait`.
+    async fn rank_status(
+        &self,
+        addr: SocketAddr,
+        after: Option<u64>,
+        wait: Duration,
+    ) -> Result<RankStatus>;
+    /// Makes `spec` the node's running rank.
+    async fn apply(&self, addr: SocketAddr, spec: &RankSpec) -> Result<RankStatus>;
+    /// Stops the node's rank.
+    async fn stop(&self, addr: SocketAddr) -> Result<RankStatus>;
+    /// Whether rank 0's engine server, on this machine's loopback `port`, reports healthy.
+    async fn head_healthy(&self, port: u16) -> bool;
+}
 
 #[derive(Clone)]
 pub struct NodeClient {
@@ -37,7 +60,7 @@ impl NodeClient {
         bail!("HTTP {status}: {}", body.trim())
     }
 
-    pub async fn facts(&self, addr: SocketAddr) -> Result<NodeFacts> {
+    async fn facts_value(&self, addr: SocketAddr) -> Result<serde_json::Value> {
         let resp = self
             .http
             .get(Self::url(addr, "/v1/facts"))
@@ -47,9 +70,28 @@ impl NodeClient {
             .await?;
         Ok(Self::check(resp).await?.json().await?)
     }
+}
 
-    /// Long-polls the rank status: answers on the first change after `after`, or after `wait`.
-    pub async fn rank_status(
+#[async_trait]
+impl Nodes for NodeClient {
+    async fn facts(&self, addr: SocketAddr) -> NodeReport {
+        let value = self
+            .facts_value(addr)
+            .await
+            .map_err(|e| FactsError::Unreachable(format!("{e:#}")))?;
+        // The versions first: a node of another version is refused by name, not by parse error.
+        let version: FactsVersion = serde_json::from_value(value.clone()).unwrap_or(FactsVersion {
+            agent_version: None,
+            protocol_version: None,
+        });
+        serde_json::from_value::<NodeFacts>(value).map_err(|e| FactsError::Unreadable {
+            agent_version: version.agent_version,
+            protocol_version: version.protocol_version,
+            error: e.to_string(),
+        })
+    }
+
+    async fn rank_status(
         &self,
         addr: SocketAddr,
         after: Option<u64>,
@@ -59,14 +101,17 @@ impl NodeClient {
             .http
             .get(Self::url(addr, "/v1/rank"))
             .bearer_auth(&self.token);
-        if let Some(v) = after {
-            req = req.query(&[("after", v), ("wait_ms", wait.as_millis() as u64)]);
+        if after.is_some() {
+            req = req.query(&WaitQuery {
+                after,
+                wait_ms: Some(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)),
+            });
         }
         let resp = req.timeout(wait + Duration::from_secs(5)).send().await?;
         Ok(Self::check(resp).await?.json().await?)
     }
 
-    pub async fn apply(&self, addr: SocketAddr, spec: &RankSpec) -> Result<RankStatus> {
+    async fn apply(&self, addr: SocketAddr, spec: &RankSpec) -> Result<RankStatus> {
         let resp = self
             .http
             .put(Self::url(addr, "/v1/rank"))
@@ -78,14 +123,28 @@ impl NodeClient {
         Ok(Self::check(resp).await?.json().await?)
     }
 
-    pub async fn stop(&self, addr: SocketAddr) -> Result<RankStatus> {
+    async fn stop(&self, addr: SocketAddr) -> Result<RankStatus> {
         let resp = self
             .http
             .delete(Self::url(addr, "/v1/rank"))
             .bearer_auth(&self.token)
-            .timeout(crate::node::STOP_GRACE + Duration::from_secs(15))
+            .timeout(STOP_GRACE + Duration::from_secs(15))
             .send()
             .await?;
         Ok(Self::check(resp).await?.json().await?)
+    }
+
+    async fn head_healthy(&self, port: u16) -> bool {
+        let url = format!("http://127.0.0.1:{port}/health");
+        match self
+            .http
+            .get(url)
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+        {
+            Ok(r) => r.status().is_success(),
+            Err(_) => false,
+        }
     }
 }

@@ -1,5 +1,5 @@
-//! The supervision state machine, free of I/O: events in, actions out. The driver in `mod.rs`
-//! performs the actions and feeds their outcomes back as events.
+//! The supervision state machine, free of I/O: events in, actions out. The driver
+//! (`driver.rs`) performs the actions and feeds their outcomes back as events.
 //!
 //! Neither engine can repair a ring in place (prima hangs, llama.cpp's head aborts), so every
 //! failure takes the same road: stop every rank, back off, check the nodes, start a new
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::engine::ExitKind;
+use crate::proto::ExitKind;
 
 /// Serving this long without a failure resets the backoff.
 pub const STABLE_AFTER: Duration = Duration::from_secs(60);
@@ -87,6 +87,10 @@ pub enum Event {
     NodeLost {
         rank: u32,
         detail: String,
+    },
+    /// A node's facts changed on their own (its model hash finished, its agent restarted).
+    NodeChanged {
+        rank: u32,
     },
     RingStopped {
         generation: u64,
@@ -262,6 +266,15 @@ impl Supervisor {
             }
             Event::NodeLost { rank, detail } if self.ring_active() => {
                 self.fail(format!("lost contact with rank {rank}: {detail}"), now)
+            }
+            // Look again now rather than at the next timed check: this is what makes a ring start
+            // the moment the last model hash finishes.
+            Event::NodeChanged { .. }
+                if matches!(self.phase, Phase::WaitingForNodes | Phase::Refused) =>
+            {
+                vec![Action::CheckNodes {
+                    after: Duration::ZERO,
+                }]
             }
             Event::RingStopped { generation }
                 if self.is_current(generation) && self.phase == Phase::Stopping =>
@@ -553,10 +566,8 @@ mod tests {
 #[cfg(test)]
 mod name_tests {
     use super::Phase;
-    use crate::node::RankPhase;
-    use crate::tune::KeyState;
 
-    /// The names shown in messages and node views are the ones the JSON APIs use.
+    /// The names shown in messages are the ones the JSON APIs use.
     #[test]
     fn as_str_equals_the_serde_names() {
         for p in [
@@ -569,23 +580,6 @@ mod name_tests {
             Phase::BackingOff,
         ] {
             assert_eq!(serde_json::to_value(p).expect("json"), p.as_str());
-        }
-        for p in [
-            RankPhase::Idle,
-            RankPhase::Running,
-            RankPhase::Exited,
-            RankPhase::FailedToStart,
-        ] {
-            assert_eq!(serde_json::to_value(p).expect("json"), p.as_str());
-        }
-        for k in [
-            KeyState::AlreadySet,
-            KeyState::Applied,
-            KeyState::Differs,
-            KeyState::NotSettable { reason: "r".into() },
-            KeyState::Unsupported { reason: "r".into() },
-        ] {
-            assert_eq!(serde_json::to_value(&k).expect("json")["state"], k.as_str());
         }
     }
 }

@@ -5,7 +5,8 @@
 //! order. `-ngl 99` is what sends layers to the rpc devices at all.
 
 use super::{CommandSpec, LocalEngine};
-use crate::plan::{rpc_port, RankSpec};
+use crate::plan::rpc_port;
+use crate::proto::RankSpec;
 
 pub fn command(spec: &RankSpec, local: &LocalEngine) -> CommandSpec {
     let (server, worker) = local.names(spec.engine);
@@ -61,6 +62,7 @@ pub fn command(spec: &RankSpec, local: &LocalEngine) -> CommandSpec {
         env: Vec::new(),
         cwd: local.workdir.clone(),
         allowed_peers: super::allowed_peers(spec),
+        stop_timeout: crate::proto::STOP_GRACE,
     }
 }
 
@@ -68,7 +70,7 @@ pub fn command(spec: &RankSpec, local: &LocalEngine) -> CommandSpec {
 mod tests {
     use super::*;
     use crate::config::{Binaries, EngineKind};
-    use crate::plan::{PortSpec, RankSpec};
+    use crate::proto::{PortSpec, RankSpec};
     use std::path::PathBuf;
 
     fn local() -> LocalEngine {

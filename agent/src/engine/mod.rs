@@ -6,11 +6,12 @@ pub mod prima;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Binaries, EngineKind};
-use crate::plan::RankSpec;
+use crate::proto::{ExitKind, RankSpec};
 
 /// What a runner needs to start one rank.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -23,6 +24,9 @@ pub struct CommandSpec {
     /// The only remote addresses this rank may exchange traffic with (loopback is always
     /// allowed). Runners that can fence a process (systemd) enforce it.
     pub allowed_peers: Vec<IpAddr>,
+    /// How long the rank gets after SIGTERM before SIGKILL. Carried with the command so every
+    /// runner applies the same grace (systemd as the unit's TimeoutStopSec).
+    pub stop_timeout: Duration,
 }
 
 impl CommandSpec {
@@ -106,19 +110,6 @@ pub fn allowed_peers(spec: &RankSpec) -> Vec<IpAddr> {
         (EngineKind::LlamaRpc, false) => vec![spec.master],
         _ => spec.peers.clone(),
     }
-}
-
-/// How a rank's exit is to be read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ExitKind {
-    /// The agent asked it to stop: whatever the status, not a fault (prima's server often
-    /// segfaults on its way out).
-    Stopped,
-    /// prima's scheduler gave it no layers and it left with status 0: the ring goes on without it.
-    DroppedByScheduler,
-    /// Anything else: the ring is broken.
-    Failed,
 }
 
 /// Reads an exit in the light of what the engine is known to do.

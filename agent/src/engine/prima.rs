@@ -6,7 +6,7 @@
 //! adds the rank itself. `--rank` is always spelled long: in llama-cli `-r` is --reverse-prompt.
 
 use super::{CommandSpec, LocalEngine};
-use crate::plan::RankSpec;
+use crate::proto::RankSpec;
 
 /// What a rank prints before exiting 0 when Halda assigned it no layers.
 pub const NO_LAYER_MESSAGE: &str = "No layer is assigned to me";
@@ -66,6 +66,7 @@ pub fn command(spec: &RankSpec, local: &LocalEngine) -> CommandSpec {
         env: Vec::new(),
         cwd: local.workdir.clone(),
         allowed_peers: super::allowed_peers(spec),
+        stop_timeout: crate::proto::STOP_GRACE,
     }
 }
 
@@ -82,7 +83,7 @@ fn format_gib(v: f64) -> String {
 mod tests {
     use super::*;
     use crate::config::{Binaries, EngineKind};
-    use crate::plan::{PortSpec, RankSpec};
+    use crate::proto::{PortSpec, RankSpec};
     use std::path::PathBuf;
 
     fn local() -> LocalEngine {

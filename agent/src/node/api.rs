@@ -5,25 +5,29 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+
 use axum::extract::{Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde::Deserialize;
 use serde_json::json;
 
-use super::{ApplyError, NodeAgent, RankStatus};
+use super::{ApplyError, NodeAgent};
 use crate::auth::{bearer, Secret};
-use crate::plan::RankSpec;
+use crate::proto::{RankSpec, RankStatus, WaitQuery, MAX_WAIT};
+use crate::server::{self, Server, Signals};
 
 #[derive(Clone)]
 struct AppState {
     agent: Arc<NodeAgent>,
+    /// Long polls answer at once when the server is stopping.
+    stopping: CancellationToken,
 }
 
-pub fn router(agent: Arc<NodeAgent>, token: Secret) -> Router {
+pub fn router(agent: Arc<NodeAgent>, token: Secret, stopping: CancellationToken) -> Router {
     let token = Arc::new(token);
     Router::new()
         .route("/v1/facts", get(facts))
@@ -37,29 +41,21 @@ pub fn router(agent: Arc<NodeAgent>, token: Secret) -> Router {
                 }
             }
         }))
-        .with_state(AppState { agent })
+        .with_state(AppState { agent, stopping })
 }
 
-/// Binds and serves the control API until the task is dropped.
+/// Binds and serves the control API until [`Server::shutdown`].
 pub async fn serve(
     addr: SocketAddr,
     agent: Arc<NodeAgent>,
     token: Secret,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    use anyhow::Context;
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
-        format!(
-            "cannot listen on {addr} for the node control API (agent_port of rank {})",
-            agent.rank
-        )
-    })?;
+) -> anyhow::Result<Server> {
+    let what = format!("the node control API (agent_port of rank {})", agent.rank);
+    let listener = server::bind(addr, &what).await?;
     tracing::info!(rank = agent.rank, %addr, "node control API listening");
-    let app = router(agent, token);
-    Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "node control API stopped");
-        }
-    }))
+    let signals = Signals::default();
+    let app = router(agent, token, signals.stopping.clone());
+    Ok(server::spawn(listener, app, signals, "node control API"))
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -70,20 +66,15 @@ async fn facts(State(s): State<AppState>) -> impl IntoResponse {
     Json(s.agent.facts().await)
 }
 
-#[derive(Deserialize)]
-struct WaitQuery {
-    /// Return once the status version is greater than this…
-    after: Option<u64>,
-    /// …or after this many milliseconds (at most 60 s).
-    wait_ms: Option<u64>,
-}
-
 /// The rank's status; with `after`, a long poll that answers on the next change.
 async fn rank_status(State(s): State<AppState>, Query(q): Query<WaitQuery>) -> Json<RankStatus> {
     let mut rx = s.agent.subscribe();
     if let Some(after) = q.after {
-        let wait = Duration::from_millis(q.wait_ms.unwrap_or(30_000).min(60_000));
-        let _ = tokio::time::timeout(wait, rx.wait_for(|st| st.version > after)).await;
+        let wait = Duration::from_millis(q.wait_ms.unwrap_or(30_000)).min(MAX_WAIT);
+        tokio::select! {
+            _ = tokio::time::timeout(wait, rx.wait_for(|st| st.version > after)) => {}
+            _ = s.stopping.cancelled() => {}
+        }
     }
     let st = rx.borrow().clone();
     Json(st)

@@ -6,104 +6,42 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::EngineKind;
 use crate::engine::{find_binary, LocalEngine};
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NodeFacts {
-    pub agent_version: String,
-    pub rank: u32,
-    pub hostname: String,
-    pub engine: EngineKind,
-    /// The binary this node's rank runs, and the engine's server binary (whose `--version`
-    /// identifies the build).
-    pub binaries: Vec<BinaryFact>,
-    /// `version:` line of the engine's server binary, when it could be run.
-    pub engine_version: Option<String>,
-    /// The Arch package that installed this rank's engine binary (pacman's local database).
-    #[serde(default)]
-    pub engine_package: Option<crate::pacman::InstalledPackage>,
-    pub model: ModelFact,
-    pub memory: Option<MemoryFact>,
-    pub cpu: Option<CpuFact>,
-    pub gpus: Vec<GpuFact>,
-    /// Network tuning for ring traffic, per key, as applied (or checked) at agent start.
-    #[serde(default)]
-    pub network: Vec<crate::tune::KeyReport>,
-}
-
-impl NodeFacts {
-    /// The binary this rank will run, if it was found.
-    pub fn rank_binary(&self) -> Option<&BinaryFact> {
-        self.binaries.iter().find(|b| b.used_by_this_rank)
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct BinaryFact {
-    pub name: String,
-    pub path: Option<PathBuf>,
-    pub used_by_this_rank: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
-pub enum HashState {
-    /// This rank does not read the model (llama.cpp rpc workers get weights over the network).
-    NotRequired,
-    Missing,
-    Hashing,
-    Done {
-        sha256: String,
-    },
-    Error {
-        message: String,
-    },
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ModelFact {
-    pub path: PathBuf,
-    pub size: Option<u64>,
-    pub hash: HashState,
-    /// The configured sha256, if any, and whether the file matches it.
-    pub expected_sha256: Option<String>,
-    pub matches_expected: Option<bool>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MemoryFact {
-    pub total_bytes: u64,
-    pub available_bytes: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CpuFact {
-    pub model: String,
-    pub logical_cores: usize,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct GpuFact {
-    pub name: String,
-    pub memory_total_mib: Option<u64>,
-    pub memory_free_mib: Option<u64>,
-}
+use crate::proto::{
+    BinaryFact, CpuFact, GpuFact, HashState, MemoryFact, ModelFact, NodeFacts, AGENT_VERSION,
+    PROTOCOL_VERSION,
+};
 
 /// Hashes the model once per (path, size, mtime) in the background; a 40 GB file takes minutes
 /// and the answer does not change until the file does.
 /// Size and mtime identify a version of the file.
 type HashCache = HashMap<PathBuf, (u64, SystemTime, HashState)>;
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct ModelHasher {
     state: Arc<Mutex<HashCache>>,
+    /// Counts finished hashes, for whoever waits on one.
+    finished: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for ModelHasher {
+    fn default() -> Self {
+        ModelHasher {
+            state: Arc::default(),
+            finished: Arc::new(tokio::sync::watch::Sender::new(0)),
+        }
+    }
 }
 
 impl ModelHasher {
+    /// Changes each time a hash finishes.
+    pub fn finished(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.finished.subscribe()
+    }
+
     /// Current state for `path`, starting a hash when the file is new or changed.
     pub fn state(&self, path: &Path) -> (Option<u64>, HashState) {
         let Ok(meta) = std::fs::metadata(path) else {
@@ -119,6 +57,7 @@ impl ModelHasher {
         }
         map.insert(path.to_path_buf(), (size, mtime, HashState::Hashing));
         let state = self.state.clone();
+        let finished = self.finished.clone();
         let p = path.to_path_buf();
         tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
@@ -129,8 +68,11 @@ impl ModelHasher {
                 },
             };
             tracing::info!(model = %p.display(), seconds = started.elapsed().as_secs_f64(), ?result, "model hashed");
-            let mut map = state.lock().unwrap_or_else(|e| e.into_inner());
-            map.insert(p, (size, mtime, result));
+            state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(p, (size, mtime, result));
+            finished.send_modify(|n| *n += 1);
         });
         (Some(size), HashState::Hashing)
     }
@@ -202,7 +144,8 @@ pub async fn collect(
         .as_deref()
         .and_then(|p| crate::pacman::owner_of(Path::new(crate::pacman::LOCAL_DB), p));
     NodeFacts {
-        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        agent_version: AGENT_VERSION.to_string(),
+        protocol_version: PROTOCOL_VERSION,
         engine_package,
         rank,
         hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")

@@ -9,71 +9,16 @@ mod listen;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, EngineKind};
-use crate::engine::{self, ExitKind, LocalEngine};
-use crate::plan::{listen_ports, RankSpec};
+use crate::engine::{self, LocalEngine};
+use crate::plan::listen_ports;
+use crate::proto::{
+    self, ExitKind, ExitReport, KeyReport, NodeFacts, RankPhase, RankSpec, RankStatus,
+};
 use crate::runner::{RunEvent, Runner};
-use facts::{ModelHasher, NodeFacts};
-
-/// How long a rank gets to exit after SIGTERM before SIGKILL.
-/// Both engines may ignore SIGTERM (prima once serving, llama-server with a dead rpc worker),
-/// and a ring being torn down holds no state worth waiting for: this bounds every restart.
-pub const STOP_GRACE: Duration = Duration::from_secs(2);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RankPhase {
-    /// Nothing asked of this node yet, or the rank was stopped on request.
-    Idle,
-    Running,
-    /// The process ended on its own (see `exit`).
-    Exited,
-    /// The process could not be started (see `last_error`).
-    FailedToStart,
-}
-
-impl RankPhase {
-    /// The name the APIs show (the serde name).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RankPhase::Idle => "idle",
-            RankPhase::Running => "running",
-            RankPhase::Exited => "exited",
-            RankPhase::FailedToStart => "failed_to_start",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ExitReport {
-    pub kind: ExitKind,
-    pub description: String,
-    pub code: Option<i32>,
-    pub signal: Option<i32>,
-}
-
-/// The rank as this node sees it; `version` increases with every change so watchers can wait
-/// for the next one.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RankStatus {
-    /// Random per agent process: versions of different instances are not comparable.
-    pub instance: u64,
-    pub version: u64,
-    pub rank: u32,
-    pub generation: u64,
-    pub phase: RankPhase,
-    pub pid: Option<u32>,
-    pub unit: Option<String>,
-    /// Every port the engine listens on for this rank is open.
-    pub listening: bool,
-    pub command: Option<String>,
-    pub exit: Option<ExitReport>,
-    pub last_error: Option<String>,
-    pub spec: Option<RankSpec>,
-}
+use facts::ModelHasher;
 
 /// What to do with a desired spec, given the current one. Pure.
 #[derive(Debug, PartialEq, Eq)]
@@ -123,7 +68,7 @@ pub struct NodeAgent {
     hasher: ModelHasher,
     status: watch::Sender<RankStatus>,
     reconcile: tokio::sync::Mutex<()>,
-    network: std::sync::Mutex<Vec<crate::tune::KeyReport>>,
+    network: std::sync::Mutex<Vec<KeyReport>>,
 }
 
 impl NodeAgent {
@@ -158,6 +103,7 @@ impl NodeAgent {
             exit: None,
             last_error: None,
             spec: None,
+            facts_version: 0,
         });
         let agent = Arc::new(NodeAgent {
             rank,
@@ -174,6 +120,18 @@ impl NodeAgent {
             while let Some(ev) = events.recv().await {
                 match weak.upgrade() {
                     Some(a) => a.on_exit(ev),
+                    None => break,
+                }
+            }
+        });
+        // A finished model hash changes the facts: say so in the status, which the coordinator
+        // follows with a long poll, so it looks again at once instead of on its next timer.
+        let weak = Arc::downgrade(&agent);
+        let mut hashed = agent.hasher.finished();
+        tokio::spawn(async move {
+            while hashed.changed().await.is_ok() {
+                match weak.upgrade() {
+                    Some(a) => a.update(|s| s.facts_version += 1),
                     None => break,
                 }
             }
@@ -237,7 +195,7 @@ impl NodeAgent {
     }
 
     fn process_name(&self, generation: u64) -> String {
-        format!("llm-rank{}-g{generation}", self.rank)
+        proto::rank_process_name(self.rank, generation)
     }
 
     /// Makes `spec` the running rank.
@@ -332,7 +290,7 @@ impl NodeAgent {
     /// After an agent restart: adopts the rank still running for the recorded generation, so
     /// inference goes on, and stops any other leftover generation.
     pub async fn recover(self: &Arc<Self>) {
-        let prefix = format!("llm-rank{}-g", self.rank);
+        let prefix = proto::rank_process_prefix(self.rank);
         let running = match self.runner.running(&prefix).await {
             Ok(r) => r,
             Err(e) => {
@@ -371,7 +329,7 @@ impl NodeAgent {
                 },
                 None => {
                     tracing::info!(%name, "stopping a leftover rank of an unknown generation");
-                    let _ = self.runner.stop(&name, STOP_GRACE).await;
+                    let _ = self.runner.stop(&name).await;
                 }
             }
         }
@@ -389,7 +347,7 @@ impl NodeAgent {
 
     async fn stop_current(&self, current: &RankStatus) {
         let name = self.process_name(current.generation);
-        if let Err(e) = self.runner.stop(&name, STOP_GRACE).await {
+        if let Err(e) = self.runner.stop(&name).await {
             tracing::warn!(rank = self.rank, error = %format!("{e:#}"), "stopping the rank failed");
         }
         self.update(|s| {
@@ -469,7 +427,9 @@ impl NodeAgent {
                     return;
                 }
                 drop(agent);
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // Short: the head of a llama.cpp ring starts only once its workers listen, so
+                // this poll is on the path to the first served token (and costs one small read).
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         });
     }

@@ -121,6 +121,7 @@ fn decide_table() {
         exit: None,
         last_error: None,
         spec: None,
+        facts_version: 0,
     };
     let text = "[cluster]\nname=\"t\"\nengine=\"prima\"\n[model]\npath=\"/m\"\n[[node]]\nrank=0\naddress=\"127.0.0.1\"\n";
     let c = Config::parse(text, Path::new("t")).expect("config");

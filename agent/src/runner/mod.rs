@@ -5,8 +5,6 @@
 pub mod process;
 pub mod systemd;
 
-use std::time::Duration;
-
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -26,6 +24,8 @@ pub struct Started {
 pub struct Exit {
     pub code: Option<i32>,
     pub signal: Option<i32>,
+    /// Why neither a code nor a signal is known (the runner could not read them).
+    pub unknown: Option<String>,
     /// True when the agent itself asked the process to stop.
     pub stop_requested: bool,
     /// The last lines the process printed, to explain a failure.
@@ -37,7 +37,10 @@ impl Exit {
         match (self.code, self.signal) {
             (Some(c), _) => format!("exited with status {c}"),
             (None, Some(s)) => format!("killed by signal {s}"),
-            _ => "exited".into(),
+            (None, None) => match &self.unknown {
+                Some(why) => format!("ended with an unknown status ({why})"),
+                None => "ended with an unknown status".into(),
+            },
         }
     }
 }
@@ -57,9 +60,9 @@ pub trait Runner: Send + Sync + 'static {
     /// [`RunEvent`] on the runner's channel.
     async fn start(&self, name: &str, cmd: &CommandSpec) -> anyhow::Result<Started>;
 
-    /// Stops `name`: SIGTERM, then SIGKILL after `grace`. Returns once it is gone; unknown or
-    /// already-ended names are not an error.
-    async fn stop(&self, name: &str, grace: Duration) -> anyhow::Result<()>;
+    /// Stops `name`: SIGTERM, then SIGKILL after the command's `stop_timeout`. Returns once it
+    /// is gone; unknown or already-ended names are not an error.
+    async fn stop(&self, name: &str) -> anyhow::Result<()>;
 
     /// Names of processes started under `prefix` that are still running from an earlier agent
     /// process, newest generation first. Child processes never outlive the agent: none.

@@ -22,6 +22,7 @@ const TAIL_LINES: usize = 40;
 
 struct Child {
     pgid: i32,
+    stop_timeout: Duration,
     stop_requested: Arc<std::sync::atomic::AtomicBool>,
     done: watch::Receiver<bool>,
 }
@@ -83,6 +84,7 @@ impl Runner for ProcessRunner {
             name.to_string(),
             Child {
                 pgid: pid as i32,
+                stop_timeout: cmd.stop_timeout,
                 stop_requested: stop_requested.clone(),
                 done: done_rx,
             },
@@ -93,12 +95,16 @@ impl Runner for ProcessRunner {
             let status = child.wait().await;
             // Let the output forwarders drain the last lines before they are reported.
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let (code, signal) = match &status {
+            let (code, signal, unknown) = match &status {
                 Ok(s) => {
                     use std::os::unix::process::ExitStatusExt;
-                    (s.code(), s.signal())
+                    (s.code(), s.signal(), None)
                 }
-                Err(_) => (None, None),
+                Err(e) => (
+                    None,
+                    None,
+                    Some(format!("cannot wait for the process: {e}")),
+                ),
             };
             let log_tail = tail
                 .lock()
@@ -107,6 +113,7 @@ impl Runner for ProcessRunner {
             let exit = Exit {
                 code,
                 signal,
+                unknown,
                 stop_requested: stop_requested.load(std::sync::atomic::Ordering::SeqCst),
                 log_tail,
             };
@@ -124,13 +131,13 @@ impl Runner for ProcessRunner {
         })
     }
 
-    async fn stop(&self, name: &str, grace: Duration) -> Result<()> {
-        let Some((pgid, mut done)) = ({
+    async fn stop(&self, name: &str) -> Result<()> {
+        let Some((pgid, grace, mut done)) = ({
             let map = self.lock();
             map.get(name).map(|c| {
                 c.stop_requested
                     .store(true, std::sync::atomic::Ordering::SeqCst);
-                (c.pgid, c.done.clone())
+                (c.pgid, c.stop_timeout, c.done.clone())
             })
         }) else {
             return Ok(());
@@ -183,6 +190,7 @@ mod tests {
             env: vec![("GREETING".into(), "hello".into())],
             cwd: std::env::temp_dir(),
             allowed_peers: vec![],
+            stop_timeout: Duration::from_millis(300),
         }
     }
 
@@ -230,9 +238,7 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        r.stop("t2", Duration::from_millis(300))
-            .await
-            .expect("stop");
+        r.stop("t2").await.expect("stop");
         let ev = tokio::time::timeout(Duration::from_secs(10), rx.recv())
             .await
             .expect("in time")

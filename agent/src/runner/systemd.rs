@@ -88,14 +88,44 @@ trait Service {
     fn exec_main_code(&self) -> zbus::Result<i32>;
     #[zbus(property)]
     fn exec_main_status(&self) -> zbus::Result<i32>;
+    #[zbus(property, name = "TimeoutStopUSec")]
+    fn timeout_stop_usec(&self) -> zbus::Result<u64>;
 }
 
 /// `si_code` values systemd reports in ExecMainCode.
 const CLD_EXITED: i32 = 1;
+const CLD_KILLED: i32 = 2;
+const CLD_DUMPED: i32 = 3;
 
 struct Tracked {
     stop_requested: Arc<std::sync::atomic::AtomicBool>,
+    stop_timeout: Duration,
     done: watch::Receiver<bool>,
+}
+
+/// Reads systemd's ExecMainCode/ExecMainStatus as (code, signal, why unknown). A failed read
+/// is an unknown exit, never "signal 0": systemd unloads a transient unit that ended cleanly,
+/// and guessing a status there misreads a clean exit as a crash.
+fn exit_status(
+    code: zbus::Result<i32>,
+    status: zbus::Result<i32>,
+) -> (Option<i32>, Option<i32>, Option<String>) {
+    match (code, status) {
+        (Ok(CLD_EXITED), Ok(s)) => (Some(s), None, None),
+        (Ok(CLD_KILLED | CLD_DUMPED), Ok(s)) => (None, Some(s), None),
+        (Ok(c), Ok(s)) => (
+            None,
+            None,
+            Some(format!(
+                "systemd reports ExecMainCode={c} ExecMainStatus={s}"
+            )),
+        ),
+        (Err(e), _) | (_, Err(e)) => (
+            None,
+            None,
+            Some(format!("cannot read the exit status over D-Bus: {e}")),
+        ),
+    }
 }
 
 pub struct SystemdRunner {
@@ -106,7 +136,8 @@ pub struct SystemdRunner {
     units: Mutex<HashMap<String, Tracked>>,
 }
 
-/// Unit names are the rank process names plus the suffix systemd needs.
+/// Unit names are the rank process names ([`crate::proto::rank_process_name`]) plus the suffix
+/// systemd needs.
 pub fn unit_name(name: &str) -> String {
     format!("{name}.service")
 }
@@ -136,8 +167,14 @@ impl SystemdRunner {
         self.units.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Follows a unit until it stops, then reports its exit.
-    async fn monitor(&self, name: &str, path: OwnedObjectPath) -> Result<Started> {
+    /// Follows a unit until it stops, then reports its exit. `stop_timeout`: the unit's
+    /// TimeoutStopSec when known (a unit this agent started), else read from the unit.
+    async fn monitor(
+        &self,
+        name: &str,
+        path: OwnedObjectPath,
+        stop_timeout: Option<Duration>,
+    ) -> Result<Started> {
         let unit = UnitProxy::builder(&self.conn)
             .path(path.clone())?
             .build()
@@ -147,12 +184,25 @@ impl SystemdRunner {
             .build()
             .await?;
         let pid = service.main_pid().await.ok().filter(|p| *p != 0);
+        // Read once now: zbus then keeps these cached from PropertiesChanged, so the final values
+        // are known even after systemd has unloaded the ended unit.
+        let _ = service.exec_main_code().await;
+        let _ = service.exec_main_status().await;
+        let stop_timeout = match stop_timeout {
+            Some(t) => t,
+            None => service
+                .timeout_stop_usec()
+                .await
+                .map(Duration::from_micros)
+                .unwrap_or(crate::proto::STOP_GRACE),
+        };
         let stop_requested = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (done_tx, done_rx) = watch::channel(false);
         self.lock().insert(
             name.to_string(),
             Tracked {
                 stop_requested: stop_requested.clone(),
+                stop_timeout,
                 done: done_rx,
             },
         );
@@ -172,16 +222,17 @@ impl SystemdRunner {
                     None => break,
                 }
             }
-            let code = service.exec_main_code().await.unwrap_or(0);
-            let status = service.exec_main_status().await.unwrap_or(0);
-            let (code, signal) = if code == CLD_EXITED {
-                (Some(status), None)
-            } else {
-                (None, Some(status))
-            };
+            let (code, signal, unknown) = exit_status(
+                service.exec_main_code().await,
+                service.exec_main_status().await,
+            );
+            if let Some(why) = &unknown {
+                tracing::warn!(unit = %unit_name(&name), reason = %why, "rank unit ended with an unknown status");
+            }
             let exit = Exit {
                 code,
                 signal,
+                unknown,
                 stop_requested: stop_requested.load(std::sync::atomic::Ordering::SeqCst),
                 log_tail: journal_tail(&unit_name(&name)).await,
             };
@@ -274,7 +325,6 @@ pub fn unit_properties<'a>(
     cmd: &'a CommandSpec,
     description: String,
     user: Option<&'a str>,
-    stop_timeout: Duration,
 ) -> Vec<(&'static str, Value<'a>)> {
     let program = cmd.program.display().to_string();
     let mut argv = vec![program.clone()];
@@ -296,7 +346,7 @@ pub fn unit_properties<'a>(
         ("KillMode", Value::from("control-group")),
         (
             "TimeoutStopUSec",
-            Value::from(stop_timeout.as_micros() as u64),
+            Value::from(u64::try_from(cmd.stop_timeout.as_micros()).unwrap_or(u64::MAX)),
         ),
         // Engines mlock weights when asked to; the default 8 MiB limit would make that fail.
         ("LimitMEMLOCK", Value::from(u64::MAX)),
@@ -328,12 +378,7 @@ impl Runner for SystemdRunner {
         self.prepare_workdir(&cmd.cwd)?;
         // A failed unit of the same name (an earlier attempt) would block the new one.
         let _ = self.manager.reset_failed_unit(&unit).await;
-        let props = unit_properties(
-            cmd,
-            format!("llm-cluster {name}"),
-            self.user.as_deref(),
-            crate::node::STOP_GRACE,
-        );
+        let props = unit_properties(cmd, format!("llm-cluster {name}"), self.user.as_deref());
         let mut removed = self.manager.receive_job_removed().await?;
         let job = self
             .manager
@@ -355,19 +400,19 @@ impl Runner for SystemdRunner {
             );
         }
         let path = self.manager.get_unit(&unit).await?;
-        let started = self.monitor(name, path).await?;
+        let started = self.monitor(name, path, Some(cmd.stop_timeout)).await?;
         tracing::info!(unit = %unit, pid = ?started.pid, command = %cmd.display(), "rank unit started");
         Ok(started)
     }
 
-    async fn stop(&self, name: &str, grace: Duration) -> Result<()> {
+    async fn stop(&self, name: &str) -> Result<()> {
         let unit = unit_name(name);
-        let done = {
+        let tracked = {
             let map = self.lock();
             map.get(name).map(|t| {
                 t.stop_requested
                     .store(true, std::sync::atomic::Ordering::SeqCst);
-                t.done.clone()
+                (t.stop_timeout, t.done.clone())
             })
         };
         match self.manager.stop_unit(&unit, "replace").await {
@@ -376,7 +421,7 @@ impl Runner for SystemdRunner {
                 if n.as_str() == "org.freedesktop.systemd1.NoSuchUnit" => {}
             Err(e) => return Err(e).with_context(|| format!("cannot stop {unit}")),
         }
-        if let Some(mut done) = done {
+        if let Some((grace, mut done)) = tracked {
             // systemd sends SIGKILL itself after TimeoutStopUSec; wait a little longer than that.
             let _ =
                 tokio::time::timeout(grace + Duration::from_secs(5), done.wait_for(|d| *d)).await;
@@ -399,19 +444,13 @@ impl Runner for SystemdRunner {
             .into_iter()
             .map(|u| u.0.trim_end_matches(".service").to_string())
             .collect();
-        names.sort_by_key(|n| {
-            std::cmp::Reverse(
-                n.rsplit_once("-g")
-                    .and_then(|(_, g)| g.parse::<u64>().ok())
-                    .unwrap_or(0),
-            )
-        });
+        names.sort_by_key(|n| std::cmp::Reverse(crate::proto::generation_of(n).unwrap_or(0)));
         Ok(names)
     }
 
     async fn adopt(&self, name: &str) -> Result<Started> {
         let path = self.manager.get_unit(&unit_name(name)).await?;
-        let started = self.monitor(name, path).await?;
+        let started = self.monitor(name, path, None).await?;
         tracing::info!(unit = %unit_name(name), pid = ?started.pid, "adopted running rank unit");
         Ok(started)
     }
@@ -434,13 +473,9 @@ mod tests {
             env: vec![("A".into(), "1".into())],
             cwd: PathBuf::from("/var/lib/llm-cluster/rank1"),
             allowed_peers: vec!["10.0.0.1".parse().expect("ip")],
+            stop_timeout: Duration::from_secs(2),
         };
-        let props = unit_properties(
-            &cmd,
-            "d".into(),
-            Some("llm-cluster"),
-            Duration::from_secs(2),
-        );
+        let props = unit_properties(&cmd, "d".into(), Some("llm-cluster"));
         let get = |k: &str| {
             props
                 .iter()
@@ -465,9 +500,23 @@ mod tests {
         assert!(!get("IPAddressDeny").is_empty());
         let mut open = cmd.clone();
         open.allowed_peers.clear();
-        let props = unit_properties(&open, "d".into(), None, Duration::from_secs(2));
+        let props = unit_properties(&open, "d".into(), None);
         assert!(props
             .iter()
             .all(|(n, _)| *n != "IPAddressDeny" && *n != "User"));
+    }
+
+    #[test]
+    fn an_unreadable_exit_status_is_unknown_not_signal_0() {
+        let gone = || zbus::Error::Failure("unit unloaded".into());
+        assert_eq!(exit_status(Ok(CLD_EXITED), Ok(0)), (Some(0), None, None));
+        assert_eq!(exit_status(Ok(CLD_KILLED), Ok(9)), (None, Some(9), None));
+        assert_eq!(exit_status(Ok(CLD_DUMPED), Ok(11)), (None, Some(11), None));
+        let (code, signal, why) = exit_status(Err(gone()), Err(gone()));
+        assert_eq!((code, signal), (None, None));
+        assert!(why.is_some_and(|w| w.contains("unit unloaded")));
+        let (code, signal, why) = exit_status(Ok(0), Ok(0));
+        assert_eq!((code, signal), (None, None));
+        assert!(why.is_some_and(|w| w.contains("ExecMainCode=0")));
     }
 }

@@ -9,48 +9,10 @@ use std::path::{Path, PathBuf};
 
 pub mod measure;
 
-use serde::{Deserialize, Serialize};
+use crate::proto::{KeyReport, KeyState};
 
 /// The packaged sysctl file.
 pub const SYSCTL_CONF: &str = include_str!("../../../sysctl.d/99-llm-net.conf");
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
-pub enum KeyState {
-    AlreadySet,
-    Applied,
-    /// Check-only mode: the value differs and would be applied.
-    Differs,
-    NotSettable {
-        reason: String,
-    },
-    Unsupported {
-        reason: String,
-    },
-}
-
-impl KeyState {
-    /// The name the reports show (the serde tag).
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            KeyState::AlreadySet => "already_set",
-            KeyState::Applied => "applied",
-            KeyState::Differs => "differs",
-            KeyState::NotSettable { .. } => "not_settable",
-            KeyState::Unsupported { .. } => "unsupported",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct KeyReport {
-    pub key: String,
-    pub wanted: String,
-    pub before: Option<String>,
-    pub after: Option<String>,
-    #[serde(flatten)]
-    pub state: KeyState,
-}
 
 /// `key = value` lines of a sysctl.d file.
 pub fn parse_conf(text: &str) -> Vec<(String, String)> {

@@ -1,0 +1,418 @@
+//! The driver loop: turns what it observes (node status long polls, action outcomes, timers)
+//! into [`Event`]s for the pure [`Supervisor`], performs the [`Action`]s it returns, and
+//! publishes the [`ClusterView`].
+//!
+//! Every task it spawns (node watchers, actions) is tracked and cancelled on shutdown, and
+//! generation-scoped actions are cancelled when the ring they were for is stopped, so nothing
+//! outlives the coordinator or keeps probing a ring that is gone. Node checks are single-flight:
+//! a new check replaces a pending one, so reacting to a node's change never multiplies them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::actions;
+use super::check::{running_generation, NodeReport};
+use super::client::Nodes;
+use super::state::{Action, Event, Phase, Supervisor};
+use super::view::{ClusterView, Track};
+use crate::config::Config;
+use crate::proto::{ExitKind, RankPhase, RankStatus};
+
+enum Msg {
+    Event(Event),
+    Node {
+        rank: usize,
+        status: Box<anyhow::Result<RankStatus>>,
+    },
+    Facts(Vec<NodeReport>, Vec<String>),
+}
+
+/// Liveness of the loop, read by the systemd watchdog: the time of the loop's last turn.
+#[derive(Clone)]
+pub struct Heartbeat(Arc<std::sync::Mutex<std::time::Instant>>);
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Heartbeat(Arc::new(std::sync::Mutex::new(std::time::Instant::now())))
+    }
+}
+
+impl Heartbeat {
+    fn beat(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
+    }
+
+    /// How long ago the loop last turned.
+    pub fn age(&self) -> Duration {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).elapsed()
+    }
+}
+
+/// The loop turns at least this often, so a healthy coordinator always has a fresh heartbeat.
+const TICK: Duration = Duration::from_secs(1);
+
+pub struct Driver {
+    pub config: Arc<Config>,
+    pub nodes: Arc<dyn Nodes>,
+    pub view: watch::Sender<ClusterView>,
+    pub heartbeat: Heartbeat,
+}
+
+/// The driver's mutable state within one run.
+struct Run {
+    sup: Supervisor,
+    tracks: Vec<Track>,
+    restarts: u64,
+    tx: mpsc::UnboundedSender<Msg>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+    /// Cancels the pending node check when a newer one is asked for.
+    pending_check: Option<CancellationToken>,
+    /// Cancels the start and readiness probe of the current generation when it is stopped.
+    ring_tasks: CancellationToken,
+}
+
+impl Driver {
+    /// Supervises the ring until `shutdown` is cancelled. Then it stops every rank when
+    /// `stop_ring_on_exit`; under systemd it leaves the ring serving for the next coordinator to
+    /// adopt, so restarting the head's agent does not interrupt inference.
+    pub async fn run(self, shutdown: CancellationToken, stop_ring_on_exit: bool) {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();
+        let s = &self.config.supervision;
+        let (sup, first) = Supervisor::new(
+            Duration::from_millis(s.backoff_initial_ms),
+            Duration::from_millis(s.backoff_max_ms),
+        );
+        let node_timeout = Duration::from_secs(s.node_timeout_s);
+        let mut run = Run {
+            sup,
+            tracks: vec![Track::default(); self.config.nodes.len()],
+            restarts: 0,
+            tx,
+            tasks: TaskTracker::new(),
+            shutdown: shutdown.clone(),
+            pending_check: None,
+            ring_tasks: shutdown.child_token(),
+        };
+        for (rank, node) in self.config.nodes.iter().enumerate() {
+            let (nodes, tx, stop) = (self.nodes.clone(), run.tx.clone(), shutdown.clone());
+            let addr = node.agent_addr();
+            run.tasks.spawn(async move {
+                tokio::select! {
+                    _ = watch_node(nodes.as_ref(), rank, addr, &tx) => {}
+                    _ = stop.cancelled() => {}
+                }
+            });
+        }
+        self.perform(&mut run, first);
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            self.heartbeat.beat();
+            let mut events = Vec::new();
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {
+                    for (rank, t) in run.tracks.iter().enumerate() {
+                        if let Some((since, error)) = &t.unreachable {
+                            if since.elapsed() >= node_timeout {
+                                events.push(Event::NodeLost {
+                                    rank: rank as u32,
+                                    detail: format!("agent unreachable for {}s: {error}", since.elapsed().as_secs()),
+                                });
+                            }
+                        }
+                    }
+                }
+                Some(msg) = rx.recv() => match msg {
+                    Msg::Event(e) => events.push(e),
+                    Msg::Node { rank, status } => observe(&mut run, rank, *status, &mut events),
+                    Msg::Facts(facts, warnings) => {
+                        self.view.send_modify(|v| v.update_facts(&facts, warnings));
+                    }
+                },
+            }
+            for e in events {
+                let before = run.sup.phase;
+                let actions = run.sup.handle(e, tokio::time::Instant::now().into_std());
+                if run.sup.phase != before {
+                    log_phase(&run.sup, &mut run.restarts);
+                }
+                self.publish(&run);
+                self.perform(&mut run, actions);
+            }
+            self.publish(&run);
+        }
+        run.tasks.close();
+        // Watchers and actions see `shutdown` cancelled and end; wait for them so none is cut
+        // off halfway through a request to a node.
+        if tokio::time::timeout(Duration::from_secs(10), run.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("coordinator tasks still running 10 s after shutdown");
+        }
+        if stop_ring_on_exit {
+            tracing::info!("coordinator stopping every rank");
+            actions::stop_ring(&self.config, self.nodes.as_ref()).await;
+        } else {
+            tracing::info!(
+                "coordinator exiting; the ring's units keep running for the next coordinator"
+            );
+        }
+    }
+
+    fn publish(&self, run: &Run) {
+        self.view
+            .send_if_modified(|v| v.update(&run.sup, &run.tracks, run.restarts));
+    }
+
+    /// Runs `work` as a tracked task that ends early when `cancel` is cancelled, sending what it
+    /// returns (if anything) back to the loop.
+    fn spawn<F>(run: &Run, cancel: CancellationToken, work: F)
+    where
+        F: std::future::Future<Output = Option<Msg>> + Send + 'static,
+    {
+        let tx = run.tx.clone();
+        run.tasks.spawn(async move {
+            tokio::select! {
+                msg = work => if let Some(m) = msg { let _ = tx.send(m); },
+                _ = cancel.cancelled() => {}
+            }
+        });
+    }
+
+    fn perform(&self, run: &mut Run, actions: Vec<Action>) {
+        for action in actions {
+            let config = self.config.clone();
+            let nodes = self.nodes.clone();
+            match action {
+                Action::CheckNodes { after } => {
+                    if let Some(old) = run.pending_check.take() {
+                        old.cancel();
+                    }
+                    let cancel = run.shutdown.child_token();
+                    run.pending_check = Some(cancel.clone());
+                    let seen = run
+                        .tracks
+                        .iter()
+                        .filter_map(|t| t.status.as_ref().map(|s| s.generation))
+                        .max()
+                        .unwrap_or(0);
+                    let tx = run.tx.clone();
+                    Self::spawn(run, cancel, async move {
+                        tokio::time::sleep(after).await;
+                        let look = actions::look_at_nodes(&config, nodes.as_ref()).await;
+                        let highest = look
+                            .statuses
+                            .iter()
+                            .flatten()
+                            .map(|s| s.generation)
+                            .chain([seen])
+                            .max()
+                            .unwrap_or(0);
+                        let _ = tx.send(Msg::Facts(look.facts, look.warnings));
+                        Some(Msg::Event(Event::NodesChecked {
+                            check: look.check,
+                            highest_generation: highest,
+                            running_generation: running_generation(&config, &look.statuses),
+                        }))
+                    });
+                }
+                Action::StartRing { generation } => {
+                    run.ring_tasks = run.shutdown.child_token();
+                    let tx = run.tx.clone();
+                    Self::spawn(run, run.ring_tasks.clone(), async move {
+                        let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
+                        let forward = async {
+                            while let Some((rank, st)) = seen_rx.recv().await {
+                                let _ = tx.send(Msg::Node {
+                                    rank,
+                                    status: Box::new(Ok(st)),
+                                });
+                            }
+                        };
+                        let start = async {
+                            let r =
+                                actions::start_ring(&config, nodes.as_ref(), generation, &seen_tx)
+                                    .await;
+                            drop(seen_tx);
+                            r
+                        };
+                        let (result, ()) = tokio::join!(start, forward);
+                        Some(Msg::Event(match result {
+                            Ok(()) => Event::RingStarted { generation },
+                            Err(error) => Event::StartFailed { generation, error },
+                        }))
+                    });
+                }
+                Action::WaitReady { generation } => {
+                    let timeout = Duration::from_secs(config.supervision.ready_timeout_s);
+                    Self::spawn(run, run.ring_tasks.clone(), async move {
+                        let ready = actions::wait_ready(&config, nodes.as_ref(), timeout).await;
+                        Some(Msg::Event(if ready {
+                            Event::Ready { generation }
+                        } else {
+                            Event::ReadyTimedOut { generation }
+                        }))
+                    });
+                }
+                Action::StopRing { generation } => {
+                    run.ring_tasks.cancel();
+                    Self::spawn(run, run.shutdown.child_token(), async move {
+                        actions::stop_ring(&config, nodes.as_ref()).await;
+                        Some(Msg::Event(Event::RingStopped { generation }))
+                    });
+                }
+                Action::Backoff { delay } => {
+                    tracing::info!(
+                        seconds = delay.as_secs_f64(),
+                        "backing off before restarting the ring"
+                    );
+                    Self::spawn(run, run.shutdown.child_token(), async move {
+                        tokio::time::sleep(delay).await;
+                        Some(Msg::Event(Event::BackoffElapsed))
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn log_phase(sup: &Supervisor, restarts: &mut u64) {
+    let generation = sup.generation;
+    let reason = sup.reason.as_deref().unwrap_or("");
+    match sup.phase {
+        Phase::Serving => tracing::info!(generation, "ring serving"),
+        Phase::Stopping => {
+            *restarts += 1;
+            tracing::warn!(
+                generation,
+                reason,
+                "ring failed; stopping every rank to restart it"
+            );
+        }
+        Phase::Refused => tracing::error!(reason, "ring refused"),
+        p => tracing::info!(phase = p.as_str(), generation, reason, "ring phase"),
+    }
+}
+
+/// Takes in a node's answer. An answer produced before one already seen must not win; a node
+/// whose facts changed (or whose agent restarted) is worth looking at again at once.
+fn observe(
+    run: &mut Run,
+    rank: usize,
+    status: anyhow::Result<RankStatus>,
+    events: &mut Vec<Event>,
+) {
+    let t = &mut run.tracks[rank];
+    match status {
+        Ok(st) => {
+            t.unreachable = None;
+            let newer = t
+                .status
+                .as_ref()
+                .is_none_or(|old| old.instance != st.instance || st.version >= old.version);
+            if !newer {
+                return;
+            }
+            // The first answer counts as a change too: the node may have finished hashing
+            // between the last check's facts and this answer.
+            let facts_changed = t.status.as_ref().is_none_or(|old| {
+                old.instance != st.instance || old.facts_version != st.facts_version
+            });
+            if facts_changed {
+                events.push(Event::NodeChanged { rank: rank as u32 });
+            }
+            if let Some(e) = rank_event(&run.sup, rank as u32, &st) {
+                events.push(e);
+            }
+            t.status = Some(st);
+        }
+        Err(e) => {
+            let error = format!("{e:#}");
+            match &mut t.unreachable {
+                Some((_, last)) => *last = error,
+                None => t.unreachable = Some((tokio::time::Instant::now(), error)),
+            }
+        }
+    }
+}
+
+/// Turns a node's reported status into a supervision event, when it means the rank is gone.
+fn rank_event(sup: &Supervisor, rank: u32, st: &RankStatus) -> Option<Event> {
+    if st.generation != sup.generation {
+        return None;
+    }
+    match st.phase {
+        RankPhase::Exited | RankPhase::FailedToStart => {
+            let (kind, detail) = match &st.exit {
+                Some(e) => (
+                    e.kind,
+                    st.last_error
+                        .clone()
+                        .unwrap_or_else(|| e.description.clone()),
+                ),
+                None => (
+                    ExitKind::Failed,
+                    st.last_error
+                        .clone()
+                        .unwrap_or_else(|| "failed to start".into()),
+                ),
+            };
+            Some(Event::RankExited {
+                generation: st.generation,
+                rank,
+                kind,
+                detail,
+            })
+        }
+        // Stopped by someone other than this coordinator while it should run.
+        RankPhase::Idle if matches!(sup.phase, Phase::WaitingReady | Phase::Serving) => {
+            Some(Event::RankExited {
+                generation: st.generation,
+                rank,
+                kind: ExitKind::Failed,
+                detail: "was stopped outside the coordinator".into(),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// How long one long poll of a node's status waits for a change.
+const WATCH_WAIT: Duration = Duration::from_secs(20);
+
+/// Follows one node's rank status with long polls, reporting every change and every failure.
+async fn watch_node(
+    nodes: &dyn Nodes,
+    rank: usize,
+    addr: std::net::SocketAddr,
+    tx: &mpsc::UnboundedSender<Msg>,
+) {
+    let mut after: Option<u64> = None;
+    loop {
+        let res = nodes.rank_status(addr, after, WATCH_WAIT).await;
+        let failed = res.is_err();
+        // After a failure ask without `after`: a restarted agent counts versions from zero again.
+        after = res.as_ref().ok().map(|st| st.version);
+        if tx
+            .send(Msg::Node {
+                rank,
+                status: Box::new(res),
+            })
+            .is_err()
+        {
+            return;
+        }
+        if failed {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

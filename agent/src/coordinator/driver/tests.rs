@@ -1,0 +1,375 @@
+//! Driver loop tests against `FakeCluster`, a mock of the node agents (no processes, no
+//! sockets) with tokio's paused clock, so timers run instantly and deterministically. What they
+//! pin: the llama.cpp start ordering, a lost node, stale answers, and that a finished model hash
+//! starts the ring at once rather than on the next timed check.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use anyhow::bail;
+use async_trait::async_trait;
+
+use super::*;
+use crate::coordinator::check::FactsError;
+use crate::proto::{
+    BinaryFact, HashState, ModelFact, NodeFacts, RankSpec, AGENT_VERSION, PROTOCOL_VERSION,
+};
+
+struct FakeNode {
+    status: watch::Sender<RankStatus>,
+    hash: Mutex<HashState>,
+    reachable: AtomicBool,
+    /// Answered once, instead of the current status, by the next status request.
+    stale: Mutex<Option<RankStatus>>,
+}
+
+struct FakeCluster {
+    config: Arc<Config>,
+    nodes: Vec<FakeNode>,
+    /// What was asked of the nodes, in order.
+    log: Mutex<Vec<String>>,
+}
+
+impl FakeCluster {
+    fn new(engine: &str, world: u32) -> Arc<FakeCluster> {
+        let mut text = format!(
+            "[cluster]\nname=\"t\"\nengine=\"{engine}\"\n[model]\npath=\"/m.gguf\"\n\
+             [supervision]\nnode_timeout_s = 3\nbackoff_initial_ms = 100\nbackoff_max_ms = 200\nready_timeout_s = 30\n"
+        );
+        for r in 0..world {
+            text.push_str(&format!(
+                "[[node]]\nrank={r}\naddress=\"127.0.0.1\"\nagent_port={}\n",
+                7701 + r
+            ));
+        }
+        let config = Arc::new(Config::parse(&text, std::path::Path::new("t")).expect("config"));
+        let nodes = (0..world)
+            .map(|r| FakeNode {
+                status: watch::Sender::new(RankStatus {
+                    instance: 1,
+                    version: 0,
+                    rank: r,
+                    generation: 0,
+                    phase: RankPhase::Idle,
+                    pid: None,
+                    unit: None,
+                    listening: false,
+                    command: None,
+                    exit: None,
+                    last_error: None,
+                    spec: None,
+                    facts_version: 0,
+                }),
+                hash: Mutex::new(HashState::Done {
+                    sha256: "aa".into(),
+                }),
+                reachable: AtomicBool::new(true),
+                stale: Mutex::new(None),
+            })
+            .collect();
+        Arc::new(FakeCluster {
+            config,
+            nodes,
+            log: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn node(&self, addr: SocketAddr) -> (usize, &FakeNode) {
+        let i = self
+            .config
+            .nodes
+            .iter()
+            .position(|n| n.agent_addr() == addr)
+            .expect("a configured node");
+        (i, &self.nodes[i])
+    }
+
+    fn log(&self, line: String) {
+        self.log.lock().expect("log").push(line);
+    }
+
+    fn update(&self, rank: usize, f: impl FnOnce(&mut RankStatus)) {
+        self.nodes[rank].status.send_modify(|s| {
+            f(s);
+            s.version += 1;
+        });
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.log.lock().expect("log").clone()
+    }
+}
+
+#[async_trait]
+impl Nodes for FakeCluster {
+    async fn facts(&self, addr: SocketAddr) -> NodeReport {
+        let (rank, n) = self.node(addr);
+        if !n.reachable.load(Ordering::SeqCst) {
+            return Err(FactsError::Unreachable("connection refused".into()));
+        }
+        Ok(NodeFacts {
+            agent_version: AGENT_VERSION.into(),
+            protocol_version: PROTOCOL_VERSION,
+            rank: rank as u32,
+            hostname: format!("h{rank}"),
+            engine: self.config.cluster.engine,
+            binaries: vec![BinaryFact {
+                name: "engine".into(),
+                path: Some("/usr/bin/engine".into()),
+                used_by_this_rank: true,
+            }],
+            engine_version: Some("b1".into()),
+            engine_package: None,
+            model: ModelFact {
+                path: "/m.gguf".into(),
+                size: Some(1),
+                hash: n.hash.lock().expect("hash").clone(),
+                expected_sha256: None,
+                matches_expected: None,
+            },
+            memory: None,
+            cpu: None,
+            gpus: vec![],
+            network: vec![],
+        })
+    }
+
+    async fn rank_status(
+        &self,
+        addr: SocketAddr,
+        after: Option<u64>,
+        wait: Duration,
+    ) -> anyhow::Result<RankStatus> {
+        let (_, n) = self.node(addr);
+        if !n.reachable.load(Ordering::SeqCst) {
+            // An unreachable agent lets a connection attempt time out.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            bail!("connect timed out");
+        }
+        if let Some(old) = n.stale.lock().expect("stale").take() {
+            return Ok(old);
+        }
+        let mut rx = n.status.subscribe();
+        if let Some(after) = after {
+            let _ = tokio::time::timeout(wait, rx.wait_for(|s| s.version > after)).await;
+        }
+        let st = rx.borrow().clone();
+        Ok(st)
+    }
+
+    async fn apply(&self, addr: SocketAddr, spec: &RankSpec) -> anyhow::Result<RankStatus> {
+        let (rank, n) = self.node(addr);
+        if !n.reachable.load(Ordering::SeqCst) {
+            bail!("connection refused");
+        }
+        let workers_listening = self.nodes[1..].iter().all(|w| {
+            w.status.borrow().listening && w.status.borrow().generation == spec.generation
+        });
+        self.log(format!(
+            "apply rank{rank} g{} workers_listening={workers_listening}",
+            spec.generation
+        ));
+        self.update(rank, |s| {
+            s.generation = spec.generation;
+            s.phase = RankPhase::Running;
+            s.listening = false;
+            s.spec = Some(spec.clone());
+        });
+        let st = n.status.borrow().clone();
+        Ok(st)
+    }
+
+    async fn stop(&self, addr: SocketAddr) -> anyhow::Result<RankStatus> {
+        let (rank, n) = self.node(addr);
+        if !n.reachable.load(Ordering::SeqCst) {
+            bail!("connection refused");
+        }
+        self.log(format!("stop rank{rank}"));
+        self.update(rank, |s| {
+            s.phase = RankPhase::Idle;
+            s.listening = false;
+        });
+        let st = n.status.borrow().clone();
+        Ok(st)
+    }
+
+    async fn head_healthy(&self, _port: u16) -> bool {
+        self.nodes[0].status.borrow().phase == RankPhase::Running
+    }
+}
+
+/// The engines' side of the fake: rpc workers start listening a little after they start.
+fn listen_after_start(fake: &Arc<FakeCluster>) {
+    for rank in 1..fake.nodes.len() {
+        let fake = fake.clone();
+        tokio::spawn(async move {
+            let mut rx = fake.nodes[rank].status.subscribe();
+            loop {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+                let st = rx.borrow_and_update().clone();
+                if st.phase == RankPhase::Running && !st.listening {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    fake.update(rank, |s| s.listening = true);
+                }
+            }
+        });
+    }
+}
+
+struct Running {
+    view: watch::Receiver<ClusterView>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn start(fake: &Arc<FakeCluster>) -> Running {
+    let (view, rx) = watch::channel(ClusterView::initial(&fake.config));
+    let driver = Driver {
+        config: fake.config.clone(),
+        nodes: fake.clone(),
+        view,
+        heartbeat: Heartbeat::default(),
+    };
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(driver.run(stop.clone(), true));
+    Running {
+        view: rx,
+        stop,
+        task,
+    }
+}
+
+async fn serving_after(r: &mut Running, generation: u64) -> ClusterView {
+    let v = tokio::time::timeout(
+        Duration::from_secs(120),
+        r.view
+            .wait_for(|v| v.serving() && v.generation > generation),
+    )
+    .await
+    .expect("serving in (virtual) time")
+    .expect("driver alive")
+    .clone();
+    v
+}
+
+#[tokio::test(start_paused = true)]
+async fn llama_rpc_head_starts_only_after_every_worker_listens() {
+    let fake = FakeCluster::new("llama-rpc", 3);
+    listen_after_start(&fake);
+    let mut r = start(&fake);
+    let v = serving_after(&mut r, 0).await;
+    assert_eq!(v.generation, 1);
+    let lines = fake.lines();
+    let head = lines
+        .iter()
+        .position(|l| l.starts_with("apply rank0"))
+        .expect("head applied");
+    assert!(lines[head].ends_with("workers_listening=true"), "{lines:?}");
+    assert!(
+        lines[..head]
+            .iter()
+            .filter(|l| l.starts_with("apply rank"))
+            .count()
+            == 2,
+        "both workers before the head: {lines:?}"
+    );
+    r.stop.cancel();
+    r.task.await.expect("driver ends");
+    assert!(
+        fake.lines()
+            .iter()
+            .filter(|l| l.starts_with("stop rank"))
+            .count()
+            >= 3,
+        "stop_ring_on_exit stops every rank"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_finished_model_hash_starts_the_ring_at_once() {
+    let fake = FakeCluster::new("prima", 2);
+    *fake.nodes[1].hash.lock().expect("hash") = HashState::Hashing;
+    let t0 = tokio::time::Instant::now();
+    let mut r = start(&fake);
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        r.view.wait_for(|v| {
+            v.phase == Phase::WaitingForNodes
+                && v.reason.as_deref().is_some_and(|r| r.contains("hashing"))
+        }),
+    )
+    .await
+    .expect("waiting for the hash")
+    .expect("driver alive");
+    // The hash finishes 100 ms in; the node bumps its facts version, as a node agent does.
+    tokio::time::sleep_until(t0 + Duration::from_millis(100)).await;
+    *fake.nodes[1].hash.lock().expect("hash") = HashState::Done {
+        sha256: "aa".into(),
+    };
+    fake.update(1, |s| s.facts_version += 1);
+    serving_after(&mut r, 0).await;
+    let first_apply = t0.elapsed();
+    // The timed recheck would have come at RECHECK_WAITING (1 s); reacting to the change starts
+    // the ring right after the hash (virtual time: no scheduling noise).
+    assert!(
+        first_apply < crate::coordinator::state::RECHECK_WAITING,
+        "ring started {first_apply:?} after start"
+    );
+    r.stop.cancel();
+    r.task.await.expect("driver ends");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stale_answer_does_not_restart_a_serving_ring() {
+    let fake = FakeCluster::new("prima", 2);
+    let mut r = start(&fake);
+    let v = serving_after(&mut r, 0).await;
+    // An answer older than what the driver has seen, claiming the rank exited.
+    let mut old = fake.nodes[1].status.borrow().clone();
+    old.version -= 1;
+    old.phase = RankPhase::Exited;
+    *fake.nodes[1].stale.lock().expect("stale") = Some(old);
+    // Make the watcher ask again now: a real change after the stale answer.
+    fake.update(1, |s| s.pid = Some(7));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let now = r.view.borrow().clone();
+    assert!(now.serving(), "{:?}", now.reason);
+    assert_eq!(now.generation, v.generation, "no restart");
+    assert_eq!(now.restarts, 0);
+    r.stop.cancel();
+    r.task.await.expect("driver ends");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_node_restarts_the_ring_once_it_is_back() {
+    let fake = FakeCluster::new("prima", 3);
+    let mut r = start(&fake);
+    let v = serving_after(&mut r, 0).await;
+    fake.nodes[2].reachable.store(false, Ordering::SeqCst);
+    // Its watcher's poll fails; node_timeout_s (3 s) later the ring is torn down.
+    let mut view = r.view.clone();
+    let lost = tokio::time::timeout(Duration::from_secs(60), view.wait_for(|v| !v.serving()))
+        .await
+        .is_ok();
+    assert!(lost, "not lost in time: {:#?}", r.view.borrow().nodes[2]);
+    let down = r.view.borrow().clone();
+    assert!(
+        down.reason
+            .as_deref()
+            .is_some_and(|r| r.contains("lost contact with rank 2")),
+        "{:?}",
+        down.reason
+    );
+    assert_eq!(down.nodes[2].state, "unreachable");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!r.view.borrow().serving(), "no ring without rank 2");
+    fake.nodes[2].reachable.store(true, Ordering::SeqCst);
+    let back = serving_after(&mut r, v.generation).await;
+    assert_eq!(back.restarts, 1);
+    assert_eq!(back.nodes[2].state, "running");
+    r.stop.cancel();
+    r.task.await.expect("driver ends");
+}

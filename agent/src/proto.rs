@@ -1,0 +1,389 @@
+//! The wire protocol between the coordinator and the node agents, in one place.
+//!
+//! Everything that crosses the control API (and the files a node keeps to survive its own
+//! restart) is defined here, so both ends compile against the same types and a change to the
+//! protocol is a change to this file. `runner/`, `node/` and `coordinator/` depend on this
+//! module, never on each other. Bodies a node agent receives reject unknown fields: a
+//! coordinator of another version gets a 4xx naming the field instead of a silently ignored
+//! setting. Facts carry the agent and protocol versions so the coordinator can refuse a node it
+//! cannot speak to with a clear message.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::EngineKind;
+
+/// Bumped on every incompatible change to the types below.
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// This build's agent version.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// How long a rank gets to exit after SIGTERM before SIGKILL.
+/// Both engines may ignore SIGTERM (prima once serving, llama-server with a dead rpc worker),
+/// and a ring being torn down holds no state worth waiting for: this bounds every restart.
+pub const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// The name of rank `rank`'s process (or systemd unit, plus `.service`) in `generation`.
+/// One scheme for naming and parsing, so an agent that restarts finds its own ranks.
+pub fn rank_process_name(rank: u32, generation: u64) -> String {
+    format!("{}{generation}", rank_process_prefix(rank))
+}
+
+/// The prefix every generation of rank `rank` shares.
+pub fn rank_process_prefix(rank: u32) -> String {
+    format!("llm-rank{rank}-g")
+}
+
+/// The generation in a name made by [`rank_process_name`].
+pub fn generation_of(name: &str) -> Option<u64> {
+    let (head, g) = name.rsplit_once("-g")?;
+    head.strip_prefix("llm-rank")?.parse::<u32>().ok()?;
+    g.parse().ok()
+}
+
+/// Ports as the engines take them (bases; each rank adds its rank where the engine does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortSpec {
+    pub data: u16,
+    pub signal: u16,
+    pub rpc: u16,
+    pub server: u16,
+}
+
+/// One rank's part in one generation of the ring: what the coordinator sends a node agent.
+/// It describes the rank's place in the ring, not a command line: each node turns it into argv
+/// with its own engine adapter and binaries, so the control API never runs arbitrary commands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RankSpec {
+    /// Increases every time the ring is (re)started; a node ignores older generations.
+    pub generation: u64,
+    pub engine: EngineKind,
+    pub rank: u32,
+    pub world: u32,
+    pub address: IpAddr,
+    pub master: IpAddr,
+    pub next: IpAddr,
+    pub ports: PortSpec,
+    pub model_path: PathBuf,
+    pub model_name: String,
+    pub ctx_size: u32,
+    /// Set on rank 0 only (prima reads the windows of every rank from rank 0).
+    pub layer_windows: Option<Vec<u32>>,
+    /// Set on rank 0 only.
+    pub tensor_split: Option<Vec<f64>>,
+    pub prefetch: bool,
+    pub threads: Option<u32>,
+    pub gpu_mem: f64,
+    pub gpu_layers: Option<u32>,
+    /// llama-rpc rank 0: the workers' rpc endpoints in rank order.
+    pub rpc_workers: Vec<SocketAddr>,
+    /// Every node address in the ring, in rank order: who may reach this rank's ports.
+    pub peers: Vec<IpAddr>,
+}
+
+impl RankSpec {
+    pub fn is_head(&self) -> bool {
+        self.rank == 0
+    }
+}
+
+/// The query of `GET /v1/rank`: without `after` the current status; with it a long poll that
+/// answers on the first change after that version, or after `wait_ms`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaitQuery {
+    pub after: Option<u64>,
+    /// At most [`MAX_WAIT`]; default 30 s.
+    pub wait_ms: Option<u64>,
+}
+
+/// The longest a long poll is held open.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RankPhase {
+    /// Nothing asked of this node yet, or the rank was stopped on request.
+    Idle,
+    Running,
+    /// The process ended on its own (see `exit`).
+    Exited,
+    /// The process could not be started (see `last_error`).
+    FailedToStart,
+}
+
+impl RankPhase {
+    /// The name the APIs show (the serde name).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RankPhase::Idle => "idle",
+            RankPhase::Running => "running",
+            RankPhase::Exited => "exited",
+            RankPhase::FailedToStart => "failed_to_start",
+        }
+    }
+}
+
+/// How a rank's exit is to be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitKind {
+    /// The agent asked it to stop: whatever the status, not a fault (prima's server often
+    /// segfaults on its way out).
+    Stopped,
+    /// prima's scheduler gave it no layers and it left with status 0: the ring goes on without it.
+    DroppedByScheduler,
+    /// Anything else: the ring is broken.
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExitReport {
+    pub kind: ExitKind,
+    pub description: String,
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+/// The rank as its node sees it; `version` increases with every change so watchers can wait
+/// for the next one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RankStatus {
+    /// Random per agent process: versions of different instances are not comparable.
+    pub instance: u64,
+    pub version: u64,
+    pub rank: u32,
+    pub generation: u64,
+    pub phase: RankPhase,
+    pub pid: Option<u32>,
+    pub unit: Option<String>,
+    /// Every port the engine listens on for this rank is open.
+    pub listening: bool,
+    pub command: Option<String>,
+    pub exit: Option<ExitReport>,
+    pub last_error: Option<String>,
+    pub spec: Option<RankSpec>,
+    /// Increases when the node's facts change on their own (its model hash finished): a
+    /// coordinator waiting for the node looks again at once instead of on a timer.
+    pub facts_version: u64,
+}
+
+/// What a node knows about itself, so the coordinator can refuse inconsistent rings (different
+/// agent, protocol or engine builds, model files) before starting anything.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeFacts {
+    pub agent_version: String,
+    pub protocol_version: u32,
+    pub rank: u32,
+    pub hostname: String,
+    pub engine: EngineKind,
+    /// The binary this node's rank runs, and the engine's server binary (whose `--version`
+    /// identifies the build).
+    pub binaries: Vec<BinaryFact>,
+    /// `version:` line of the engine's server binary, when it could be run.
+    pub engine_version: Option<String>,
+    /// The Arch package that installed this rank's engine binary (pacman's local database).
+    pub engine_package: Option<InstalledPackage>,
+    pub model: ModelFact,
+    pub memory: Option<MemoryFact>,
+    pub cpu: Option<CpuFact>,
+    pub gpus: Vec<GpuFact>,
+    /// Network tuning for ring traffic, per key, as applied (or checked) at agent start.
+    pub network: Vec<KeyReport>,
+}
+
+impl NodeFacts {
+    /// The binary this rank will run, if it was found.
+    pub fn rank_binary(&self) -> Option<&BinaryFact> {
+        self.binaries.iter().find(|b| b.used_by_this_rank)
+    }
+}
+
+/// The two fields any version of the facts carries, read before the rest so that a node of
+/// another version is refused by name instead of failing to parse.
+#[derive(Debug, Deserialize)]
+pub struct FactsVersion {
+    pub agent_version: Option<String>,
+    pub protocol_version: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BinaryFact {
+    pub name: String,
+    pub path: Option<PathBuf>,
+    pub used_by_this_rank: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum HashState {
+    /// This rank does not read the model (llama.cpp rpc workers get weights over the network).
+    NotRequired,
+    Missing,
+    Hashing,
+    Done {
+        sha256: String,
+    },
+    Error {
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelFact {
+    pub path: PathBuf,
+    pub size: Option<u64>,
+    pub hash: HashState,
+    /// The configured sha256, if any, and whether the file matches it.
+    pub expected_sha256: Option<String>,
+    pub matches_expected: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemoryFact {
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CpuFact {
+    pub model: String,
+    pub logical_cores: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuFact {
+    pub name: String,
+    pub memory_total_mib: Option<u64>,
+    pub memory_free_mib: Option<u64>,
+}
+
+/// An Arch package as pacman's local database records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstalledPackage {
+    pub name: String,
+    pub version: String,
+}
+
+/// One sysctl key of the network tuning and what the agent found or did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyReport {
+    pub key: String,
+    pub wanted: String,
+    pub before: Option<String>,
+    pub after: Option<String>,
+    #[serde(flatten)]
+    pub state: KeyState,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum KeyState {
+    AlreadySet,
+    Applied,
+    /// Check-only mode: the value differs and would be applied.
+    Differs,
+    NotSettable {
+        reason: String,
+    },
+    Unsupported {
+        reason: String,
+    },
+}
+
+impl KeyState {
+    /// The name the reports show (the serde tag).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            KeyState::AlreadySet => "already_set",
+            KeyState::Applied => "applied",
+            KeyState::Differs => "differs",
+            KeyState::NotSettable { .. } => "not_settable",
+            KeyState::Unsupported { .. } => "unsupported",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names shown in messages and node views are the ones the JSON APIs use.
+    #[test]
+    fn as_str_equals_the_serde_names() {
+        for p in [
+            RankPhase::Idle,
+            RankPhase::Running,
+            RankPhase::Exited,
+            RankPhase::FailedToStart,
+        ] {
+            assert_eq!(serde_json::to_value(p).expect("json"), p.as_str());
+        }
+        for k in [
+            KeyState::AlreadySet,
+            KeyState::Applied,
+            KeyState::Differs,
+            KeyState::NotSettable { reason: "r".into() },
+            KeyState::Unsupported { reason: "r".into() },
+        ] {
+            assert_eq!(serde_json::to_value(&k).expect("json")["state"], k.as_str());
+        }
+    }
+
+    #[test]
+    fn process_names_round_trip() {
+        let n = rank_process_name(3, 17);
+        assert_eq!(n, "llm-rank3-g17");
+        assert!(n.starts_with(&rank_process_prefix(3)));
+        assert_eq!(generation_of(&n), Some(17));
+        assert_eq!(generation_of("llm-rank3-gx"), None);
+        assert_eq!(generation_of("other-g4"), None);
+    }
+
+    #[test]
+    fn a_rank_spec_with_an_unknown_field_is_refused_by_name() {
+        let spec = RankSpec {
+            generation: 1,
+            engine: EngineKind::LlamaRpc,
+            rank: 0,
+            world: 1,
+            address: "127.0.0.1".parse().expect("ip"),
+            master: "127.0.0.1".parse().expect("ip"),
+            next: "127.0.0.1".parse().expect("ip"),
+            ports: PortSpec {
+                data: 1,
+                signal: 2,
+                rpc: 3,
+                server: 4,
+            },
+            model_path: "/m.gguf".into(),
+            model_name: "m".into(),
+            ctx_size: 1,
+            layer_windows: None,
+            tensor_split: None,
+            prefetch: false,
+            threads: None,
+            gpu_mem: 0.0,
+            gpu_layers: None,
+            rpc_workers: vec![],
+            peers: vec![],
+        };
+        let mut v = serde_json::to_value(&spec).expect("json");
+        assert_eq!(
+            serde_json::from_value::<RankSpec>(v.clone()).expect("round trip"),
+            spec
+        );
+        v["exec"] = serde_json::json!("/bin/sh");
+        let err = serde_json::from_value::<RankSpec>(v).expect_err("unknown field");
+        assert!(err.to_string().contains("unknown field `exec`"), "{err}");
+        let err = serde_json::from_str::<WaitQuery>(r#"{"after":1,"wait":5}"#)
+            .expect_err("unknown field");
+        assert!(err.to_string().contains("unknown field `wait`"), "{err}");
+    }
+}
