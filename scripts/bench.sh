@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Benchmarks a local 3-rank ring (release build): time to first token, coordinator overhead on
-# tok/s, and recovery time after a killed rank. Prints one JSON line per engine.
+# Benchmarks a local 3-rank ring (release build). Figures, not pass/fail.
+#   scripts/bench.sh          time to first token, coordinator overhead on tok/s, recovery time
+#                             after a killed rank; one JSON line per engine (bench/bench_local.py)
+#   scripts/bench.sh bringup  `up --local 3` to the first token vs the same engines launched by
+#                             hand, alternating in one run; prints the ratio (bench/bringup.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${LLM_CLUSTER_CACHE:-$HOME/.cache/llm-cluster}
@@ -10,4 +13,8 @@ cargo build --release --locked -q
 export LLM_AGENT_BIN=$PWD/target/release/llm-agent
 VENV=$CACHE/venv-e2e
 [ -x "$VENV/bin/python" ] || { python3 -m venv "$VENV"; "$VENV/bin/pip" install -q -r tests/requirements.txt; }
-exec "$VENV/bin/python" bench/bench_local.py
+case "${1:-local}" in
+  local) exec "$VENV/bin/python" bench/bench_local.py ;;
+  bringup) exec "$VENV/bin/python" bench/bringup.py ;;
+  *) echo "usage: scripts/bench.sh [local|bringup]" >&2; exit 2 ;;
+esac

@@ -104,8 +104,8 @@ struct Tracked {
 }
 
 /// Reads systemd's ExecMainCode/ExecMainStatus as (code, signal, why unknown). A failed read
-/// is an unknown exit, never "signal 0": systemd unloads a transient unit that ended cleanly,
-/// and guessing a status there misreads a clean exit as a crash.
+/// is an unknown exit, never "signal 0" (systemd unloads a transient unit that ended cleanly,
+/// so its properties may be gone by the time they are read).
 fn exit_status(
     code: zbus::Result<i32>,
     status: zbus::Result<i32>,
@@ -179,15 +179,14 @@ impl SystemdRunner {
             .path(path.clone())?
             .build()
             .await?;
+        // Uncached: systemd does not signal changes of ExecMainCode/ExecMainStatus, so a cached
+        // proxy would still hold the values from when the unit started.
         let service = ServiceProxy::builder(&self.conn)
             .path(path)?
+            .cache_properties(zbus::proxy::CacheProperties::No)
             .build()
             .await?;
         let pid = service.main_pid().await.ok().filter(|p| *p != 0);
-        // Read once now: zbus then keeps these cached from PropertiesChanged, so the final values
-        // are known even after systemd has unloaded the ended unit.
-        let _ = service.exec_main_code().await;
-        let _ = service.exec_main_status().await;
         let stop_timeout = match stop_timeout {
             Some(t) => t,
             None => service
