@@ -43,6 +43,12 @@ pub fn load_token(path: &Path) -> Result<String> {
             path.display()
         )
     })?;
+    token_from_text(&text, path)
+}
+
+/// The token in a token file's text (first non-empty line), checked; `path` names the file in
+/// errors.
+pub fn token_from_text(text: &str, path: &Path) -> Result<String> {
     let token = text
         .lines()
         .map(str::trim)

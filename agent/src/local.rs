@@ -3,16 +3,16 @@
 //! end-to-end tests. The config is generated as TOML and goes through the same validation as a
 //! user's file.
 
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use serde::Serialize;
 
 use crate::auth;
-use crate::config::{Config, EngineKind};
+use crate::config::{Config, EngineKind, Ports};
 use crate::engine::find_binary;
 use crate::service;
 
@@ -44,11 +44,14 @@ pub struct UpArgs {
     #[arg(long, default_value_t = 1)]
     pub threads: u32,
     /// Added to every default port (agents 17700+, rpc 50052+, prima 9000+/10000+, rank 0's
-    /// server 18080), to run beside another cluster.
+    /// server 18080), to run beside another cluster. The highest port, 50052 + offset + the
+    /// last rank, must stay at most 65535.
     #[arg(long, default_value_t = 0)]
     pub port_offset: u16,
     /// Where ranks run (working directories), the token and the generated config; by default
-    /// `llm-cluster-local-<API port>` under the system temp dir, reused by later runs.
+    /// `llm-cluster-local-<API port>` under the system temp dir, reused by later runs (the
+    /// token too). It must be yours alone: it is created with mode 0700, and an existing one
+    /// that is a symlink, another user's, or open to group or others is refused.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
 }
@@ -65,59 +68,169 @@ fn prima_binary_names(dir: Option<&Path>) -> (String, String) {
     }
 }
 
-pub fn local_config_text(args: &UpArgs, state_dir: &Path, token_file: &Path) -> String {
-    let o = args.port_offset;
-    let mut t = String::new();
-    let _ = writeln!(
-        t,
-        "[cluster]\nname = \"local\"\nengine = \"{}\"",
-        args.engine
-    );
-    let _ = writeln!(
-        t,
-        "token_file = {:?}\nstate_dir = {:?}",
-        token_file.display().to_string(),
-        state_dir.display().to_string()
-    );
-    let _ = writeln!(
-        t,
-        "\n[model]\npath = {:?}\nctx_size = {}",
-        args.model.display().to_string(),
-        args.ctx_size
-    );
-    if let Some(w) = &args.layer_windows {
-        let _ = writeln!(t, "layer_windows = [{w}]");
-    }
-    let _ = writeln!(t, "\n[api]\nlisten = \"{}\"", args.listen);
-    let _ = writeln!(
-        t,
-        "\n[ports]\ndata = {}\nsignal = {}\nrpc = {}\nserver = {}",
-        9000 + o,
-        10000 + o,
-        50052 + o,
-        18080 + o
-    );
-    if args.engine == EngineKind::Prima {
-        let (server, worker) = prima_binary_names(args.engine_dir.as_deref());
-        let _ = writeln!(
-            t,
-            "\n[binaries]\nprima_server = \"{server}\"\nprima_worker = \"{worker}\""
+/// Agent ports of local ranks start here, clear of a real node's 7700 on the same machine.
+const LOCAL_AGENT_PORT: u16 = 17700;
+
+/// The generated file, in the shape of a user's `cluster.toml`; the toml serializer does the
+/// quoting, so any path that is valid UTF-8 survives the round trip.
+#[derive(Serialize)]
+struct LocalFile<'a> {
+    cluster: LocalCluster<'a>,
+    model: LocalModel<'a>,
+    api: LocalApi,
+    ports: Ports,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    binaries: Option<LocalBinaries>,
+    supervision: LocalSupervision,
+    node: Vec<LocalNode<'a>>,
+}
+
+#[derive(Serialize)]
+struct LocalCluster<'a> {
+    name: &'static str,
+    engine: EngineKind,
+    token_file: &'a Path,
+    state_dir: &'a Path,
+}
+
+#[derive(Serialize)]
+struct LocalModel<'a> {
+    path: &'a Path,
+    ctx_size: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    layer_windows: Option<Vec<u32>>,
+}
+
+#[derive(Serialize)]
+struct LocalApi {
+    listen: SocketAddr,
+}
+
+#[derive(Serialize)]
+struct LocalBinaries {
+    prima_server: String,
+    prima_worker: String,
+}
+
+#[derive(Serialize)]
+struct LocalSupervision {
+    ready_timeout_s: u64,
+    backoff_initial_ms: u64,
+    backoff_max_ms: u64,
+    node_timeout_s: u64,
+}
+
+#[derive(Serialize)]
+struct LocalNode<'a> {
+    rank: u32,
+    address: &'static str,
+    agent_port: u16,
+    threads: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    engine_dir: Option<&'a Path>,
+}
+
+/// The default ports moved by `--port-offset`, checked up front: every rank adds its rank to
+/// the per-rank bases, and all of it must stay a valid port.
+fn offset_ports(offset: u16, ranks: u32) -> Result<(Ports, Vec<u16>)> {
+    let d = Ports::default();
+    let last_rank = ranks.saturating_sub(1);
+    let highest_base = [d.data, d.signal, d.rpc, LOCAL_AGENT_PORT]
+        .into_iter()
+        .map(|p| u32::from(p) + last_rank)
+        .chain([u32::from(d.server)])
+        .max()
+        .unwrap_or(0);
+    let Some(largest) = u32::from(u16::MAX).checked_sub(highest_base) else {
+        bail!(
+            "--local {ranks}: too many ranks for the port range (the rpc ports {}+rank would pass {})",
+            d.rpc,
+            u16::MAX
+        );
+    };
+    if u32::from(offset) > largest {
+        bail!(
+            "--port-offset {offset} is too large: with --local {ranks} the highest port would be {}; \
+             the largest offset allowed is {largest}",
+            highest_base + u32::from(offset)
         );
     }
-    // Quick restarts make the local demo and its tests responsive; real clusters keep defaults.
-    let _ = writeln!(t, "\n[supervision]\nready_timeout_s = 120\nbackoff_initial_ms = 500\nbackoff_max_ms = 10000\nnode_timeout_s = 10");
-    for r in 0..args.local {
-        let _ = writeln!(
-            t,
-            "\n[[node]]\nrank = {r}\naddress = \"127.0.0.1\"\nagent_port = {}\nthreads = {}",
-            17700 + o as u32 + r,
-            args.threads
-        );
-        if let Some(d) = &args.engine_dir {
-            let _ = writeln!(t, "engine_dir = {:?}", d.display().to_string());
+    // Cannot overflow: every base plus the offset and the last rank was checked above.
+    let ports = Ports {
+        data: d.data + offset,
+        signal: d.signal + offset,
+        rpc: d.rpc + offset,
+        server: d.server + offset,
+    };
+    let agent_ports = (0..ranks)
+        .map(|r| u16::try_from(u32::from(LOCAL_AGENT_PORT + offset) + r))
+        .collect::<Result<_, _>>()
+        .context("agent port out of range")?;
+    Ok((ports, agent_ports))
+}
+
+fn parse_layer_windows(text: &str) -> Result<Vec<u32>> {
+    text.split(',')
+        .map(|w| w.trim().parse::<u32>())
+        .collect::<Result<_, _>>()
+        .with_context(|| {
+            format!("--layer-windows {text:?}: expected layer counts separated by commas, such as 10,10,10")
+        })
+}
+
+pub fn local_config_text(args: &UpArgs, state_dir: &Path, token_file: &Path) -> Result<String> {
+    let (ports, agent_ports) = offset_ports(args.port_offset, args.local)?;
+    let layer_windows = args
+        .layer_windows
+        .as_deref()
+        .map(parse_layer_windows)
+        .transpose()?;
+    let binaries = (args.engine == EngineKind::Prima).then(|| {
+        let (prima_server, prima_worker) = prima_binary_names(args.engine_dir.as_deref());
+        LocalBinaries {
+            prima_server,
+            prima_worker,
         }
-    }
-    t
+    });
+    let file = LocalFile {
+        cluster: LocalCluster {
+            name: "local",
+            engine: args.engine,
+            token_file,
+            state_dir,
+        },
+        model: LocalModel {
+            path: &args.model,
+            ctx_size: args.ctx_size,
+            layer_windows,
+        },
+        api: LocalApi {
+            listen: args.listen,
+        },
+        ports,
+        binaries,
+        // Quick restarts make the local demo and its tests responsive; real clusters keep
+        // the defaults.
+        supervision: LocalSupervision {
+            ready_timeout_s: 120,
+            backoff_initial_ms: 500,
+            backoff_max_ms: 10000,
+            node_timeout_s: 10,
+        },
+        node: (0..args.local)
+            .zip(agent_ports)
+            .map(|(rank, agent_port)| LocalNode {
+                rank,
+                address: "127.0.0.1",
+                agent_port,
+                threads: args.threads,
+                engine_dir: args.engine_dir.as_deref(),
+            })
+            .collect(),
+    };
+    toml::to_string(&file).context(
+        "cannot write the generated config: the model, engine and state paths must be valid UTF-8",
+    )
 }
 
 pub async fn up(args: UpArgs) -> Result<()> {
@@ -125,6 +238,12 @@ pub async fn up(args: UpArgs) -> Result<()> {
     if args.local == 0 {
         bail!("--local must be at least 1");
     }
+    // Flag errors first, before anything is created on disk.
+    offset_ports(args.port_offset, args.local)?;
+    args.layer_windows
+        .as_deref()
+        .map(parse_layer_windows)
+        .transpose()?;
     let model = std::fs::canonicalize(&args.model).with_context(|| {
         format!(
             "--model {}: cannot read the model file",
@@ -136,16 +255,13 @@ pub async fn up(args: UpArgs) -> Result<()> {
         Some(d) => d.clone(),
         None => std::env::temp_dir().join(format!("llm-cluster-local-{}", args.listen.port())),
     };
-    std::fs::create_dir_all(&state_dir)
-        .with_context(|| format!("cannot create {}", state_dir.display()))?;
-    let state_dir = std::fs::canonicalize(&state_dir)?;
-    let token = auth::generate_token();
+    let state_dir = private_state_dir(&state_dir)?;
     let token_file = state_dir.join("token");
-    write_private(&token_file, &token)?;
-    let text = local_config_text(&args, &state_dir, &token_file);
+    let token = state_token(&token_file)?;
+    let text = local_config_text(&args, &state_dir, &token_file)?;
     let config =
         Config::parse(&text, Path::new("<up --local>")).map_err(|e| anyhow::anyhow!("{e}"))?;
-    std::fs::write(state_dir.join("cluster.toml"), &text)?;
+    write_replacing(&state_dir.join("cluster.toml"), text.as_bytes())?;
     let config = Arc::new(config);
 
     let mut nodes = Vec::new();
@@ -200,18 +316,160 @@ fn print_ready(args: &UpArgs, config: &Config, secs: f64) {
     );
 }
 
-fn write_private(path: &Path, content: &str) -> Result<()> {
+/// What to tell the user when the state dir or a file in it is not theirs alone.
+const STATE_DIR_ADVICE: &str = "up --local keeps its control token there, so it must belong to \
+     you alone: remove it (it is recreated), or pass --state-dir with a directory of your own \
+     (mode 0700)";
+
+/// Creates the state dir, or checks an existing one: a directory (not a symlink) owned by this
+/// user with no group or other permissions. The default path is predictable and in the shared
+/// temp dir, so someone else may have created it first to read the token or plant symlinks.
+fn private_state_dir(dir: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = std::path::absolute(dir)
+        .with_context(|| format!("--state-dir {}: cannot make it absolute", dir.display()))?;
+    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
+        bail!(
+            "--state-dir {}: not a directory one can create",
+            dir.display()
+        );
+    };
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
+    // The parent's symlinks (/tmp on some systems) are resolved; the last component never is.
+    let parent = std::fs::canonicalize(parent)
+        .with_context(|| format!("cannot resolve {}", parent.display()))?;
+    let dir = parent.join(name);
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot create {}", dir.display())),
+    }
+    let meta = std::fs::symlink_metadata(&dir)
+        .with_context(|| format!("cannot inspect {}", dir.display()))?;
+    if !meta.file_type().is_dir() {
+        bail!(
+            "{} is not a directory ({}); {STATE_DIR_ADVICE}",
+            dir.display(),
+            file_kind(&meta)
+        );
+    }
+    check_private(&dir, &meta)?;
+    Ok(dir)
+}
+
+/// Owned by the effective user, no permission bits for group or others.
+fn check_private(path: &Path, meta: &std::fs::Metadata) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me {
+        bail!(
+            "{} is owned by uid {}, not by you (uid {me}); {STATE_DIR_ADVICE}",
+            path.display(),
+            meta.uid()
+        );
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        bail!(
+            "{} has mode {mode:04o}, open to group or others; {STATE_DIR_ADVICE}",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    let t = meta.file_type();
+    if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_file() {
+        "a regular file"
+    } else {
+        "a special file"
+    }
+}
+
+/// The control token in `path`: an existing one is reused when it is a regular file of this
+/// user's that nobody else can read; otherwise a fresh one is created with mode 0600, never
+/// written into a file that was already there.
+fn state_token(path: &Path) -> Result<String> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let nofollow = nix::fcntl::OFlag::O_NOFOLLOW.bits();
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nofollow)
+        .open(path)
+    {
+        Ok(mut f) => {
+            // Checked on the open file, so what is read is what was checked.
+            let meta = f
+                .metadata()
+                .with_context(|| format!("cannot inspect {}", path.display()))?;
+            if !meta.file_type().is_file() {
+                bail!(
+                    "{} is not a regular file ({}); {STATE_DIR_ADVICE}",
+                    path.display(),
+                    file_kind(&meta)
+                );
+            }
+            check_private(path, &meta)?;
+            let mut text = String::new();
+            f.read_to_string(&mut text).with_context(|| {
+                format!("cannot read the control token file {}", path.display())
+            })?;
+            auth::token_from_text(&text, path)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let token = auth::generate_token();
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(nofollow)
+                .open(path)
+                .with_context(|| {
+                    format!("cannot create the control token file {}", path.display())
+                })?;
+            writeln!(f, "{token}").with_context(|| format!("cannot write {}", path.display()))?;
+            Ok(token)
+        }
+        // ELOOP: O_NOFOLLOW met a symlink.
+        Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => {
+            bail!("{} is a symbolic link; {STATE_DIR_ADVICE}", path.display())
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot open {}", path.display())),
+    }
+}
+
+/// Writes `path` through a new temporary file beside it and a rename, so whatever was at `path`
+/// (a symlink included) is replaced, never written through.
+fn write_replacing(path: &Path, content: &[u8]) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(
+        ".{name}.{}",
+        hex::encode(rand::random::<[u8; 6]>())
+    ));
+    let written = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    writeln!(f, "{content}")?;
-    Ok(())
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(content))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.with_context(|| format!("cannot write {}", path.display()))
 }
 
 #[cfg(test)]
@@ -236,7 +494,8 @@ mod tests {
             "--port-offset",
             "100",
         ]);
-        let text = local_config_text(&t.up, Path::new("/tmp/s"), Path::new("/tmp/s/token"));
+        let text = local_config_text(&t.up, Path::new("/tmp/s"), Path::new("/tmp/s/token"))
+            .expect("config text");
         let c = Config::parse(&text, Path::new("<t>")).expect("valid");
         assert_eq!(c.world(), 4);
         let ports: Vec<u16> = c.nodes.iter().map(|n| n.agent_port).collect();
@@ -255,8 +514,231 @@ mod tests {
             "--layer-windows",
             "10,10,10",
         ]);
-        let text = local_config_text(&t.up, Path::new("/s"), Path::new("/s/token"));
+        let text =
+            local_config_text(&t.up, Path::new("/s"), Path::new("/s/token")).expect("config text");
         let c = Config::parse(&text, Path::new("<t>")).expect("valid");
         assert_eq!(c.model.layer_windows, Some(vec![10, 10, 10]));
+    }
+
+    fn args(extra: &[&str]) -> UpArgs {
+        let mut argv = vec!["t", "--model", "/m.gguf"];
+        argv.extend_from_slice(extra);
+        T::parse_from(argv).up
+    }
+
+    /// TOML's escapes are not Rust's `{:?}` ones (`\u{200b}` is no TOML escape): every path
+    /// goes through the serializer and loads back as itself.
+    #[test]
+    fn odd_paths_survive_the_generated_toml() {
+        let odd = "/srv/a \"quoted\" dir\\back\\slash/ünï 😀\u{200b}\u{7}\nline.gguf";
+        let mut a = args(&["--engine", "prima", "--layer-windows", "10, 10,10"]);
+        a.model = PathBuf::from(odd);
+        a.engine_dir = Some(PathBuf::from(format!("{odd}.d")));
+        let state = PathBuf::from(format!("{odd}.state"));
+        let token = state.join("tok\"en");
+        let text = local_config_text(&a, &state, &token).expect("config text");
+        let c = Config::parse(&text, Path::new("<t>"))
+            .unwrap_or_else(|e| panic!("generated config does not load: {e}\n{text}"));
+        assert_eq!(c.model.path, Path::new(odd));
+        assert_eq!(c.cluster.state_dir, state);
+        assert_eq!(c.cluster.token_file, token);
+        assert_eq!(c.model.layer_windows, Some(vec![10, 10, 10]));
+        assert!(c
+            .nodes
+            .iter()
+            .all(|n| n.engine_dir.as_deref() == Some(Path::new(&format!("{odd}.d")))));
+    }
+
+    #[test]
+    fn layer_windows_are_numbers_not_toml() {
+        let a = args(&[
+            "--engine",
+            "prima",
+            "--layer-windows",
+            "1]\n[api]\nlisten = \"0.0.0.0:1\"\n#",
+        ]);
+        let err = local_config_text(&a, Path::new("/s"), Path::new("/s/token"))
+            .expect_err("not layer counts")
+            .to_string();
+        assert!(
+            err.contains("--layer-windows") && err.contains("10,10,10"),
+            "{err}"
+        );
+    }
+
+    /// Ports are u16: the highest one (rpc base + offset + last rank) must fit, and the error
+    /// names the flag and the largest offset for this many ranks.
+    #[test]
+    fn port_offset_is_checked_against_the_port_range() {
+        let rpc = Ports::default().rpc;
+        let largest = u16::MAX - rpc;
+        let ok = args(&["--local", "1", "--port-offset", &largest.to_string()]);
+        let c = Config::parse(
+            &local_config_text(&ok, Path::new("/s"), Path::new("/s/t")).expect("fits"),
+            Path::new("<t>"),
+        )
+        .expect("valid");
+        assert_eq!(c.ports.rpc, u16::MAX);
+        for (ranks, offset) in [(1, largest + 1), (4, largest - 2), (3, u16::MAX)] {
+            let a = args(&[
+                "--local",
+                &ranks.to_string(),
+                "--port-offset",
+                &offset.to_string(),
+            ]);
+            let err = local_config_text(&a, Path::new("/s"), Path::new("/s/t"))
+                .expect_err("out of range")
+                .to_string();
+            let allowed = largest - (ranks - 1);
+            assert!(
+                err.contains(&format!("--port-offset {offset}"))
+                    && err.contains(&format!("largest offset allowed is {allowed}")),
+                "{err}"
+            );
+        }
+        let a = args(&["--local", "20000"]);
+        let err = local_config_text(&a, Path::new("/s"), Path::new("/s/t"))
+            .expect_err("too many ranks")
+            .to_string();
+        assert!(err.contains("--local 20000"), "{err}");
+    }
+
+    fn mode(p: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::symlink_metadata(p)
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o7777
+    }
+
+    fn chmod(p: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
+    #[test]
+    fn the_state_dir_is_created_private_and_its_token_reused() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = private_state_dir(&tmp.path().join("new/state")).expect("created");
+        assert_eq!(mode(&dir), 0o700);
+        let token = state_token(&dir.join("token")).expect("new token");
+        assert_eq!(mode(&dir.join("token")), 0o600);
+        assert_eq!(private_state_dir(&dir).expect("reused"), dir);
+        assert_eq!(state_token(&dir.join("token")).expect("reused"), token);
+    }
+
+    /// Someone created the predictable directory first, open to them.
+    #[test]
+    fn a_state_dir_open_to_others_is_refused() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("llm-cluster-local-8080");
+        std::fs::create_dir(&dir).expect("mkdir");
+        for m in [0o777, 0o755, 0o1733, 0o710] {
+            chmod(&dir, m);
+            let err = private_state_dir(&dir).expect_err("open dir").to_string();
+            assert!(
+                err.contains(&format!("mode {m:04o}")) && err.contains("--state-dir"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_symlinked_state_dir_is_refused() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let target = tmp.path().join("theirs");
+        std::fs::create_dir(&target).expect("mkdir");
+        chmod(&target, 0o700);
+        let link = tmp.path().join("llm-cluster-local-8080");
+        std::os::unix::fs::symlink(&target, &link).expect("symlink");
+        let err = private_state_dir(&link).expect_err("symlink").to_string();
+        assert!(err.contains("symbolic link"), "{err}");
+    }
+
+    /// A `cluster.toml` symlink is replaced, never written through.
+    #[test]
+    fn the_config_is_written_beside_not_through_a_symlink() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let victim = tmp.path().join("victim");
+        std::fs::write(&victim, "precious").expect("write");
+        let dir = private_state_dir(&tmp.path().join("state")).expect("dir");
+        std::os::unix::fs::symlink(&victim, dir.join("cluster.toml")).expect("symlink");
+        write_replacing(&dir.join("cluster.toml"), b"[cluster]\n").expect("written");
+        assert_eq!(std::fs::read_to_string(&victim).expect("read"), "precious");
+        let meta = std::fs::symlink_metadata(dir.join("cluster.toml")).expect("stat");
+        assert!(meta.file_type().is_file());
+        assert_eq!(
+            std::fs::read_to_string(dir.join("cluster.toml")).expect("read"),
+            "[cluster]\n"
+        );
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .expect("ls")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(left, ["cluster.toml"], "no temporary file left behind");
+    }
+
+    /// A token file someone else could read, or a symlink to one, is neither reused nor
+    /// written into.
+    #[test]
+    fn a_token_file_open_to_others_or_a_symlink_is_refused() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = private_state_dir(&tmp.path().join("state")).expect("dir");
+        let token = dir.join("token");
+        std::fs::write(&token, "").expect("pre-create");
+        chmod(&token, 0o666);
+        let err = state_token(&token).expect_err("0666 token").to_string();
+        assert!(err.contains("mode 0666"), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(&token).expect("read"),
+            "",
+            "nothing written into it"
+        );
+
+        std::fs::remove_file(&token).expect("rm");
+        let theirs = tmp.path().join("theirs");
+        std::fs::write(&theirs, "").expect("write");
+        chmod(&theirs, 0o600);
+        std::os::unix::fs::symlink(&theirs, &token).expect("symlink");
+        let err = state_token(&token)
+            .expect_err("symlinked token")
+            .to_string();
+        assert!(err.contains("symbolic link"), "{err}");
+        assert_eq!(std::fs::read_to_string(&theirs).expect("read"), "");
+
+        std::fs::remove_file(&token).expect("rm");
+        std::fs::create_dir(&token).expect("mkdir");
+        let err = state_token(&token).expect_err("a directory").to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+    }
+
+    /// Ownership needs another uid to own the files: only root can arrange that.
+    #[test]
+    fn state_owned_by_someone_else_is_refused_when_root() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to chown a directory to another user");
+            return;
+        }
+        let nobody = Some(nix::unistd::Uid::from_raw(65534));
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("state");
+        std::fs::create_dir(&dir).expect("mkdir");
+        chmod(&dir, 0o700);
+        nix::unistd::chown(&dir, nobody, None).expect("chown");
+        let err = private_state_dir(&dir).expect_err("not ours").to_string();
+        assert!(
+            err.contains("owned by uid 65534, not by you (uid 0)"),
+            "{err}"
+        );
+
+        let dir = private_state_dir(&tmp.path().join("mine")).expect("dir");
+        let token = dir.join("token");
+        std::fs::write(&token, "0123456789abcdef0123\n").expect("write");
+        chmod(&token, 0o600);
+        nix::unistd::chown(&token, nobody, None).expect("chown");
+        let err = state_token(&token).expect_err("not ours").to_string();
+        assert!(err.contains("owned by uid 65534"), "{err}");
     }
 }

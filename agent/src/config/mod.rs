@@ -118,6 +118,19 @@ pub struct Ports {
     pub server: u16,
 }
 
+impl Default for Ports {
+    /// The `[ports]` a file gets when it names none.
+    fn default() -> Ports {
+        let d = raw::PortsSection::default();
+        Ports {
+            data: *d.data.get_ref(),
+            signal: *d.signal.get_ref(),
+            rpc: *d.rpc.get_ref(),
+            server: *d.server.get_ref(),
+        }
+    }
+}
+
 /// Engine binary names. Distro packages rename prima.cpp's binaries so they can coexist with
 /// llama.cpp's; these defaults follow the project's packages.
 #[derive(Debug, Clone, Serialize)]

@@ -88,14 +88,20 @@ impl Rewrite {
     pub fn event(&self, event: &str) -> String {
         event
             .lines()
-            .map(|line| match line.strip_prefix("data: ") {
-                Some(data) if data.trim() != "[DONE]" => {
-                    match serde_json::from_str::<Value>(data) {
-                        Ok(v) => format!("data: {}", self.object(v)),
-                        Err(_) => line.to_string(),
+            // `data:` takes one optional space after the colon (SSE spec).
+            .map(|line| {
+                match line
+                    .strip_prefix("data:")
+                    .map(|d| d.strip_prefix(' ').unwrap_or(d))
+                {
+                    Some(data) if data.trim() != "[DONE]" => {
+                        match serde_json::from_str::<Value>(data) {
+                            Ok(v) => format!("data: {}", self.object(v)),
+                            Err(_) => line.to_string(),
+                        }
                     }
+                    _ => line.to_string(),
                 }
-                _ => line.to_string(),
             })
             .collect::<Vec<_>>()
             .join("\n")
@@ -103,30 +109,69 @@ impl Rewrite {
 }
 
 /// Splits a byte stream into SSE events across chunk boundaries.
+///
+/// Bytes are buffered and only whole events are decoded: a network chunk may end inside a
+/// multi-byte character. Lines end with CRLF, LF or CR (the SSE spec allows all three, mixed),
+/// and an empty line ends an event. Events come out with their lines joined by `\n`, without
+/// the blank line. Hand-written rather than a client crate such as `eventsource-stream`: those
+/// yield parsed events (comments dropped, `data` lines merged, the trailing partial event
+/// discarded), while this proxy must re-emit every line of each event as it came.
 #[derive(Default)]
 pub struct SseFramer {
-    buf: String,
+    /// Lines of the event being read, each ended by `\n`.
+    event: Vec<u8>,
+    /// The line being read, without its terminator.
+    line: Vec<u8>,
+    /// The last byte seen was a CR: an LF right after it belongs to the same line ending.
+    after_cr: bool,
 }
 
 impl SseFramer {
     /// Feeds a chunk; returns the complete events it finished (each without the blank line).
     pub fn push(&mut self, chunk: &[u8]) -> Vec<String> {
-        self.buf.push_str(&String::from_utf8_lossy(chunk));
-        if self.buf.contains('\r') {
-            self.buf = self.buf.replace("\r\n", "\n");
-        }
         let mut events = Vec::new();
-        while let Some(i) = self.buf.find("\n\n") {
-            events.push(self.buf[..i].to_string());
-            self.buf.drain(..i + 2);
+        for &b in chunk {
+            if std::mem::take(&mut self.after_cr) && b == b'\n' {
+                continue;
+            }
+            match b {
+                b'\r' | b'\n' => {
+                    self.after_cr = b == b'\r';
+                    if self.line.is_empty() {
+                        if let Some(e) = self.take_event() {
+                            events.push(e);
+                        }
+                    } else {
+                        self.event.append(&mut self.line);
+                        self.event.push(b'\n');
+                    }
+                }
+                _ => self.line.push(b),
+            }
         }
         events
     }
 
     /// Whatever is left when the stream ends.
     pub fn finish(&mut self) -> Option<String> {
-        let rest = std::mem::take(&mut self.buf);
-        (!rest.trim().is_empty()).then_some(rest)
+        self.event.append(&mut self.line);
+        self.after_cr = false;
+        self.take_event().filter(|e| !e.trim().is_empty())
+    }
+
+    /// The buffered event, decoded whole (invalid UTF-8 in it is the upstream's, not a split).
+    fn take_event(&mut self) -> Option<String> {
+        if self.event.last() == Some(&b'\n') {
+            self.event.pop();
+        }
+        if self.event.is_empty() {
+            return None;
+        }
+        let bytes = std::mem::take(&mut self.event);
+        Some(match String::from_utf8(bytes) {
+            Ok(s) => s,
+            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        })
     }
 }
 
@@ -175,6 +220,71 @@ mod tests {
         assert_eq!(texts[1]["choices"][0]["text"], "ris");
         assert_eq!(texts[1]["choices"][0]["finish_reason"], "stop");
         assert_eq!(r.event("data: [DONE]"), "data: [DONE]");
+    }
+
+    fn texts(r: &Rewrite, events: &[String]) -> Vec<String> {
+        events
+            .iter()
+            .map(|e| {
+                let out = r.event(e);
+                let data = out.lines().find_map(|l| l.strip_prefix("data: "));
+                let v: Value = serde_json::from_str(data.unwrap_or(""))
+                    .unwrap_or_else(|err| panic!("event {e:?} has no JSON data: {err}"));
+                v["choices"][0]["text"].as_str().unwrap_or("").to_string()
+            })
+            .collect()
+    }
+
+    /// A network chunk may end anywhere, inside a multi-byte character or between the CR and
+    /// LF of a line ending: every split point gives the same events, for each line ending.
+    #[test]
+    fn a_character_split_across_chunks_survives_at_every_offset() {
+        let r = rw("/v1/completions");
+        for eol in ["\n", "\r\n", "\r"] {
+            let stream = format!(
+                "data: {{\"content\":\"café 😀\",\"stop\":false}}{eol}{eol}\
+                 : a comment{eol}data: {{\"content\":\"ß\",\"stop\":true}}{eol}{eol}"
+            );
+            let bytes = stream.as_bytes();
+            for cut in 0..=bytes.len() {
+                let mut f = SseFramer::default();
+                let mut events = f.push(&bytes[..cut]);
+                events.extend(f.push(&bytes[cut..]));
+                assert_eq!(f.finish(), None, "eol {eol:?}, cut at {cut}");
+                assert_eq!(
+                    texts(&r, &events),
+                    ["café 😀", "ß"],
+                    "eol {eol:?}, cut at {cut}: {events:?}"
+                );
+                assert!(events[1].starts_with(": a comment\n"), "{events:?}");
+            }
+            let mut f = SseFramer::default();
+            let events: Vec<String> = bytes.iter().flat_map(|b| f.push(&[*b])).collect();
+            assert_eq!(
+                texts(&r, &events),
+                ["café 😀", "ß"],
+                "byte by byte, {eol:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn mixed_line_endings_and_an_unterminated_tail() {
+        let mut f = SseFramer::default();
+        let events = f.push(b"data: 1\r\n\ndata: 2\n\r\n\n\ndata:3\r\rdata: 4");
+        assert_eq!(events, ["data: 1", "data: 2", "data:3"]);
+        assert_eq!(f.finish().as_deref(), Some("data: 4"));
+        assert_eq!(f.finish(), None);
+        let r = rw("/v1/completions");
+        let out: Value = serde_json::from_str(
+            r.event(r#"data:{"content":"x"}"#)
+                .trim_start_matches("data: "),
+        )
+        .expect("json");
+        assert_eq!(
+            out["choices"][0]["text"], "x",
+            "`data:` without a space is data too"
+        );
     }
 
     #[test]

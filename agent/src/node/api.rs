@@ -11,7 +11,7 @@ use axum::extract::{Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, MethodRouter};
 use axum::{Json, Router};
 use serde_json::json;
 
@@ -21,17 +21,28 @@ use crate::proto::{RankSpec, RankStatus, WaitQuery, MAX_WAIT};
 use crate::server::{self, Server, Signals};
 
 #[derive(Clone)]
-struct AppState {
+pub(super) struct AppState {
     agent: Arc<NodeAgent>,
     /// Long polls answer at once when the server is stopping.
     stopping: CancellationToken,
 }
 
+/// A path of the control API and its handlers.
+pub(super) type Route = (&'static str, fn() -> MethodRouter<AppState>);
+
+/// Every route of the control API, in one list: `router` adds them all before the token
+/// check (a route added after `.layer()` would be open), and the tests send every method to
+/// each of them without the token.
+pub(super) const ROUTES: &[Route] = &[
+    ("/v1/facts", || get(facts)),
+    ("/v1/rank", || get(rank_status).put(apply).delete(stop)),
+];
+
 pub fn router(agent: Arc<NodeAgent>, token: Secret, stopping: CancellationToken) -> Router {
     let token = Arc::new(token);
-    Router::new()
-        .route("/v1/facts", get(facts))
-        .route("/v1/rank", get(rank_status).put(apply).delete(stop))
+    ROUTES
+        .iter()
+        .fold(Router::new(), |r, (path, methods)| r.route(path, methods()))
         .layer(middleware::from_fn(move |req: Request, next: Next| {
             let token = token.clone();
             async move {

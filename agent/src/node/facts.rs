@@ -139,10 +139,18 @@ pub async fn collect(
             matches_expected: None,
         }
     };
-    let engine_package = binaries[0]
-        .path
-        .as_deref()
-        .and_then(|p| crate::pacman::owner_of(Path::new(crate::pacman::LOCAL_DB), p));
+    // Reading pacman's database blocks (a file list per package on a cache miss).
+    let engine_package = match binaries[0].path.clone() {
+        Some(p) => tokio::task::spawn_blocking(move || {
+            crate::pacman::owner_of(&crate::pacman::Layout::system(), &p)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "looking up the engine's pacman package failed");
+            None
+        }),
+        None => None,
+    };
     NodeFacts {
         agent_version: AGENT_VERSION.to_string(),
         protocol_version: PROTOCOL_VERSION,

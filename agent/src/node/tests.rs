@@ -143,3 +143,196 @@ fn decide_table() {
     s6.generation = 6;
     assert_eq!(decide(&cur, &s6), Decision::Replace);
 }
+
+/// Mock runner for the control API tests: records the names it is asked to start and starts
+/// nothing, so a test can tell whether a request reached the agent.
+#[derive(Default)]
+struct RecordingRunner {
+    starts: std::sync::Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl Runner for RecordingRunner {
+    async fn start(
+        &self,
+        name: &str,
+        _cmd: &crate::engine::CommandSpec,
+    ) -> anyhow::Result<crate::runner::Started> {
+        self.starts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(name.to_string());
+        Ok(crate::runner::Started {
+            pid: None,
+            unit: None,
+        })
+    }
+
+    async fn stop(&self, _name: &str) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    fn stops_with_agent(&self) -> bool {
+        true
+    }
+}
+
+/// Every route of the control API refuses a request without the right bearer token with 401,
+/// whatever the method, and nothing reaches the agent. The paths are the router's own list
+/// ([`api::ROUTES`]), each with a child path, plus paths a later route might take and unknown
+/// ones, so a route left outside the token check answers something else and fails this.
+#[tokio::test]
+async fn the_control_api_refuses_every_route_without_the_token() {
+    use axum::body::Body;
+    use axum::http::{header, Method, Request, StatusCode};
+    use tower::ServiceExt;
+
+    const TOKEN: &str = "control-token-0123456789abcdef";
+    let (dir, process_agent) =
+        setup("case \"$1\" in --version) echo 'version: 1 (test)';; *) exec sleep 300;; esac");
+    let runner = Arc::new(RecordingRunner::default());
+    let (_events, rx) = tokio::sync::mpsc::unbounded_channel();
+    let agent = NodeAgent::new(process_agent.config.clone(), 0, runner.clone(), rx).expect("agent");
+    let app = api::router(
+        agent.clone(),
+        crate::auth::Secret::new(TOKEN),
+        tokio_util::sync::CancellationToken::new(),
+    );
+    let body = serde_json::to_vec(&spec(&agent, 1)).expect("spec json");
+
+    let mut paths: Vec<String> = Vec::new();
+    for (path, _) in api::ROUTES {
+        paths.push(path.to_string());
+        paths.push(format!("{path}/x"));
+        paths.push(format!("{path}?after=0&wait_ms=0&token={TOKEN}"));
+    }
+    for p in [
+        "/",
+        "/v1",
+        "/v1/",
+        "/v1/rank/",
+        "/v2/rank",
+        "/v1/logs",
+        "/v1/status",
+        "/v1/stop",
+        "/v1/start",
+        "/v1/restart",
+        "/v1/config",
+        "/v1/version",
+        "/v1/health",
+        "/healthz",
+        "/metrics",
+        "/nonexistent",
+    ] {
+        paths.push(p.to_string());
+    }
+    let wrong_same_length = "x".repeat(TOKEN.len());
+    let basic = format!(
+        "Basic {}",
+        base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            format!("llm:{TOKEN}")
+        )
+    );
+    let credentials: Vec<Option<String>> = vec![
+        None,
+        Some(format!("Bearer {wrong_same_length}")),
+        Some(format!("Bearer {}", &TOKEN[..TOKEN.len() - 1])),
+        Some(format!("Bearer {TOKEN}x")),
+        Some(format!("bearer {wrong_same_length}")),
+        Some("Bearer".into()),
+        Some("Bearer ".into()),
+        Some(basic),
+        Some(format!("Basic {TOKEN}")),
+        Some(format!("Token {TOKEN}")),
+        Some(TOKEN.into()),
+    ];
+    let methods = [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+        Method::OPTIONS,
+    ];
+    let mut tried = 0;
+    for path in &paths {
+        for method in &methods {
+            for cred in &credentials {
+                let mut req = Request::builder()
+                    .method(method.clone())
+                    .uri(path.as_str())
+                    .header(header::CONTENT_TYPE, "application/json");
+                if let Some(c) = cred {
+                    req = req.header(header::AUTHORIZATION, c.as_str());
+                }
+                let req = req.body(Body::from(body.clone())).expect("request");
+                let resp = app.clone().oneshot(req).await.expect("router answers");
+                assert_eq!(
+                    resp.status(),
+                    StatusCode::UNAUTHORIZED,
+                    "{method} {path} with Authorization {cred:?}"
+                );
+                tried += 1;
+            }
+        }
+    }
+    // A header that is not UTF-8, and a wrong first header before the right one.
+    for headers in [
+        vec![axum::http::HeaderValue::from_bytes(b"Bearer \xff\xfe").expect("opaque bytes")],
+        vec![
+            axum::http::HeaderValue::from_static("Bearer wrong"),
+            axum::http::HeaderValue::from_static(TOKEN),
+        ],
+    ] {
+        let mut req = Request::builder().method(Method::PUT).uri("/v1/rank");
+        for h in headers {
+            req = req.header(header::AUTHORIZATION, h);
+        }
+        let req = req
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body.clone()))
+            .expect("request");
+        let resp = app.clone().oneshot(req).await.expect("router answers");
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    }
+    assert!(tried > 1000, "{tried} requests");
+    assert!(
+        runner.starts.lock().expect("lock").is_empty(),
+        "a refused request started a rank"
+    );
+    assert_eq!(agent.status().generation, 0);
+    assert_eq!(agent.status().phase, RankPhase::Idle);
+
+    // The same PUT with the token does start the rank: the check above could have failed.
+    // The scheme is case-insensitive (RFC 7235), so `bearer` with the right token is accepted.
+    for scheme in ["Bearer", "bearer"] {
+        let req = Request::builder()
+            .method(Method::PUT)
+            .uri("/v1/rank")
+            .header(header::AUTHORIZATION, format!("{scheme} {TOKEN}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body.clone()))
+            .expect("request");
+        let resp = app.clone().oneshot(req).await.expect("router answers");
+        assert_eq!(resp.status(), StatusCode::OK, "{scheme}");
+    }
+    assert_eq!(
+        runner.starts.lock().expect("lock").len(),
+        1,
+        "started once (the second PUT is a retry)"
+    );
+    // Every listed route exists behind the token (not 404/405): the list is what is served.
+    for (path, _) in api::ROUTES {
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(*path)
+            .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+            .body(Body::empty())
+            .expect("request");
+        let resp = app.clone().oneshot(req).await.expect("router answers");
+        assert_eq!(resp.status(), StatusCode::OK, "GET {path}");
+    }
+    drop(dir);
+}
