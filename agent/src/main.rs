@@ -4,6 +4,7 @@
 //! serves the OpenAI-compatible API. `llm-agent up --local N` runs a whole cluster on one machine.
 
 mod auth;
+mod check_config;
 mod config;
 mod coordinator;
 mod engine;
@@ -23,7 +24,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use config::{Config, DEFAULT_PATH};
+use config::DEFAULT_PATH;
 
 #[derive(Parser)]
 #[command(
@@ -143,7 +144,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::CheckConfig { path } => check_config(&path),
+        Command::CheckConfig { path } => check_config::run(&path),
         Command::Tune {
             check: _,
             apply,
@@ -219,45 +220,6 @@ fn measure_transfer(model: Option<&std::path::Path>, rate: String, delay: String
         }
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn check_config(path: &std::path::Path) -> ExitCode {
-    match Config::load(path) {
-        Ok(c) => {
-            let mut notes = Vec::new();
-            if let Some(windows) = &c.model.layer_windows {
-                match gguf::read_info(&c.model.path) {
-                    Ok(info) => {
-                        if let Err(e) = config::check_layer_total(windows, info.block_count) {
-                            eprintln!("{}: {e}", path.display());
-                            return ExitCode::FAILURE;
-                        }
-                    }
-                    Err(_) => notes.push(format!(
-                        "model {} is not readable here; layer_windows were not checked against its layer count",
-                        c.model.path.display()
-                    )),
-                }
-            }
-            println!(
-                "{}: ok — cluster `{}`, engine {}, {} node(s), model {}",
-                path.display(),
-                c.cluster.name,
-                c.cluster.engine,
-                c.world(),
-                c.model.path.display()
-            );
-            for n in notes {
-                println!("note: {n}");
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("{e}");
-            eprintln!("{} problem(s) found", e.problems.len());
             ExitCode::FAILURE
         }
     }

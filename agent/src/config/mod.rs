@@ -174,11 +174,14 @@ impl Node {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        let fail = |p| ConfigError {
             source: path.to_path_buf(),
-            problems: vec![Problem::general(format!("cannot read the file: {e}"))],
-        })?;
-        Config::parse(&text, path)
+            problems: vec![p],
+        };
+        let bytes = std::fs::read(path)
+            .map_err(|e| fail(Problem::general(format!("cannot read the file: {e}"))))?;
+        let text = validate::decode(&bytes).map_err(fail)?;
+        Config::parse(text, path)
     }
 
     /// Parses and validates config text; `source` only names it in messages.

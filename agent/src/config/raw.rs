@@ -11,8 +11,10 @@ use super::EngineKind;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct File {
-    pub cluster: Spanned<ClusterSection>,
-    pub model: Spanned<ModelSection>,
+    /// Optional here so a missing table is reported by validation, with a location, next to
+    /// every other problem (serde's "missing field" carries no position).
+    pub cluster: Option<Spanned<ClusterSection>>,
+    pub model: Option<Spanned<ModelSection>>,
     #[serde(default)]
     pub api: ApiSection,
     #[serde(default)]
@@ -26,7 +28,7 @@ pub struct File {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a [cluster] table")]
 pub struct ClusterSection {
     pub name: Spanned<String>,
     pub engine: EngineKind,
@@ -51,7 +53,7 @@ fn default_state_dir() -> Spanned<PathBuf> {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a [model] table")]
 pub struct ModelSection {
     pub path: Spanned<PathBuf>,
     pub name: Option<String>,
@@ -68,7 +70,7 @@ fn default_ctx() -> Spanned<u32> {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an [api] table")]
 pub struct ApiSection {
     #[serde(default = "default_listen")]
     pub listen: Spanned<SocketAddr>,
@@ -89,7 +91,7 @@ fn default_listen() -> Spanned<SocketAddr> {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields, default, expecting = "a [ports] table")]
 pub struct PortsSection {
     pub data: Spanned<u16>,
     pub signal: Spanned<u16>,
@@ -109,7 +111,7 @@ impl Default for PortsSection {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields, default, expecting = "a [binaries] table")]
 pub struct BinariesSection {
     pub prima_server: String,
     pub prima_worker: String,
@@ -129,7 +131,7 @@ impl Default for BinariesSection {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields, default, expecting = "a [supervision] table")]
 pub struct SupervisionSection {
     pub ready_timeout_s: u64,
     pub backoff_initial_ms: u64,
@@ -149,7 +151,7 @@ impl Default for SupervisionSection {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a [[node]] table")]
 pub struct NodeSection {
     pub rank: Spanned<i64>,
     pub address: Spanned<String>,

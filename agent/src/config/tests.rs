@@ -99,9 +99,9 @@ address = "10.0.0.3"
         all.contains("c.toml:6:8: model path must be absolute"),
         "{all}"
     );
+    // Two distinct ranks (0 and 3), so two windows are the right count; the 0 is what is wrong.
     assert!(
-        all.contains("c.toml:7:17: layer_windows has 2 entries but the cluster has 2 nodes")
-            || all.contains("layer_windows"),
+        all.contains("c.toml:7:17: every layer window must be at least 1"),
         "{all}"
     );
     assert!(
@@ -117,6 +117,7 @@ address = "10.0.0.3"
         "{all}"
     );
     assert!(all.contains("missing: 1"), "{all}");
+    assert_eq!(p.len(), 6, "one problem per mistake: {all}");
 }
 
 #[test]
@@ -217,4 +218,81 @@ fn layer_total_rule() {
     assert!(check_layer_total(&[10, 10, 10], 30).is_ok());
     assert!(check_layer_total(&[5, 5, 5], 30).is_ok());
     assert!(check_layer_total(&[16, 16], 30).is_err());
+}
+
+fn load_bytes(bytes: &[u8]) -> String {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, bytes).expect("write config");
+    let e = Config::load(&path).expect_err("must be refused");
+    e.to_string()
+        .strip_prefix(&*dir.path().to_string_lossy())
+        .map(|rest| format!("DIR{rest}"))
+        .unwrap_or_else(|| e.to_string())
+}
+
+#[test]
+fn invalid_utf8_names_line_and_column_of_the_first_bad_byte() {
+    let e = load_bytes(b"[cluster]\nname = \"ab\xffc\"\nengine = \"prima\"\n");
+    assert!(e.starts_with("DIR/c.toml:2:11: not valid UTF-8"), "{e}");
+    assert!(e.contains("0xff"), "{e}");
+}
+
+#[test]
+fn columns_count_characters_not_bytes() {
+    // `é` is two bytes; the bad byte is the 11th character (12th byte) of line 2.
+    let e = load_bytes(b"[cluster]\nname = \"a\xc3\xa9\xff\"\n");
+    assert!(e.starts_with("DIR/c.toml:2:11: not valid UTF-8"), "{e}");
+}
+
+#[test]
+fn missing_cluster_table_is_located() {
+    let p = problems("[model]\npath = \"/m.gguf\"\n[[node]]\nrank = 0\naddress = \"10.0.0.1\"\n");
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(
+        p[0].starts_with("c.toml:1: missing the [cluster] table"),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn missing_model_table_is_located() {
+    let p = problems(
+        "[cluster]\nname = \"x\"\nengine = \"prima\"\n[[node]]\nrank = 0\naddress = \"10.0.0.1\"\n",
+    );
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(
+        p[0].starts_with("c.toml:1: missing the [model] table"),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn an_empty_file_names_both_missing_tables() {
+    let p = problems("");
+    assert_eq!(p.len(), 2, "{p:?}");
+    assert!(
+        p[0].starts_with("c.toml:1: missing the [cluster] table"),
+        "{p:?}"
+    );
+    assert!(
+        p[1].starts_with("c.toml:1: missing the [model] table"),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn a_section_of_the_wrong_type_says_what_was_expected() {
+    let p = problems("cluster = 3\n[model]\npath = \"/m.gguf\"\n");
+    assert!(p[0].contains("expected a [cluster] table"), "{p:?}");
+}
+
+#[test]
+fn a_gap_in_the_ranks_points_at_the_rank_beyond_it() {
+    let p = problems(&GOOD.replace("rank = 2", "rank = 3"));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(
+        p[0].starts_with("c.toml:15:8: ranks must be 0..2 without gaps (3 nodes); missing: 2"),
+        "{p:?}"
+    );
 }

@@ -5,6 +5,8 @@ use std::net::IpAddr;
 use std::ops::Range;
 use std::path::Path;
 
+use toml::Spanned;
+
 use super::raw;
 use super::*;
 
@@ -19,17 +21,46 @@ impl Locator<'_> {
         if span.start == 0 && span.end == 0 {
             return Problem::general(message);
         }
-        let before = &self.text[..span.start.min(self.text.len())];
+        let mut start = span.start.min(self.text.len());
+        while !self.text.is_char_boundary(start) {
+            start -= 1;
+        }
+        let before = &self.text[..start];
         let line = before.matches('\n').count() + 1;
-        let column = before
-            .rfind('\n')
-            .map_or(before.len(), |i| before.len() - i - 1)
-            + 1;
+        // Columns count characters, as editors and rustc do, not bytes.
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let column = before[line_start..].chars().count() + 1;
         Problem {
             line: Some(line),
             column: Some(column),
             message: message.into(),
         }
+    }
+}
+
+/// The file as text, or where its first byte that is not UTF-8 is.
+pub(super) fn decode(bytes: &[u8]) -> Result<&str, Problem> {
+    std::str::from_utf8(bytes).map_err(|e| {
+        let good = e.valid_up_to();
+        // The prefix up to the bad byte is valid by definition.
+        let text = std::str::from_utf8(&bytes[..good]).unwrap_or_default();
+        Locator { text }.at(
+            good..good + 1,
+            format!(
+                "not valid UTF-8 (byte 0x{:02x}): the config must be UTF-8 text",
+                bytes[good]
+            ),
+        )
+    })
+}
+
+/// A problem that belongs to the file as a whole: placed on line 1 so it still reads as
+/// `file:line: message` like every other.
+fn at_top(message: impl Into<String>) -> Problem {
+    Problem {
+        line: Some(1),
+        column: None,
+        message: message.into(),
     }
 }
 
@@ -39,19 +70,38 @@ pub(super) fn parse(text: &str, source: &Path) -> Result<Config, ConfigError> {
         source: source.to_path_buf(),
         problems,
     };
-    let file: raw::File = match toml::from_str(text) {
+    let mut file: raw::File = match toml::from_str(text) {
         Ok(f) => f,
         Err(e) => {
             let message = e.message().trim().to_string();
             let p = match e.span() {
                 Some(span) => loc.at(span, message),
-                None => Problem::general(message),
+                None => at_top(message),
             };
             return Err(fail(vec![p]));
         }
     };
+    let (cluster, model) = match (file.cluster.take(), file.model.take()) {
+        (Some(c), Some(m)) => (c, m),
+        (c, m) => {
+            let mut problems = Vec::new();
+            if c.is_none() {
+                problems.push(at_top(
+                    "missing the [cluster] table: every config names its cluster and engine \
+                     ([cluster] with name = \"…\" and engine = \"prima\" or \"llama-rpc\")",
+                ));
+            }
+            if m.is_none() {
+                problems.push(at_top(
+                    "missing the [model] table: every config names its model \
+                     ([model] with path = \"/…/model.gguf\")",
+                ));
+            }
+            return Err(fail(problems));
+        }
+    };
     let mut problems = Vec::new();
-    let config = build(file, &loc, source, &mut problems);
+    let config = build(file, cluster, model, &loc, source, &mut problems);
     if problems.is_empty() {
         Ok(config)
     } else {
@@ -60,9 +110,16 @@ pub(super) fn parse(text: &str, source: &Path) -> Result<Config, ConfigError> {
     }
 }
 
-fn build(file: raw::File, loc: &Locator, source: &Path, problems: &mut Vec<Problem>) -> Config {
-    let cluster_span = file.cluster.span();
-    let cluster = file.cluster.into_inner();
+fn build(
+    file: raw::File,
+    cluster: Spanned<raw::ClusterSection>,
+    model: Spanned<raw::ModelSection>,
+    loc: &Locator,
+    source: &Path,
+    problems: &mut Vec<Problem>,
+) -> Config {
+    let cluster_span = cluster.span();
+    let cluster = cluster.into_inner();
     let engine = cluster.engine;
     if cluster.name.get_ref().trim().is_empty() {
         problems.push(loc.at(cluster.name.span(), "cluster name must not be empty"));
@@ -169,16 +226,25 @@ fn build(file: raw::File, loc: &Locator, source: &Path, problems: &mut Vec<Probl
         .map(|r| r.to_string())
         .collect();
     if !missing.is_empty() {
-        problems.push(Problem::general(format!(
+        let message = format!(
             "ranks must be 0..{} without gaps ({} nodes); missing: {}",
             world.saturating_sub(1),
             world,
             missing.join(", ")
-        )));
+        );
+        // A gap means some rank lies outside 0..world: point at the first such rank.
+        let beyond = seen
+            .range(world as i64..)
+            .next()
+            .or_else(|| seen.range(..0).next());
+        problems.push(match beyond {
+            Some((_, span)) => loc.at(span.clone(), message),
+            None => Problem::general(message),
+        });
     }
 
     // --- model -------------------------------------------------------------------------
-    let m = file.model.into_inner();
+    let m = model.into_inner();
     if !m.path.get_ref().is_absolute() {
         problems.push(loc.at(
             m.path.span(),
