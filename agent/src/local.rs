@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 use crate::auth;
 use crate::config::{Config, EngineKind};
@@ -19,7 +19,7 @@ use crate::service;
 #[derive(clap::Args, Debug)]
 pub struct UpArgs {
     /// Number of ranks (node agents) to run on this machine.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub local: u32,
     /// Engine: `llama-rpc` or `prima`.
     #[arg(long, default_value = "llama-rpc")]
@@ -122,14 +122,11 @@ pub fn local_config_text(args: &UpArgs, state_dir: &Path, token_file: &Path) -> 
 
 pub async fn up(args: UpArgs) -> Result<()> {
     let started = Instant::now();
-    if args.local == 0 {
-        bail!("--local must be at least 1");
-    }
-    let model = std::fs::canonicalize(&args.model).with_context(|| {
-        format!(
-            "--model {}: cannot read the model file",
+    let model = std::fs::canonicalize(&args.model).map_err(|e| {
+        crate::exit::Usage(format!(
+            "--model {}: cannot read the model file: {e}",
             args.model.display()
-        )
+        ))
     })?;
     let args = UpArgs { model, ..args };
     let state_dir = match &args.state_dir {
@@ -143,8 +140,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
     let token_file = state_dir.join("token");
     write_private(&token_file, &token)?;
     let text = local_config_text(&args, &state_dir, &token_file);
-    let config =
-        Config::parse(&text, Path::new("<up --local>")).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Kept as a ConfigError (not flattened to text) so that it exits 2, a usage error.
+    let config = Config::parse(&text, Path::new("<up --local>"))?;
     std::fs::write(state_dir.join("cluster.toml"), &text)?;
     let config = Arc::new(config);
 

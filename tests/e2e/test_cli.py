@@ -1,8 +1,14 @@
-"""The CLI as a person uses it: `check-config` on good and bad files, `--help` naming the commands."""
+"""The CLI as a person uses it: `check-config` on good and bad files, `--help` naming the commands,
+exit statuses that mean something (0 ok, 1 runtime failure, 2 usage or config error, 3 tune: not
+every key in effect)."""
 
+import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,7 +31,7 @@ def test_check_config_lists_every_problem_with_its_location(tmp_path):
         '[[node]]\nrank = 0\naddress = "10.0.0.1"\n'
         '[[node]]\nrank = 2\naddress = "nas.local"\n')
     r = agent("check-config", str(bad))
-    assert r.returncode == 1
+    assert r.returncode == 2
     lines = r.stderr.splitlines()
     assert f"{bad}:5:8: model path must be absolute (every node resolves it on its own disk)" in lines
     assert any(l.startswith(f"{bad}:6:17: layer_windows apply to engine = \"prima\" only") for l in lines), lines
@@ -35,7 +41,7 @@ def test_check_config_lists_every_problem_with_its_location(tmp_path):
     # A typo in a key is named with the keys that would have been valid.
     bad.write_text(bad.read_text().replace("engine =", "engnie ="))
     r = agent("check-config", str(bad))
-    assert r.returncode == 1
+    assert r.returncode == 2
     assert f"{bad}:3:1: unknown field `engnie`" in r.stderr
 
 
@@ -43,3 +49,142 @@ def test_help_names_every_command():
     out = agent("--help").stdout
     for cmd in ("run", "check-config", "up", "tune", "completions", "manpage"):
         assert f"  {cmd}" in out, out
+
+
+# --- exit statuses ------------------------------------------------------------------------------
+
+def valid_config(tmp_path, token_file):
+    """A config that validates, with one node (rank 0) and the given token file."""
+    path = tmp_path / "cluster.toml"
+    path.write_text(
+        f'[cluster]\nname = "exit-test"\nengine = "llama-rpc"\ntoken_file = "{token_file}"\n'
+        f'state_dir = "{tmp_path / "state"}"\n'
+        f'[model]\npath = "{tmp_path / "m.gguf"}"\n'
+        '[[node]]\nrank = 0\naddress = "127.0.0.1"\n')
+    return path
+
+
+def test_exit_status_is_documented_in_help_and_man_page():
+    help_text = agent("--help").stdout
+    man = agent("manpage").stdout
+    assert '.SH "EXIT STATUS"' in man
+    for code in ("0", "1", "2", "3"):
+        assert f"\n  {code}  " in help_text, help_text
+        assert f"\\fB{code}\\fR" in man
+    readme = (REPO / "README.md").read_text()
+    for line in help_text.split("Exit status:\n", 1)[1].strip().splitlines():
+        code, meaning = line.split(None, 1)
+        assert f"| {code} | {meaning} |" in readme, f"README's exit status table lacks: {line}"
+
+
+def test_exit_status_2_for_usage_errors(tmp_path):
+    for args in ([], ["no-such-command"], ["run"], ["run", "--node", "head"],
+                 ["up", "--local", "0", "--model", "m.gguf"],
+                 ["up", "--model", str(tmp_path / "missing.gguf")],
+                 ["tune", "--persist"], ["tune", "--check", "--apply"]):
+        r = agent(*args)
+        assert r.returncode == 2, (args, r.returncode, r.stderr)
+        assert r.stderr.strip(), f"{args}: exit 2 without saying why"
+
+
+def test_exit_status_2_for_config_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[cluster]\nname = "lab"\n')
+    for args in (["check-config", str(bad)], ["run", "--config", str(bad), "--node", "0"],
+                 ["run", "--config", str(tmp_path / "missing.toml"), "--node", "0"]):
+        r = agent(*args)
+        assert r.returncode == 2, (args, r.returncode, r.stderr)
+        assert str(bad.parent) in r.stderr, r.stderr
+    # A config that validates but does not list this node: the unit's instance name is wrong.
+    good = valid_config(tmp_path, tmp_path / "token")
+    r = agent("run", "--config", str(good), "--node", "rank7")
+    assert r.returncode == 2, r.stderr
+    assert "no [[node]] with rank = 7" in r.stderr
+
+
+def test_exit_status_1_for_runtime_failures(tmp_path):
+    # The config is fine; the token file it names is not there (yet): retrying may succeed.
+    good = valid_config(tmp_path, tmp_path / "token-not-written-yet")
+    assert agent("check-config", str(good)).returncode == 0
+    r = agent("run", "--config", str(good), "--node", "rank0")
+    assert r.returncode == 1, r.stderr
+    assert "token-not-written-yet" in r.stderr
+
+
+def sysctl_conf():
+    """(key, value) pairs of the packaged sysctl.d file, as the agent reads them."""
+    pairs = []
+    for line in (REPO / "sysctl.d/99-llm-net.conf").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", ";")) and "=" in line:
+            k, v = line.split("=", 1)
+            pairs.append((k.strip().lstrip("-"), " ".join(v.split())))
+    return pairs
+
+
+def tune_in_fake_proc(fake, etc, *args):
+    """`llm-agent tune ARGS` in a mount namespace of its own where /proc/sys is the directory
+    `fake` and /etc/sysctl.d is `etc`: the real binary and paths, this machine left alone."""
+    script = (f'mount --bind "{fake}" /proc/sys && mount --bind "{etc}" /etc/sysctl.d && '
+              f'exec "{os.environ["LLM_AGENT_BIN"]}" tune "$@"')
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+                           "tune", *args], capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
+                    reason="needs root and unshare (a private mount namespace)")
+def test_tune_exit_status_json_and_persist(tmp_path):
+    fake, etc = tmp_path / "proc-sys", tmp_path / "sysctl.d"
+    etc.mkdir()
+    wanted = sysctl_conf()
+
+    def put(key, value):
+        p = fake / key.replace(".", "/")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(value.replace(" ", "\t") + "\n")
+
+    for key, value in wanted:
+        put(key, value)
+    # bbr offered: the agent never needs modprobe here.
+    put("net.ipv4.tcp_available_congestion_control", "reno cubic bbr")
+
+    r = tune_in_fake_proc(fake, etc, "--check", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    assert report["in_effect"] and not report["changed"] and report["persisted"] is None
+    assert [k["key"] for k in report["keys"]] == [k for k, _ in wanted]
+    assert {k["state"] for k in report["keys"]} == {"already_set"}
+
+    # One floor below its value: check says 3, apply raises it and persists what is in effect.
+    floor, value = next((k, v) for k, v in wanted if v.isdigit())
+    put(floor, str(int(value) // 2))
+    r = tune_in_fake_proc(fake, etc, "--check")
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "differs" in r.stdout
+    r = tune_in_fake_proc(fake, etc, "--apply", "--persist", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    assert report["changed"] and report["in_effect"]
+    assert report["persisted"] == {"path": "/etc/sysctl.d/99-llm-net.conf", "written": True}
+    states = {k["key"]: k["state"] for k in report["keys"]}
+    assert states[floor] == "applied"
+    persisted = (etc / "99-llm-net.conf").read_text()
+    for key, v in wanted:
+        assert f"\n{key} = {v}\n" in persisted, persisted
+
+    # Nothing to do: nothing changed, the file is not rewritten.
+    r = tune_in_fake_proc(fake, etc, "--apply", "--persist", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    assert not report["changed"] and report["persisted"]["written"] is False
+
+    # A key this host cannot set: reported, left out of the file, exit 3 (not a failure).
+    absent = wanted[-1][0]
+    (fake / absent.replace(".", "/")).unlink()
+    r = tune_in_fake_proc(fake, etc, "--apply", "--persist", "--json")
+    assert r.returncode == 3, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    assert {k["key"]: k["state"] for k in report["keys"]}[absent] == "not_settable"
+    assert report["changed"], "the file lost a key"
+    assert absent not in (etc / "99-llm-net.conf").read_text()
+
