@@ -111,7 +111,9 @@ fn node_name(s: &str) -> Result<String, String> {
 }
 
 /// Logs go to journald with structured fields when systemd connected our output to the journal
-/// (JOURNAL_STREAM is set, or stderr is a socket while journald's socket exists), else to stderr.
+/// (JOURNAL_STREAM is set, or stderr is a socket while journald's socket exists), else to stderr,
+/// coloured only when stderr is a terminal and NO_COLOR (https://no-color.org) is unset or
+/// empty, so a log redirected to a file or a pipe carries no escape codes.
 fn init_logging(default_filter: &str) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -132,10 +134,19 @@ fn init_logging(default_filter: &str) {
         });
     match journald {
         Some(j) => tracing_subscriber::registry().with(filter).with(j).init(),
-        None => tracing_subscriber::registry()
-            .with(filter)
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-            .init(),
+        None => {
+            use std::io::IsTerminal;
+            let colour = std::io::stderr().is_terminal()
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .with_writer(std::io::stderr)
+                        .with_ansi(colour),
+                )
+                .init()
+        }
     }
 }
 

@@ -1,11 +1,16 @@
 """The CLI as a person uses it: `check-config` on good and bad files, `--help` naming the commands,
 exit statuses that mean something (0 ok, 1 runtime failure, 2 usage or config error, 3 tune: not
-every key in effect)."""
+every key in effect), and logs without colour codes when they go to a file."""
 
 import json
 import os
+import pty
+import random
+import select
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -188,3 +193,88 @@ def test_tune_exit_status_json_and_persist(tmp_path):
     assert report["changed"], "the file lost a key"
     assert absent not in (etc / "99-llm-net.conf").read_text()
 
+
+# --- logs ---------------------------------------------------------------------------------------
+
+def up_logs(tmp_path, stderr, env_extra):
+    """Starts `up --local 1` with its stderr on `stderr` (no engine binaries: only the agents'
+    own logs) and NO_COLOR unset unless `env_extra` sets it."""
+    offset = random.randint(100, 2000)
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"")
+    (tmp_path / "engines").mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    env.update({"RUST_LOG": "info", **env_extra})
+    proc = subprocess.Popen(
+        [os.environ["LLM_AGENT_BIN"], "up", "--local", "1", "--model", str(model),
+         "--engine-dir", str(tmp_path / "engines"), "--listen", "127.0.0.1:0",
+         "--port-offset", str(offset), "--state-dir", str(tmp_path / f"state-{offset}")],
+        stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+    return proc
+
+
+def wait_for(read, needle, proc, timeout=30):
+    deadline = time.monotonic() + timeout
+    seen = b""
+    while needle not in seen:
+        assert proc.poll() is None, f"up exited early ({proc.returncode}):\n{seen.decode(errors='replace')}"
+        assert time.monotonic() < deadline, f"no {needle!r} within {timeout} s:\n{seen!r}"
+        seen += read()
+    return seen
+
+
+def stop(proc):
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def test_logs_redirected_to_a_file_have_no_colour_codes(tmp_path):
+    log = tmp_path / "up.log"
+    with open(log, "wb") as f:
+        proc = up_logs(tmp_path, f, {})
+        try:
+            wait_for(lambda: (time.sleep(0.2), log.read_bytes())[1], b"local cluster starting", proc)
+        finally:
+            stop(proc)
+    text = log.read_bytes()
+    assert b" INFO " in text, text[:2000]
+    assert b"\x1b" not in text, f"escape codes in a log file: {text[:600]!r}"
+
+
+def pty_logs(tmp_path, env_extra):
+    """What `up` writes to stderr when stderr is a terminal (a pseudo-terminal here)."""
+    master, slave = pty.openpty()
+    proc = up_logs(tmp_path, slave, env_extra)
+    os.close(slave)
+
+    def read():
+        ready, _, _ = select.select([master], [], [], 0.5)
+        return os.read(master, 65536) if ready else b""
+
+    try:
+        seen = wait_for(read, b"local cluster starting", proc)
+        proc.send_signal(signal.SIGINT)
+        # Keep reading while it stops: a full terminal buffer would block its last lines.
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                seen += read()
+            except OSError:  # EIO: the terminal's other side is closed
+                break
+        return seen
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        os.close(master)
+
+
+def test_logs_on_a_terminal_are_coloured_unless_no_color(tmp_path):
+    assert b"\x1b[" in pty_logs(tmp_path, {}), "a terminal gets colour"
+    plain = pty_logs(tmp_path, {"NO_COLOR": "1"})
+    assert b" INFO " in plain
+    assert b"\x1b" not in plain, f"NO_COLOR is set: {plain[:600]!r}"
