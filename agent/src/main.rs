@@ -233,7 +233,10 @@ fn tune_command(apply: bool, persist: bool, json: bool) -> ExitCode {
             written,
         }),
         Some(Err(e)) => {
-            print!("{}", tune::render(&report));
+            // The keys were applied; say so before the error (JSON readers only get the error).
+            if !json {
+                print!("{}", tune::render(&report));
+            }
             return exit::report(&e);
         }
     };
