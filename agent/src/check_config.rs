@@ -18,7 +18,7 @@ pub fn run(path: &Path) -> ExitCode {
         Err(e) => {
             eprintln!("{e}");
             eprintln!("{} problem(s) found", e.problems.len());
-            return ExitCode::FAILURE;
+            return ExitCode::from(crate::exit::USAGE);
         }
     };
     let (model, notes) = match check_model(&config) {
@@ -38,7 +38,7 @@ pub fn run(path: &Path) -> ExitCode {
         Err(e) => {
             eprintln!("{e}");
             eprintln!("1 problem(s) found");
-            return ExitCode::FAILURE;
+            return ExitCode::from(crate::exit::USAGE);
         }
     };
     println!(

@@ -19,7 +19,7 @@ use crate::service;
 #[derive(clap::Args, Debug)]
 pub struct UpArgs {
     /// Number of ranks (node agents) to run on this machine.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub local: u32,
     /// Engine: `llama-rpc` or `prima`.
     #[arg(long, default_value = "llama-rpc")]
@@ -235,20 +235,19 @@ pub fn local_config_text(args: &UpArgs, state_dir: &Path, token_file: &Path) -> 
 
 pub async fn up(args: UpArgs) -> Result<()> {
     let started = Instant::now();
-    if args.local == 0 {
-        bail!("--local must be at least 1");
-    }
-    // Flag errors first, before anything is created on disk.
-    offset_ports(args.port_offset, args.local)?;
+    // Flag errors first, before anything is created on disk; they are usage errors (exit 2).
+    let usage = |e: anyhow::Error| crate::exit::Usage(format!("{e:#}"));
+    offset_ports(args.port_offset, args.local).map_err(usage)?;
     args.layer_windows
         .as_deref()
         .map(parse_layer_windows)
-        .transpose()?;
-    let model = std::fs::canonicalize(&args.model).with_context(|| {
-        format!(
-            "--model {}: cannot read the model file",
+        .transpose()
+        .map_err(usage)?;
+    let model = std::fs::canonicalize(&args.model).map_err(|e| {
+        crate::exit::Usage(format!(
+            "--model {}: cannot read the model file: {e}",
             args.model.display()
-        )
+        ))
     })?;
     let args = UpArgs { model, ..args };
     let state_dir = match &args.state_dir {
@@ -259,8 +258,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
     let token_file = state_dir.join("token");
     let token = state_token(&token_file)?;
     let text = local_config_text(&args, &state_dir, &token_file)?;
-    let config =
-        Config::parse(&text, Path::new("<up --local>")).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Kept as a ConfigError (not flattened to text) so that it exits 2, a usage error.
+    let config = Config::parse(&text, Path::new("<up --local>"))?;
     write_replacing(&state_dir.join("cluster.toml"), text.as_bytes())?;
     let config = Arc::new(config);
 

@@ -8,6 +8,7 @@ mod check_config;
 mod config;
 mod coordinator;
 mod engine;
+mod exit;
 mod gguf;
 mod local;
 mod node;
@@ -31,7 +32,8 @@ use config::DEFAULT_PATH;
     name = "llm-agent",
     version,
     about = "Node agent and coordinator for llm-cluster: one OpenAI-compatible endpoint over a \
-             prima.cpp or llama.cpp RPC ring spread across your machines"
+             prima.cpp or llama.cpp RPC ring spread across your machines",
+    after_help = exit::help()
 )]
 struct Cli {
     #[command(subcommand)]
@@ -46,13 +48,13 @@ enum Command {
         #[arg(long, env = "LLM_CLUSTER_CONFIG", default_value = DEFAULT_PATH)]
         config: PathBuf,
         /// Which [[node]] of the config this machine is: `rank2` or `2` (the systemd instance name).
-        #[arg(long)]
+        #[arg(long, value_parser = node_name)]
         node: String,
         /// How ranks are started.
         #[arg(long, value_enum, default_value = "auto")]
         runner: service::RunnerKind,
     },
-    /// Validate a config file: exit 0, or print every problem (file:line:column) and exit 1.
+    /// Validate a config file: exit 0, or print every problem (file:line:column) and exit 2.
     CheckConfig {
         /// Config file to check.
         #[arg(default_value = DEFAULT_PATH)]
@@ -61,6 +63,9 @@ enum Command {
     /// Run a whole cluster on this machine: N node agents and the coordinator over loopback.
     Up(local::UpArgs),
     /// Report the network tuning for ring traffic, key by key; --apply sets what is not in effect.
+    ///
+    /// Exits 0 when every key is in effect, 3 when some are not (they differ, or cannot be set
+    /// here), 1 when persisting or measuring fails.
     Tune {
         /// Only check and report (the default).
         #[arg(long, conflicts_with = "apply")]
@@ -68,6 +73,15 @@ enum Command {
         /// Apply the values (needs root) instead of only checking them.
         #[arg(long)]
         apply: bool,
+        /// With --apply: also write the keys in effect, with their values, to
+        /// /etc/sysctl.d/99-llm-net.conf (replacing the packaged file of that name), so that boot
+        /// restores them; rewritten only when they change.
+        #[arg(long, requires = "apply")]
+        persist: bool,
+        /// Print the report as JSON: `keys` (per key: key, wanted, before, after, state, reason),
+        /// `in_effect`, `changed` (a key applied or the file written), `persisted`.
+        #[arg(long, conflicts_with = "measure")]
+        json: bool,
         /// Also measure a prefill-sized transfer between two network namespaces over a shaped
         /// link, with default and with tuned settings (needs root and iproute2).
         #[arg(long)]
@@ -92,8 +106,17 @@ enum Command {
     Manpage,
 }
 
+/// `rank2` or `2`, checked while parsing so that a bad name is a usage error (exit 2).
+fn node_name(s: &str) -> Result<String, String> {
+    service::parse_node_name(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
 /// Logs go to journald with structured fields when systemd connected our output to the journal
-/// (JOURNAL_STREAM is set, or stderr is a socket while journald's socket exists), else to stderr.
+/// (JOURNAL_STREAM is set, or stderr is a socket while journald's socket exists), else to stderr,
+/// coloured only when stderr is a terminal and NO_COLOR (https://no-color.org) is unset or
+/// empty, so a log redirected to a file or a pipe carries no escape codes.
 fn init_logging(default_filter: &str) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -114,10 +137,19 @@ fn init_logging(default_filter: &str) {
         });
     match journald {
         Some(j) => tracing_subscriber::registry().with(filter).with(j).init(),
-        None => tracing_subscriber::registry()
-            .with(filter)
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-            .init(),
+        None => {
+            use std::io::IsTerminal;
+            let colour = std::io::stderr().is_terminal()
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .with_writer(std::io::stderr)
+                        .with_ansi(colour),
+                )
+                .init()
+        }
     }
 }
 
@@ -134,32 +166,33 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Command::Manpage => {
-            use clap::CommandFactory;
-            match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: cannot write the man page: {e}");
-                    ExitCode::FAILURE
-                }
+        Command::Manpage => match manpage(&mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: cannot write the man page: {e}");
+                ExitCode::from(exit::FAILURE)
             }
-        }
+        },
         Command::CheckConfig { path } => check_config::run(&path),
         Command::Tune {
             check: _,
             apply,
+            persist,
+            json,
             measure,
             model,
             rate,
             delay,
         } => {
             init_logging("warn");
-            let report = tune::Sysctl::default().tune(&tune::parse_conf(tune::SYSCTL_CONF), apply);
-            print!("{}", tune::render(&report));
-            if measure {
-                return measure_transfer(model.as_deref(), rate, delay);
+            let status = tune_command(apply, persist, json);
+            if measure && status != ExitCode::from(exit::FAILURE) {
+                let measured = measure_transfer(model.as_deref(), rate, delay);
+                if measured != ExitCode::SUCCESS {
+                    return measured;
+                }
             }
-            ExitCode::SUCCESS
+            status
         }
         Command::Run {
             config,
@@ -176,6 +209,60 @@ fn main() -> ExitCode {
     }
 }
 
+/// The man page: clap's sections, with an EXIT STATUS section from the same table as --help
+/// (clap_mangen would render after_help as one run-together paragraph).
+fn manpage(w: &mut dyn std::io::Write) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    let man = clap_mangen::Man::new(Cli::command());
+    man.render_title(w)?;
+    man.render_name_section(w)?;
+    man.render_synopsis_section(w)?;
+    man.render_description_section(w)?;
+    man.render_options_section(w)?;
+    man.render_subcommands_section(w)?;
+    exit::man_section().to_writer(w)?;
+    man.render_version_section(w)
+}
+
+/// `tune`: the report (a table, or JSON), persisted on request; the status says whether every
+/// key is in effect.
+fn tune_command(apply: bool, persist: bool, json: bool) -> ExitCode {
+    let report = tune::Sysctl::default().tune(&tune::parse_conf(tune::SYSCTL_CONF), apply);
+    let path = std::path::Path::new(tune::cli::PERSIST_PATH);
+    let persisted = match persist.then(|| tune::cli::persist(&report, path)) {
+        None => None,
+        Some(Ok(written)) => Some(tune::cli::Persisted {
+            path: path.to_path_buf(),
+            written,
+        }),
+        Some(Err(e)) => {
+            // The keys were applied; say so before the error (JSON readers only get the error).
+            if !json {
+                print!("{}", tune::render(&report));
+            }
+            return exit::report(&e);
+        }
+    };
+    let summary = tune::cli::Summary::new(&report, persisted);
+    if json {
+        match serde_json::to_string_pretty(&summary) {
+            Ok(text) => println!("{text}"),
+            Err(e) => return exit::report(&e.into()),
+        }
+    } else {
+        print!("{}", tune::render(&report));
+        if let Some(p) = &summary.persisted {
+            let what = if p.written { "written" } else { "unchanged" };
+            println!("persisted: {} ({what})", p.path.display());
+        }
+    }
+    if summary.in_effect {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(exit::NOT_IN_EFFECT)
+    }
+}
+
 fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -184,24 +271,22 @@ fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> Exit
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(exit::FAILURE);
         }
     };
     match rt.block_on(fut) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => exit::report(&e),
     }
 }
 
 fn measure_transfer(model: Option<&std::path::Path>, rate: String, delay: String) -> ExitCode {
     let hidden = match model.map(gguf::read_info) {
         Some(Ok(info)) => info.embedding_length.unwrap_or(8192),
+        // A --model that is not a readable GGUF is a bad argument.
         Some(Err(e)) => {
-            eprintln!("error: {e:#}");
-            return ExitCode::FAILURE;
+            eprintln!("error: --model: {e:#}");
+            return ExitCode::from(exit::USAGE);
         }
         None => 8192,
     };
@@ -218,9 +303,6 @@ fn measure_transfer(model: Option<&std::path::Path>, rate: String, delay: String
             print!("{}", r.render(opts.bytes));
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => exit::report(&e),
     }
 }

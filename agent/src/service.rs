@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -170,11 +170,12 @@ pub async fn run_node(config_path: PathBuf, node_name: String, runner: RunnerKin
     let rank = parse_node_name(&node_name)?;
     let config = Arc::new(Config::load(&config_path)?);
     if config.node(rank).is_none() {
-        bail!(
+        return Err(crate::exit::Usage(format!(
             "{}: no [[node]] with rank = {rank} (the config lists ranks 0..{})",
             config_path.display(),
             config.world().saturating_sub(1)
-        );
+        ))
+        .into());
     }
     let token = auth::load_token(&config.cluster.token_file)?;
     let node = start_node(config.clone(), rank, Secret::new(&token), runner, true).await?;

@@ -8,6 +8,7 @@ MainPID with no failed request; the per-key sysctl report inside a host; the eng
 
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -69,6 +70,8 @@ def cluster():
         "net.core.rmem_max", "net.core.default_qdisc")}
     with Lab(3, binds=binds) as lab:
         unit = (REPO / "packaging/systemd/llm-agent@.service").read_text()
+        # The unit's own command line with only the program moved to /opt (said once, in the unit).
+        exec_args = re.search(r"^ExecStart=\S+(.*)$", unit, re.M)[1]
         for h in lab.hosts:
             # What the packages do: the rank user (sysusers), its state dir (tmpfiles), the unit,
             # the config and the token. The binary lives in /opt because /usr is the machine's.
@@ -77,8 +80,7 @@ def cluster():
             h.run("install -d -o llm-cluster -g llm-cluster -m 0750 /var/lib/llm-cluster")
             h.write_file("/etc/systemd/system/llm-agent@.service", unit)
             h.write_file("/etc/systemd/system/llm-agent@.service.d/test.conf",
-                         "[Service]\nExecStart=\nExecStart=/opt/llm-agent/llm-agent run "
-                         "--config /etc/llm-cluster/cluster.toml --node %i\n")
+                         f"[Service]\nExecStart=\nExecStart=/opt/llm-agent/llm-agent{exec_args}\n")
             h.write_file("/etc/llm-cluster/cluster.toml", config_text(lab, model))
             h.write_file("/etc/llm-cluster/token", TOKEN + "\n", mode=0o600)
             h.write_file("/etc/llm-cluster/api-keys", API_KEY + "\n", mode=0o600)
@@ -181,7 +183,11 @@ def test_sysctl_report_matches_what_the_host_allows(cluster):
                 "net.ipv4.tcp_window_scaling"):
         assert report[key]["state"] in ("applied", "already_set"), report[key]
         assert " ".join(h.sysctl(key).split()) == report[key]["after"]
-    assert h.sysctl("net.ipv4.tcp_congestion_control") == "bbr"
+    conf = (REPO / "sysctl.d/99-llm-net.conf").read_text().splitlines()
+    wanted = {k.strip(): v.strip() for k, v in (l.split("=", 1) for l in conf
+                                                if "=" in l and not l.lstrip().startswith("#"))}
+    cc = "net.ipv4.tcp_congestion_control"
+    assert h.sysctl(cc) == wanted[cc]
     # The machine's own values are untouched.
     for k, v in machine_before.items():
         assert Lab.machine_sysctl(k) == v, k

@@ -7,6 +7,7 @@
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
+pub mod cli;
 pub mod measure;
 
 use crate::proto::{KeyReport, KeyState};
@@ -232,39 +233,81 @@ pub fn render(report: &[KeyReport]) -> String {
 mod tests {
     use super::*;
 
+    /// The packaged file is the one place the values live (the Ansible role applies them through
+    /// `tune --apply --json`, its test reads the file): check its shape here, not its numbers.
     #[test]
-    fn the_packaged_file_has_the_seed_values() {
-        let w = parse_conf(SYSCTL_CONF);
-        let get = |k: &str| w.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
-        assert_eq!(get("net.core.rmem_max"), Some("16777216"));
-        assert_eq!(get("net.core.wmem_max"), Some("16777216"));
-        assert_eq!(get("net.ipv4.tcp_rmem"), Some("4096 87380 16777216"));
-        assert_eq!(get("net.ipv4.tcp_wmem"), Some("4096 65536 16777216"));
-        assert_eq!(get("net.ipv4.tcp_window_scaling"), Some("1"));
-        assert_eq!(get("net.core.default_qdisc"), Some("fq"));
-        assert_eq!(get("net.ipv4.tcp_congestion_control"), Some("bbr"));
+    fn the_packaged_file_parses_and_every_floor_is_numeric() {
+        let wanted = parse_conf(SYSCTL_CONF);
+        let settings = SYSCTL_CONF
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .count();
+        assert_eq!(
+            wanted.len(),
+            settings,
+            "every setting line is `key = value`"
+        );
+        let mut keys: Vec<&str> = wanted.iter().map(|(k, _)| k.as_str()).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        assert_eq!(keys.len(), wanted.len(), "a key is set twice");
+        for floor in AT_LEAST {
+            let (_, v) = wanted
+                .iter()
+                .find(|(k, _)| k == floor)
+                .unwrap_or_else(|| panic!("floor key {floor} is not in the packaged file"));
+            assert!(
+                v.split(' ').all(|x| x.parse::<u64>().is_ok()),
+                "{floor} = {v}: a floor is numbers"
+            );
+        }
+    }
+
+    /// Each field of a numeric value multiplied by `num / den`.
+    fn scaled(v: &str, num: u64, den: u64) -> String {
+        v.split(' ')
+            .map(|x| (x.parse::<u64>().expect("numeric") * num / den).to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     /// Unit test over plain files standing in for /proc/sys (a narrow mock: the real kernel
-    /// behaviour is covered by the systemd-host tests).
+    /// behaviour is covered by the systemd-host tests). The wanted values are the packaged ones.
     #[test]
     fn reports_already_set_applied_differs_and_absent() {
+        let all = parse_conf(SYSCTL_CONF);
+        let want = |k: &str| {
+            all.iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| panic!("{k} is not in the packaged file"))
+        };
         let dir = tempfile::tempdir().expect("tempdir");
         let put = |k: &str, v: &str| {
             let p = dir.path().join(k.replace('.', "/"));
             std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
-            std::fs::write(p, v).expect("write");
+            // As the kernel prints them: tab-separated, newline-terminated.
+            std::fs::write(p, format!("{}\n", v.replace(' ', "\t"))).expect("write");
         };
-        put("net.ipv4.tcp_window_scaling", "1\n");
-        put("net.ipv4.tcp_rmem", "4096\t131072\t6291456\n");
-        let wanted = vec![
-            ("net.ipv4.tcp_window_scaling".to_string(), "1".to_string()),
-            (
-                "net.ipv4.tcp_rmem".to_string(),
-                "4096 87380 16777216".to_string(),
-            ),
-            ("net.core.default_qdisc".to_string(), "fq".to_string()),
-        ];
+        let scaling = "net.ipv4.tcp_window_scaling";
+        let rmem = "net.ipv4.tcp_rmem";
+        put(scaling, &want(scaling));
+        // Every field below the floor but the middle one, which is above it.
+        let w = want(rmem);
+        let f: Vec<&str> = w.split(' ').collect();
+        let current = format!(
+            "{} {} {}",
+            scaled(f[0], 1, 2),
+            scaled(f[1], 3, 2),
+            scaled(f[2], 1, 2)
+        );
+        put(rmem, &current);
+        let expected = format!("{} {} {}", f[0], scaled(f[1], 3, 2), f[2]);
+        let wanted: Vec<(String, String)> = [scaling, rmem, "net.core.default_qdisc"]
+            .iter()
+            .map(|k| (k.to_string(), want(k)))
+            .collect();
         let s = Sysctl::at(dir.path());
         let check = s.tune(&wanted, false);
         assert_eq!(check[0].state, KeyState::AlreadySet);
@@ -274,31 +317,20 @@ mod tests {
         );
         let applied = s.tune(&wanted, true);
         assert_eq!(applied[1].state, KeyState::Applied);
-        assert_eq!(applied[1].before.as_deref(), Some("4096 131072 6291456"));
+        assert_eq!(applied[1].before.as_deref(), Some(current.as_str()));
         assert_eq!(
-            s.read("net.ipv4.tcp_rmem").expect("read"),
-            "4096 131072 16777216",
-            "the larger default stays, the max is raised"
+            s.read(rmem).expect("read"),
+            expected,
+            "the larger field stays, the others are raised to the floor"
         );
         // A host already tuned above the floor keeps its values.
-        put("net.core.rmem_max", "33554432\n");
-        let higher = s.tune(
-            &[("net.core.rmem_max".to_string(), "16777216".to_string())],
-            true,
-        );
+        let rmem_max = "net.core.rmem_max";
+        put(rmem_max, &scaled(&want(rmem_max), 2, 1));
+        let higher = s.tune(&[(rmem_max.to_string(), want(rmem_max))], true);
         assert_eq!(higher[0].state, KeyState::AlreadySet);
-        put("net.ipv4.tcp_wmem", "4096 16384 33554432\n");
-        let mixed = s.tune(
-            &[(
-                "net.ipv4.tcp_wmem".to_string(),
-                "4096 65536 16777216".to_string(),
-            )],
-            true,
-        );
-        assert_eq!(mixed[0].after.as_deref(), Some("4096 65536 33554432"));
         let table = render(&applied);
         assert!(
-            table.contains("applied (was 4096 131072 6291456)"),
+            table.contains(&format!("applied (was {current})")),
             "{table}"
         );
     }
