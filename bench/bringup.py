@@ -22,25 +22,11 @@ from pathlib import Path
 
 import requests
 
+from bench_local import first_token_time as first_token
+
 RUNS = int(os.environ.get("BENCH_RUNS", "5"))
 OFFSET = int(os.environ.get("BENCH_PORT_OFFSET", "700"))
 API_PORT = 18800 + OFFSET
-
-
-def first_token(base, t0, timeout=120):
-    """Seconds from t0 to the first streamed content token from `base`."""
-    body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, "stream": True}
-    while time.monotonic() - t0 < timeout:
-        try:
-            with requests.post(f"{base}/v1/chat/completions", json=body, stream=True, timeout=30) as r:
-                if r.status_code == 200:
-                    for line in r.iter_lines():
-                        if line.startswith(b"data: ") and b'"content":"' in line:
-                            return time.monotonic() - t0
-        except requests.RequestException:
-            pass
-        time.sleep(0.01)
-    raise RuntimeError(f"no token from {base} within {timeout} s")
 
 
 def listening(port):

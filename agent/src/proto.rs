@@ -174,6 +174,27 @@ pub struct RankStatus {
     pub facts_version: u64,
 }
 
+impl RankStatus {
+    /// A rank nothing has been asked of yet, as a new agent process `instance` reports it.
+    pub fn idle(rank: u32, instance: u64) -> RankStatus {
+        RankStatus {
+            instance,
+            version: 0,
+            rank,
+            generation: 0,
+            phase: RankPhase::Idle,
+            pid: None,
+            unit: None,
+            listening: false,
+            command: None,
+            exit: None,
+            last_error: None,
+            spec: None,
+            facts_version: 0,
+        }
+    }
+}
+
 /// What a node knows about itself, so the coordinator can refuse inconsistent rings (different
 /// agent, protocol or engine builds, model files) before starting anything.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

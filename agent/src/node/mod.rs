@@ -90,21 +90,7 @@ impl NodeAgent {
             engine_dir: node.engine_dir.clone(),
             workdir: config.cluster.state_dir.join(format!("rank{rank}")),
         };
-        let (status, _) = watch::channel(RankStatus {
-            instance: rand::random(),
-            version: 0,
-            rank,
-            generation: 0,
-            phase: RankPhase::Idle,
-            pid: None,
-            unit: None,
-            listening: false,
-            command: None,
-            exit: None,
-            last_error: None,
-            spec: None,
-            facts_version: 0,
-        });
+        let (status, _) = watch::channel(RankStatus::idle(rank, rand::random()));
         let agent = Arc::new(NodeAgent {
             rank,
             config,

@@ -108,21 +108,7 @@ async fn rejects_a_spec_for_another_rank() {
 
 #[test]
 fn decide_table() {
-    let base = RankStatus {
-        instance: 1,
-        version: 0,
-        rank: 0,
-        generation: 0,
-        phase: RankPhase::Idle,
-        pid: None,
-        unit: None,
-        listening: false,
-        command: None,
-        exit: None,
-        last_error: None,
-        spec: None,
-        facts_version: 0,
-    };
+    let base = RankStatus::idle(0, 1);
     let text = "[cluster]\nname=\"t\"\nengine=\"prima\"\n[model]\npath=\"/m\"\n[[node]]\nrank=0\naddress=\"127.0.0.1\"\n";
     let c = Config::parse(text, Path::new("t")).expect("config");
     let s5 = crate::plan::plan(&c, 5, None)

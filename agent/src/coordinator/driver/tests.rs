@@ -46,21 +46,7 @@ impl FakeCluster {
         let config = Arc::new(Config::parse(&text, std::path::Path::new("t")).expect("config"));
         let nodes = (0..world)
             .map(|r| FakeNode {
-                status: watch::Sender::new(RankStatus {
-                    instance: 1,
-                    version: 0,
-                    rank: r,
-                    generation: 0,
-                    phase: RankPhase::Idle,
-                    pid: None,
-                    unit: None,
-                    listening: false,
-                    command: None,
-                    exit: None,
-                    last_error: None,
-                    spec: None,
-                    facts_version: 0,
-                }),
+                status: watch::Sender::new(RankStatus::idle(r, 1)),
                 hash: Mutex::new(HashState::Done {
                     sha256: "aa".into(),
                 }),
