@@ -243,6 +243,49 @@ def test_agent_restart_keeps_the_rank_unit_and_loses_no_request(cluster):
     assert "adopted running rank unit" in h.journal("llm-agent@rank1.service", 100)
 
 
+def test_a_wedged_agent_is_restarted_by_the_watchdog(cluster):
+    """An agent that stops answering (here: SIGSTOP, as a process wedged on a hung driver call
+    would) stops feeding systemd's watchdog; systemd kills and restarts it, and the new agent
+    adopts the rank unit, which ran on untouched. The shipped unit's WatchdogSec is shortened by
+    a drop-in so the test takes seconds."""
+    lab, base, _ = cluster
+    h = lab.hosts[1]
+    agent = "llm-agent@rank1.service"
+    dropin = "/etc/systemd/system/llm-agent@rank1.service.d/watchdog.conf"
+    h.write_file(dropin, "[Service]\nWatchdogSec=3s\nTimeoutAbortSec=2s\n")
+    h.systemctl("daemon-reload")
+    h.systemctl("restart", agent)
+    h.wait_active(agent)
+    try:
+        st = status(base)
+        unit = st["nodes"][1]["status"]["unit"]
+        rank_pid = h.unit_property(unit, "MainPID")
+        agent_pid = h.unit_property(agent, "MainPID")
+        restarts = int(h.unit_property(agent, "NRestarts"))
+        # A healthy agent feeds the watchdog: two intervals pass without a restart.
+        time.sleep(6)
+        assert h.unit_property(agent, "MainPID") == agent_pid, "restarted while healthy"
+        assert int(h.unit_property(agent, "NRestarts")) == restarts
+        h.run(["kill", "-STOP", agent_pid])
+        deadline = time.monotonic() + 60
+        while not (h.unit_property(agent, "MainPID") not in ("0", agent_pid)
+                   and h.unit_property(agent, "ActiveState") == "active"):
+            assert time.monotonic() < deadline, "the watchdog did not restart the stopped agent"
+            time.sleep(0.2)
+        assert int(h.unit_property(agent, "NRestarts")) == restarts + 1
+        assert "Watchdog timeout" in h.journal(agent, 200)
+        assert h.unit_property(unit, "MainPID") == rank_pid, "the rank unit must run on"
+        deadline = time.monotonic() + 60
+        while chat(base)[0] != 200:
+            assert time.monotonic() < deadline, "not serving after the agent's restart"
+            time.sleep(0.2)
+    finally:
+        h.run(["rm", "-f", dropin])
+        h.systemctl("daemon-reload")
+        h.systemctl("restart", agent)
+        h.wait_active(agent)
+
+
 def test_coordinator_restart_adopts_the_running_ring(cluster):
     lab, base, _ = cluster
     st = status(base)
