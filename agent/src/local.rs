@@ -118,6 +118,8 @@ struct LocalSupervision {
     backoff_initial_ms: u64,
     backoff_max_ms: u64,
     node_timeout_s: u64,
+    stall_timeout_s: u64,
+    probe_interval_s: u64,
 }
 
 #[derive(Serialize)]
@@ -216,6 +218,8 @@ pub fn local_config_text(args: &UpArgs, state_dir: &Path, token_file: &Path) -> 
             backoff_initial_ms: 500,
             backoff_max_ms: 10000,
             node_timeout_s: 10,
+            stall_timeout_s: 10,
+            probe_interval_s: 5,
         },
         node: (0..args.local)
             .zip(agent_ports)

@@ -195,6 +195,17 @@ impl RankStatus {
     }
 }
 
+/// `GET /v1/rank/usage`: the CPU time the running rank has used, sampled by the coordinator
+/// while work waits for output (a frozen or blocked rank uses none).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RankUsage {
+    pub generation: u64,
+    /// Microseconds of CPU time (the whole unit's cgroup under systemd).
+    pub cpu_usec: Option<u64>,
+    /// Why `cpu_usec` is missing.
+    pub error: Option<String>,
+}
+
 /// What a node knows about itself, so the coordinator can refuse inconsistent rings (different
 /// agent, protocol or engine builds, model files) before starting anything.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

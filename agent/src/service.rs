@@ -134,7 +134,14 @@ pub async fn start_coordinator(
     let coordinator = Coordinator::new(config.clone(), Arc::new(NodeClient::new(token_text)?));
     let view = coordinator.view();
     let heartbeat = coordinator.heartbeat();
-    let api = api::serve(config.api.listen, view.clone(), config.ports.server, keys).await?;
+    let api = api::serve(
+        config.api.listen,
+        view.clone(),
+        config.ports.server,
+        keys,
+        coordinator.activity(),
+    )
+    .await?;
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(coordinator.run(shutdown.clone(), stop_ring_on_exit));
     Ok(RunningCoordinator {

@@ -147,8 +147,15 @@ pub struct Supervision {
     pub ready_timeout_s: u64,
     pub backoff_initial_ms: u64,
     pub backoff_max_ms: u64,
-    /// How long a node agent may be unreachable while serving before its rank counts as lost.
+    /// How long a node agent may be unreachable while a ring starts before its rank counts as
+    /// lost. (While serving, an unreachable agent is a warning; the stall check decides.)
     pub node_timeout_s: u64,
+    /// With work in flight, how long the ring may show no progress (no bytes from rank 0, some
+    /// rank using no CPU time) before it counts as hung and is restarted.
+    pub stall_timeout_s: u64,
+    /// How often an idle serving ring is probed with a one-token completion, which crosses every
+    /// rank (rank 0's /health stays 200 with a dead worker).
+    pub probe_interval_s: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -137,6 +137,8 @@ pub struct SupervisionSection {
     pub backoff_initial_ms: u64,
     pub backoff_max_ms: u64,
     pub node_timeout_s: u64,
+    pub stall_timeout_s: u64,
+    pub probe_interval_s: u64,
 }
 
 impl Default for SupervisionSection {
@@ -146,6 +148,8 @@ impl Default for SupervisionSection {
             backoff_initial_ms: 1000,
             backoff_max_ms: 60_000,
             node_timeout_s: 15,
+            stall_timeout_s: 30,
+            probe_interval_s: 15,
         }
     }
 }

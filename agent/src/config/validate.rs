@@ -406,6 +406,8 @@ fn build(
                 .backoff_max_ms
                 .max(file.supervision.backoff_initial_ms),
             node_timeout_s: file.supervision.node_timeout_s,
+            stall_timeout_s: file.supervision.stall_timeout_s,
+            probe_interval_s: file.supervision.probe_interval_s,
         },
         nodes,
     };

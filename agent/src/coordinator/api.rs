@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::compat::{Rewrite, SseFramer};
+use super::progress::{Activity, Work};
 use super::ClusterView;
 use crate::auth::{bearer, ApiKeys};
 use crate::server::{self, Server, Signals};
@@ -37,6 +38,7 @@ struct ApiState {
     upstream: Arc<str>,
     /// Cancelled when the server's drain grace is over: responses still streaming end then.
     ending: CancellationToken,
+    activity: Activity,
 }
 
 /// The API's routes. `signals.ending` ends responses still streaming at shutdown.
@@ -45,6 +47,7 @@ pub fn router(
     upstream_port: u16,
     keys: Option<ApiKeys>,
     signals: &Signals,
+    activity: Activity,
 ) -> anyhow::Result<Router> {
     let http = reqwest::Client::builder()
         .connect_timeout(std::time::Duration::from_secs(5))
@@ -54,6 +57,7 @@ pub fn router(
         http,
         upstream: format!("http://127.0.0.1:{upstream_port}").into(),
         ending: signals.ending.clone(),
+        activity,
     };
     let keys = Arc::new(keys.filter(|k| !k.is_empty()));
     let protected = Router::new()
@@ -93,11 +97,12 @@ pub async fn serve(
     view: watch::Receiver<ClusterView>,
     upstream_port: u16,
     keys: Option<ApiKeys>,
+    activity: Activity,
 ) -> anyhow::Result<Server> {
     let listener = server::bind(addr, "the API (api.listen)").await?;
     tracing::info!(%addr, "API listening");
     let signals = Signals::default();
-    let app = router(view, upstream_port, keys, &signals)?;
+    let app = router(view, upstream_port, keys, &signals, activity)?;
     Ok(server::spawn(listener, app, signals, "API"))
 }
 
@@ -184,6 +189,8 @@ async fn proxy(State(s): State<ApiState>, req: Request) -> Response {
     if !view.serving() {
         return unavailable(&view, not_serving_message(&view));
     }
+    // In flight until the response ends or the client goes: what the stall check watches.
+    let work = s.activity.begin();
     let path = parts
         .uri
         .path_and_query()
@@ -233,7 +240,7 @@ async fn proxy(State(s): State<ApiState>, req: Request) -> Response {
         headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     }
     let rewrite = Rewrite::for_request(view.engine, path, &view.model.name);
-    let stream = forward(resp.bytes_stream(), lost, sse, rewrite);
+    let stream = forward(resp.bytes_stream(), lost, sse, rewrite, work);
     let mut out = Response::new(Body::from_stream(stream));
     *out.status_mut() = status;
     *out.headers_mut() = headers;
@@ -249,6 +256,7 @@ fn forward(
     lost: Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
     sse: bool,
     rewrite: Option<Rewrite>,
+    work: Work,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
     struct St<S> {
         upstream: Pin<Box<S>>,
@@ -257,6 +265,8 @@ fn forward(
         rewrite: Option<Rewrite>,
         framer: SseFramer,
         whole: Vec<u8>,
+        /// Dropped with the stream: the request is then no longer in flight.
+        work: Work,
     }
     let error_event = || {
         let e = json!({ "error": { "message": "The ring failed during this response; it is being restarted. Retry shortly.", "type": "server_error", "param": null, "code": "ring_unavailable" } });
@@ -269,6 +279,7 @@ fn forward(
         rewrite,
         framer: SseFramer::default(),
         whole: Vec::new(),
+        work,
     };
     futures_util::stream::unfold(st, move |mut st| async move {
         loop {
@@ -280,6 +291,9 @@ fn forward(
                 item = st.upstream.next() => item.map(|r| r.map_err(|e| e.to_string())),
                 _ = &mut st.lost => Some(Err("ring lost".to_string())),
             };
+            if let Some(Ok(_)) = &next {
+                st.work.progressed();
+            }
             match (next, &st.rewrite) {
                 (Some(Ok(chunk)), None) => return Some((Ok(chunk), st)),
                 (Some(Ok(chunk)), Some(rw)) if sse => {
@@ -373,7 +387,7 @@ mod tests {
     #[tokio::test]
     async fn not_serving_means_503_with_retry_after_and_an_openai_error() {
         let (_tx, rx) = watch::channel(view(Phase::BackingOff));
-        let app = router(rx, 1, None, &Signals::default()).expect("router");
+        let app = router(rx, 1, None, &Signals::default(), Activity::default()).expect("router");
         let (status, headers, body) = call(app.clone(), "/v1/chat/completions", None).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(
@@ -403,6 +417,7 @@ mod tests {
             1,
             Some(ApiKeys::parse("sk-good\n")),
             &Signals::default(),
+            Activity::default(),
         )
         .expect("router");
         let (status, _, body) = call(app.clone(), "/v1/models", None).await;
@@ -421,7 +436,7 @@ mod tests {
     async fn an_unreachable_rank_0_is_a_503_not_a_hang() {
         // Port 1 on loopback refuses connections: the engine is gone under a serving view.
         let (_tx, rx) = watch::channel(view(Phase::Serving));
-        let app = router(rx, 1, None, &Signals::default()).expect("router");
+        let app = router(rx, 1, None, &Signals::default(), Activity::default()).expect("router");
         let (status, headers, body) = call(app, "/v1/chat/completions", None).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(headers.contains_key("retry-after"));

@@ -10,7 +10,9 @@ use anyhow::{bail, Context, Result};
 use async_trait::async_trait;
 
 use super::check::{FactsError, NodeReport};
-use crate::proto::{FactsVersion, NodeFacts, RankSpec, RankStatus, WaitQuery, STOP_GRACE};
+use crate::proto::{
+    FactsVersion, NodeFacts, RankSpec, RankStatus, RankUsage, WaitQuery, STOP_GRACE,
+};
 
 #[async_trait]
 pub trait Nodes: Send + Sync + 'static {
@@ -28,8 +30,13 @@ pub trait Nodes: Send + Sync + 'static {
     async fn apply(&self, addr: SocketAddr, spec: &RankSpec) -> Result<RankStatus>;
     /// Stops the node's rank.
     async fn stop(&self, addr: SocketAddr) -> Result<RankStatus>;
+    /// The CPU time the node's rank has used.
+    async fn usage(&self, addr: SocketAddr) -> Result<RankUsage>;
     /// Whether rank 0's engine server, on this machine's loopback `port`, reports healthy.
     async fn head_healthy(&self, port: u16) -> bool;
+    /// Sends a one-token completion through the ring (rank 0's server on loopback `port`) and
+    /// returns once rank 0 answered, whatever it answered: an answer is progress.
+    async fn probe(&self, port: u16) -> Result<()>;
 }
 
 #[derive(Clone)]
@@ -132,6 +139,31 @@ impl Nodes for NodeClient {
             .send()
             .await?;
         Ok(Self::check(resp).await?.json().await?)
+    }
+
+    async fn usage(&self, addr: SocketAddr) -> Result<RankUsage> {
+        let resp = self
+            .http
+            .get(Self::url(addr, "/v1/rank/usage"))
+            .bearer_auth(&self.token)
+            .timeout(Duration::from_secs(3))
+            .send()
+            .await?;
+        Ok(Self::check(resp).await?.json().await?)
+    }
+
+    async fn probe(&self, port: u16) -> Result<()> {
+        // llama.cpp's and prima.cpp's native completion route; one token runs every layer, so
+        // every rank. No prompt cache: the prompt is evaluated, not looked up.
+        let body = serde_json::json!({"prompt": "1", "n_predict": 1, "cache_prompt": false});
+        self.http
+            .post(format!("http://127.0.0.1:{port}/completion"))
+            .json(&body)
+            .send()
+            .await?
+            .bytes()
+            .await?;
+        Ok(())
     }
 
     async fn head_healthy(&self, port: u16) -> bool {

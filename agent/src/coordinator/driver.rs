@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 use super::actions;
 use super::check::{running_generation, NodeReport};
 use super::client::Nodes;
+use super::progress::{Activity, CpuSample, StallJudge};
 use super::state::{Action, Event, Phase, Supervisor};
 use super::view::{ClusterView, Track};
 use crate::config::Config;
@@ -29,6 +30,9 @@ enum Msg {
         status: Box<anyhow::Result<RankStatus>>,
     },
     Facts(Vec<NodeReport>, Vec<String>),
+    /// CPU samples of every rank, in rank order, for `generation`.
+    Usage(u64, Vec<CpuSample>),
+    ProbeDone,
 }
 
 /// Liveness of the loop, read by the systemd watchdog: the time of the loop's last turn.
@@ -60,6 +64,8 @@ pub struct Driver {
     pub nodes: Arc<dyn Nodes>,
     pub view: watch::Sender<ClusterView>,
     pub heartbeat: Heartbeat,
+    /// Work in flight at rank 0, shared with the API.
+    pub activity: Activity,
 }
 
 /// The driver's mutable state within one run.
@@ -72,8 +78,14 @@ struct Run {
     shutdown: CancellationToken,
     /// Cancels the pending node check when a newer one is asked for.
     pending_check: Option<CancellationToken>,
-    /// Cancels the start and readiness probe of the current generation when it is stopped.
+    /// Cancels the start, readiness and progress probes of the current generation when it is
+    /// stopped.
     ring_tasks: CancellationToken,
+    judge: StallJudge,
+    /// A CPU sample round is out.
+    sampling: bool,
+    /// A probe is out.
+    probing: bool,
 }
 
 impl Driver {
@@ -97,6 +109,12 @@ impl Driver {
             shutdown: shutdown.clone(),
             pending_check: None,
             ring_tasks: shutdown.child_token(),
+            judge: StallJudge::new(
+                Duration::from_secs(s.stall_timeout_s),
+                self.config.nodes.len(),
+            ),
+            sampling: false,
+            probing: false,
         };
         for (rank, node) in self.config.nodes.iter().enumerate() {
             let (nodes, tx, stop) = (self.nodes.clone(), run.tx.clone(), shutdown.clone());
@@ -116,6 +134,7 @@ impl Driver {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {
+                    self.watch_progress(&mut run, &mut events);
                     for (rank, t) in run.tracks.iter().enumerate() {
                         if let Some((since, error)) = &t.unreachable {
                             if since.elapsed() >= node_timeout {
@@ -133,6 +152,15 @@ impl Driver {
                     Msg::Facts(facts, warnings) => {
                         self.view.send_modify(|v| v.update_facts(&facts, warnings));
                     }
+                    Msg::Usage(generation, samples) => {
+                        run.sampling = false;
+                        if generation == run.sup.generation {
+                            for (rank, s) in samples.into_iter().enumerate() {
+                                run.judge.record(rank, s);
+                            }
+                        }
+                    }
+                    Msg::ProbeDone => run.probing = false,
                 },
             }
             for e in events {
@@ -140,6 +168,10 @@ impl Driver {
                 let actions = run.sup.handle(e, tokio::time::Instant::now().into_std());
                 if run.sup.phase != before {
                     log_phase(&run.sup, &mut run.restarts);
+                    run.judge = StallJudge::new(
+                        Duration::from_secs(self.config.supervision.stall_timeout_s),
+                        self.config.nodes.len(),
+                    );
                 }
                 self.publish(&run);
                 self.perform(&mut run, actions);
@@ -162,6 +194,49 @@ impl Driver {
             tracing::info!(
                 "coordinator exiting; the ring's units keep running for the next coordinator"
             );
+        }
+    }
+
+    /// While serving: samples CPU time while work waits without output, asks the judge whether
+    /// the ring is hung, and probes an idle ring through every rank now and then.
+    fn watch_progress(&self, run: &mut Run, events: &mut Vec<Event>) {
+        if run.sup.phase != Phase::Serving {
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        let in_flight = self.activity.in_flight() > 0;
+        let last = self.activity.last_progress();
+        run.judge.forget_before(last);
+        if let Some(detail) = run.judge.judge(now, in_flight, last) {
+            events.push(Event::Stalled {
+                generation: run.sup.generation,
+                detail,
+            });
+            return;
+        }
+        let generation = run.sup.generation;
+        if !run.sampling && run.judge.wants_samples(in_flight, now - last) {
+            run.sampling = true;
+            let (config, nodes) = (self.config.clone(), self.nodes.clone());
+            Self::spawn(run, run.ring_tasks.clone(), async move {
+                Some(Msg::Usage(
+                    generation,
+                    sample_cpu(&config, nodes.as_ref(), generation).await,
+                ))
+            });
+        }
+        let probe_every = Duration::from_secs(self.config.supervision.probe_interval_s);
+        if !run.probing && !in_flight && now - self.activity.last_idle() >= probe_every {
+            run.probing = true;
+            let work = self.activity.begin();
+            let (port, nodes) = (self.config.ports.server, self.nodes.clone());
+            Self::spawn(run, run.ring_tasks.clone(), async move {
+                if let Err(e) = nodes.probe(port).await {
+                    tracing::debug!(error = %format!("{e:#}"), "probe failed");
+                }
+                drop(work);
+                Some(Msg::ProbeDone)
+            });
         }
     }
 
@@ -262,6 +337,9 @@ impl Driver {
                 }
                 Action::StopRing { generation } => {
                     run.ring_tasks.cancel();
+                    // Cancelled with the ring's tasks: neither comes back.
+                    run.sampling = false;
+                    run.probing = false;
                     Self::spawn(run, run.shutdown.child_token(), async move {
                         actions::stop_ring(&config, nodes.as_ref()).await;
                         Some(Msg::Event(Event::RingStopped { generation }))
@@ -381,6 +459,32 @@ fn rank_event(sup: &Supervisor, rank: u32, st: &RankStatus) -> Option<Event> {
         }
         _ => None,
     }
+}
+
+/// Every rank's CPU time now; a node that cannot say is an unknown sample, never progress.
+async fn sample_cpu(config: &Config, nodes: &dyn Nodes, generation: u64) -> Vec<CpuSample> {
+    futures_util::future::join_all(config.nodes.iter().map(|n| async move {
+        let r = nodes.usage(n.agent_addr()).await;
+        let at = tokio::time::Instant::now();
+        match r {
+            Ok(u) if u.generation != generation => CpuSample::Unknown {
+                at,
+                why: format!("its agent runs generation {}", u.generation),
+            },
+            Ok(u) => match u.cpu_usec {
+                Some(cpu_usec) => CpuSample::Used { at, cpu_usec },
+                None => CpuSample::Unknown {
+                    at,
+                    why: u.error.unwrap_or_else(|| "no CPU time reported".into()),
+                },
+            },
+            Err(e) => CpuSample::Unknown {
+                at,
+                why: format!("agent unreachable: {e:#}"),
+            },
+        }
+    }))
+    .await
 }
 
 /// How long one long poll of a node's status waits for a change.

@@ -11,6 +11,7 @@ pub mod check;
 pub mod client;
 pub mod compat;
 pub mod driver;
+pub mod progress;
 pub mod state;
 pub mod view;
 
@@ -37,8 +38,14 @@ impl Coordinator {
                 nodes,
                 view,
                 heartbeat: Heartbeat::default(),
+                activity: progress::Activity::default(),
             },
         }
+    }
+
+    /// Work in flight at rank 0: the API registers its requests here.
+    pub fn activity(&self) -> progress::Activity {
+        self.driver.activity.clone()
     }
 
     pub fn view(&self) -> watch::Receiver<ClusterView> {

@@ -84,8 +84,15 @@ pub enum Event {
         kind: ExitKind,
         detail: String,
     },
+    /// A node agent did not answer for `node_timeout_s`. Tears down a ring that is starting;
+    /// a serving ring goes on while it makes progress ([`Event::Stalled`] decides).
     NodeLost {
         rank: u32,
+        detail: String,
+    },
+    /// Work is in flight and the ring has made no progress (see `progress.rs`).
+    Stalled {
+        generation: u64,
         detail: String,
     },
     /// A node's facts changed on their own (its model hash finished, its agent restarted).
@@ -264,8 +271,15 @@ impl Supervisor {
                     ExitKind::DroppedByScheduler | ExitKind::Stopped => vec![],
                 }
             }
-            Event::NodeLost { rank, detail } if self.ring_active() => {
+            Event::NodeLost { rank, detail }
+                if matches!(self.phase, Phase::Starting | Phase::WaitingReady) =>
+            {
                 self.fail(format!("lost contact with rank {rank}: {detail}"), now)
+            }
+            Event::Stalled { generation, detail }
+                if self.is_current(generation) && self.phase == Phase::Serving =>
+            {
+                self.fail(detail, now)
             }
             // Look again now rather than at the next timed check: this is what makes a ring start
             // the moment the last model hash finishes.
@@ -537,29 +551,47 @@ mod tests {
     }
 
     #[test]
-    fn node_lost_only_matters_while_the_ring_runs() {
+    fn node_lost_tears_down_a_starting_ring_but_not_a_serving_one() {
+        let lost = || Event::NodeLost {
+            rank: 1,
+            detail: "timeout".into(),
+        };
         let mut s = sup();
         let now = Instant::now();
-        assert!(s
-            .handle(
-                Event::NodeLost {
-                    rank: 1,
-                    detail: "timeout".into()
-                },
-                now
-            )
-            .is_empty());
-        let g = serve(&mut s, now);
+        assert!(s.handle(lost(), now).is_empty(), "no ring yet");
+        s.handle(
+            Event::NodesChecked {
+                check: NodeCheck::Ready,
+                highest_generation: 0,
+                running_generation: None,
+            },
+            now,
+        );
+        assert_eq!(s.phase, Phase::Starting);
         assert_eq!(
-            s.handle(
-                Event::NodeLost {
-                    rank: 1,
-                    detail: "timeout".into()
-                },
-                now
-            ),
+            s.handle(lost(), now),
+            vec![Action::StopRing { generation: 1 }]
+        );
+        let mut s = sup();
+        let g = serve(&mut s, now);
+        assert!(
+            s.handle(lost(), now).is_empty(),
+            "a serving ring goes on while it makes progress"
+        );
+        assert_eq!(s.phase, Phase::Serving);
+        let stalled = |generation| Event::Stalled {
+            generation,
+            detail: "ring stalled: rank 1 used 0 ms of CPU time".into(),
+        };
+        assert!(s.handle(stalled(g - 1), now).is_empty(), "stale generation");
+        assert_eq!(
+            s.handle(stalled(g), now),
             vec![Action::StopRing { generation: g }]
         );
+        assert!(s
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("rank 1 used 0 ms")));
     }
 }
 

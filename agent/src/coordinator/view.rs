@@ -25,8 +25,13 @@ pub struct ClusterView {
     pub failures: u32,
     /// Ring restarts since this coordinator started.
     pub restarts: u64,
+    /// What needs a person's attention without stopping the ring: the node checks' warnings,
+    /// and agents that do not answer while their ring serves.
     pub warnings: Vec<String>,
     pub nodes: Vec<NodeView>,
+    /// The node checks' warnings, from which `warnings` is made.
+    #[serde(skip)]
+    check_warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -76,6 +81,7 @@ impl ClusterView {
             failures: 0,
             restarts: 0,
             warnings: vec![],
+            check_warnings: vec![],
             nodes: config
                 .nodes
                 .iter()
@@ -113,7 +119,16 @@ impl ClusterView {
         self.reason = sup.reason.clone();
         self.failures = sup.failures;
         self.restarts = restarts;
+        self.warnings = self.check_warnings.clone();
         for (n, t) in self.nodes.iter_mut().zip(tracks) {
+            if let (Some((since, error)), Phase::Serving) = (&t.unreachable, sup.phase) {
+                self.warnings.push(format!(
+                    "rank {}'s agent ({}) has not answered for {} s ({error}); the ring serves on while it makes progress",
+                    n.rank,
+                    n.agent,
+                    since.elapsed().as_secs()
+                ));
+            }
             n.reachable = t.unreachable.is_none() && t.status.is_some();
             n.status = t.status.clone();
             match (&t.unreachable, &t.status) {
@@ -133,7 +148,7 @@ impl ClusterView {
 
     /// Takes in freshly fetched facts; a node whose facts could not be read keeps its last ones.
     pub fn update_facts(&mut self, facts: &[NodeReport], warnings: Vec<String>) {
-        self.warnings = warnings;
+        self.check_warnings = warnings;
         for (n, f) in self.nodes.iter_mut().zip(facts) {
             match f {
                 Ok(f) => n.facts = Some(f.clone()),

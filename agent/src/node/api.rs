@@ -17,7 +17,7 @@ use serde_json::json;
 
 use super::{ApplyError, NodeAgent};
 use crate::auth::{bearer, Secret};
-use crate::proto::{RankSpec, RankStatus, WaitQuery, MAX_WAIT};
+use crate::proto::{RankSpec, RankStatus, RankUsage, WaitQuery, MAX_WAIT};
 use crate::server::{self, Server, Signals};
 
 #[derive(Clone)]
@@ -36,6 +36,7 @@ pub(super) type Route = (&'static str, fn() -> MethodRouter<AppState>);
 pub(super) const ROUTES: &[Route] = &[
     ("/v1/facts", || get(facts)),
     ("/v1/rank", || get(rank_status).put(apply).delete(stop)),
+    ("/v1/rank/usage", || get(usage)),
 ];
 
 pub fn router(agent: Arc<NodeAgent>, token: Secret, stopping: CancellationToken) -> Router {
@@ -99,6 +100,10 @@ async fn apply(State(s): State<AppState>, Json(spec): Json<RankSpec>) -> Respons
         }
         Err(e @ ApplyError::Invalid(_)) => error(StatusCode::BAD_REQUEST, e.to_string()),
     }
+}
+
+async fn usage(State(s): State<AppState>) -> Json<RankUsage> {
+    Json(s.agent.usage())
 }
 
 async fn stop(State(s): State<AppState>) -> Json<RankStatus> {

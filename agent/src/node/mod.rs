@@ -15,7 +15,7 @@ use crate::config::{Config, EngineKind};
 use crate::engine::{self, LocalEngine};
 use crate::plan::listen_ports;
 use crate::proto::{
-    self, ExitKind, ExitReport, KeyReport, NodeFacts, RankPhase, RankSpec, RankStatus,
+    self, ExitKind, ExitReport, KeyReport, NodeFacts, RankPhase, RankSpec, RankStatus, RankUsage,
 };
 use crate::runner::{RunEvent, Runner};
 use facts::ModelHasher;
@@ -127,6 +127,21 @@ impl NodeAgent {
 
     pub fn status(&self) -> RankStatus {
         self.status.borrow().clone()
+    }
+
+    /// The running rank's CPU time, from the runner (process counters or the unit's cgroup).
+    pub fn usage(&self) -> RankUsage {
+        let st = self.status();
+        let cpu = match (st.phase, st.pid) {
+            (RankPhase::Running, Some(pid)) => self.runner.cpu_usec(pid),
+            (RankPhase::Running, None) => Err("the running rank has no known pid".to_string()),
+            (phase, _) => Err(format!("no rank running ({})", phase.as_str())),
+        };
+        RankUsage {
+            generation: st.generation,
+            cpu_usec: cpu.as_ref().ok().copied(),
+            error: cpu.err(),
+        }
     }
 
     pub fn subscribe(&self) -> watch::Receiver<RankStatus> {

@@ -78,4 +78,79 @@ pub trait Runner: Send + Sync + 'static {
     /// Whether the agent's own exit should stop the ranks it started. A child process dies with
     /// its parent anyway; a systemd unit outlives an agent restart by design.
     fn stops_with_agent(&self) -> bool;
+
+    /// CPU time the rank whose main process is `pid` has used, in microseconds: how the
+    /// coordinator tells a slow rank from a frozen one. A child process: its own counters.
+    fn cpu_usec(&self, pid: u32) -> Result<u64, String> {
+        process_cpu_usec(pid)
+    }
+}
+
+/// utime + stime of a process (all its threads), from /proc/PID/stat.
+pub fn process_cpu_usec(pid: u32) -> Result<u64, String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| format!("cannot read /proc/{pid}/stat: {e}"))?;
+    // The command name may hold spaces and parentheses: fields are counted after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+    // Fields 14 and 15 of stat(5), i.e. 11 and 12 after the state field at index 0.
+    let (Some(utime), Some(stime)) = (ticks(11), ticks(12)) else {
+        return Err(format!("unexpected /proc/{pid}/stat: {stat}"));
+    };
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .and_then(|h| u64::try_from(h).ok())
+        .filter(|h| *h > 0)
+        .unwrap_or(100);
+    Ok((utime + stime).saturating_mul(1_000_000) / hz)
+}
+
+/// CPU time of the whole cgroup `pid` is in (a systemd unit: every process of the rank), from
+/// the cgroup v2 `cpu.stat`, which the kernel keeps without the cpu controller enabled.
+pub fn cgroup_cpu_usec(pid: u32) -> Result<u64, String> {
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .map_err(|e| format!("cannot read /proc/{pid}/cgroup: {e}"))?;
+    let path = cg
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or_else(|| format!("process {pid} is in no cgroup v2 hierarchy"))?;
+    let file = format!("/sys/fs/cgroup{}/cpu.stat", path.trim());
+    let stat = std::fs::read_to_string(&file).map_err(|e| format!("cannot read {file}: {e}"))?;
+    stat.lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| format!("no usage_usec in {file}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spin(d: std::time::Duration) {
+        let t = std::time::Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < d {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+    }
+
+    #[test]
+    fn cpu_time_of_a_working_process_rises() {
+        let me = std::process::id();
+        let before = process_cpu_usec(me).expect("own /proc stat");
+        spin(std::time::Duration::from_millis(200));
+        let after = process_cpu_usec(me).expect("own /proc stat");
+        assert!(after >= before + 100_000, "{before} -> {after}");
+        assert!(process_cpu_usec(u32::MAX).is_err(), "no such process");
+        // The cgroup counter exists wherever cgroup v2 is mounted (CI and the systemd hosts).
+        if std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+            let a = cgroup_cpu_usec(me).expect("cgroup cpu.stat");
+            spin(std::time::Duration::from_millis(100));
+            assert!(cgroup_cpu_usec(me).expect("cgroup cpu.stat") > a);
+        }
+    }
 }

@@ -144,6 +144,9 @@ impl Runner for ProcessRunner {
         };
         if !*done.borrow() {
             let _ = killpg(Pid::from_raw(pgid), Signal::SIGTERM);
+            // A frozen (SIGSTOPped) engine would hold SIGTERM pending until the grace ends:
+            // continue it so it can act on it (systemd does the same for units).
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGCONT);
             // prima's rank 0 ignores SIGINT while the ring forms; SIGTERM works, SIGKILL always.
             if tokio::time::timeout(grace, done.wait_for(|d| *d))
                 .await

@@ -457,6 +457,10 @@ impl Runner for SystemdRunner {
     fn stops_with_agent(&self) -> bool {
         false
     }
+
+    fn cpu_usec(&self, pid: u32) -> Result<u64, String> {
+        super::cgroup_cpu_usec(pid)
+    }
 }
 
 #[cfg(test)]

@@ -1,10 +1,12 @@
 //! Driver loop tests against `FakeCluster`, a mock of the node agents (no processes, no
 //! sockets) with tokio's paused clock, so timers run instantly and deterministically. What they
-//! pin: the llama.cpp start ordering, a lost node, stale answers, and that a finished model hash
-//! starts the ring at once rather than on the next timed check.
+//! pin: the llama.cpp start ordering, a lost node, stale answers, that a finished model hash
+//! starts the ring at once rather than on the next timed check, and the stall check: a frozen
+//! rank under load or under an idle probe restarts the ring, a slow one does not, and an agent
+//! that does not answer does not tear down a ring that makes progress.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use anyhow::bail;
@@ -13,7 +15,8 @@ use async_trait::async_trait;
 use super::*;
 use crate::coordinator::check::FactsError;
 use crate::proto::{
-    BinaryFact, HashState, ModelFact, NodeFacts, RankSpec, AGENT_VERSION, PROTOCOL_VERSION,
+    BinaryFact, HashState, ModelFact, NodeFacts, RankSpec, RankUsage, AGENT_VERSION,
+    PROTOCOL_VERSION,
 };
 
 struct FakeNode {
@@ -22,6 +25,8 @@ struct FakeNode {
     reachable: AtomicBool,
     /// Answered once, instead of the current status, by the next status request.
     stale: Mutex<Option<RankStatus>>,
+    /// CPU time the rank uses per second of (virtual) time, in ms.
+    cpu_ms_per_s: AtomicU64,
 }
 
 struct FakeCluster {
@@ -29,13 +34,18 @@ struct FakeCluster {
     nodes: Vec<FakeNode>,
     /// What was asked of the nodes, in order.
     log: Mutex<Vec<String>>,
+    t0: tokio::time::Instant,
+    /// The ring is frozen: a probe never comes back.
+    frozen: AtomicBool,
+    probes: AtomicU64,
 }
 
 impl FakeCluster {
     fn new(engine: &str, world: u32) -> Arc<FakeCluster> {
         let mut text = format!(
             "[cluster]\nname=\"t\"\nengine=\"{engine}\"\n[model]\npath=\"/m.gguf\"\n\
-             [supervision]\nnode_timeout_s = 3\nbackoff_initial_ms = 100\nbackoff_max_ms = 200\nready_timeout_s = 30\n"
+             [supervision]\nnode_timeout_s = 3\nbackoff_initial_ms = 100\nbackoff_max_ms = 200\nready_timeout_s = 30\n\
+             stall_timeout_s = 10\nprobe_interval_s = 5\n"
         );
         for r in 0..world {
             text.push_str(&format!(
@@ -52,12 +62,16 @@ impl FakeCluster {
                 }),
                 reachable: AtomicBool::new(true),
                 stale: Mutex::new(None),
+                cpu_ms_per_s: AtomicU64::new(500),
             })
             .collect();
         Arc::new(FakeCluster {
             config,
             nodes,
             log: Mutex::new(Vec::new()),
+            t0: tokio::time::Instant::now(),
+            frozen: AtomicBool::new(false),
+            probes: AtomicU64::new(0),
         })
     }
 
@@ -180,8 +194,32 @@ impl Nodes for FakeCluster {
         Ok(st)
     }
 
+    async fn usage(&self, addr: SocketAddr) -> anyhow::Result<RankUsage> {
+        let (_, n) = self.node(addr);
+        if !n.reachable.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            bail!("connect timed out");
+        }
+        let elapsed_ms = u64::try_from(self.t0.elapsed().as_millis()).expect("ms");
+        let st = n.status.borrow().clone();
+        Ok(RankUsage {
+            generation: st.generation,
+            cpu_usec: Some(n.cpu_ms_per_s.load(Ordering::SeqCst) * elapsed_ms),
+            error: None,
+        })
+    }
+
     async fn head_healthy(&self, _port: u16) -> bool {
         self.nodes[0].status.borrow().phase == RankPhase::Running
+    }
+
+    async fn probe(&self, _port: u16) -> anyhow::Result<()> {
+        self.probes.fetch_add(1, Ordering::SeqCst);
+        if self.frozen.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        Ok(())
     }
 }
 
@@ -207,22 +245,26 @@ fn listen_after_start(fake: &Arc<FakeCluster>) {
 
 struct Running {
     view: watch::Receiver<ClusterView>,
+    activity: Activity,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
 
 fn start(fake: &Arc<FakeCluster>) -> Running {
     let (view, rx) = watch::channel(ClusterView::initial(&fake.config));
+    let activity = Activity::default();
     let driver = Driver {
         config: fake.config.clone(),
         nodes: fake.clone(),
         view,
         heartbeat: Heartbeat::default(),
+        activity: activity.clone(),
     };
     let stop = CancellationToken::new();
     let task = tokio::spawn(driver.run(stop.clone(), true));
     Running {
         view: rx,
+        activity,
         stop,
         task,
     }
@@ -334,8 +376,9 @@ async fn a_lost_node_restarts_the_ring_once_it_is_back() {
     let fake = FakeCluster::new("prima", 3);
     let mut r = start(&fake);
     let v = serving_after(&mut r, 0).await;
+    // The whole machine goes: its agent does not answer and the ring stops (a probe hangs).
     fake.nodes[2].reachable.store(false, Ordering::SeqCst);
-    // Its watcher's poll fails; node_timeout_s (3 s) later the ring is torn down.
+    fake.frozen.store(true, Ordering::SeqCst);
     let mut view = r.view.clone();
     let lost = tokio::time::timeout(Duration::from_secs(60), view.wait_for(|v| !v.serving()))
         .await
@@ -345,17 +388,136 @@ async fn a_lost_node_restarts_the_ring_once_it_is_back() {
     assert!(
         down.reason
             .as_deref()
-            .is_some_and(|r| r.contains("lost contact with rank 2")),
+            .is_some_and(|r| r.contains("rank 2 cannot say: agent unreachable")),
         "{:?}",
         down.reason
     );
-    assert_eq!(down.nodes[2].state, "unreachable");
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(!r.view.borrow().serving(), "no ring without rank 2");
     fake.nodes[2].reachable.store(true, Ordering::SeqCst);
+    fake.frozen.store(false, Ordering::SeqCst);
     let back = serving_after(&mut r, v.generation).await;
     assert_eq!(back.restarts, 1);
     assert_eq!(back.nodes[2].state, "running");
+    r.stop.cancel();
+    r.task.await.expect("driver ends");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_frozen_rank_under_load_restarts_the_ring_within_the_stall_timeout() {
+    let fake = FakeCluster::new("llama-rpc", 3);
+    listen_after_start(&fake);
+    let mut r = start(&fake);
+    let v = serving_after(&mut r, 0).await;
+    // A stream is in flight; then rank 1 freezes: no more output, no more CPU time.
+    let work = r.activity.begin();
+    fake.nodes[1].cpu_ms_per_s.store(0, Ordering::SeqCst);
+    let t = tokio::time::Instant::now();
+    let mut view = r.view.clone();
+    tokio::time::timeout(Duration::from_secs(60), view.wait_for(|v| !v.serving()))
+        .await
+        .expect("detected")
+        .expect("driver alive");
+    let detected = t.elapsed();
+    assert!(
+        detected <= Duration::from_secs(10 + 2),
+        "detected after {detected:?}"
+    );
+    let reason = r.view.borrow().reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains("ring stalled") && reason.contains("rank 1 used 0 ms of CPU time"),
+        "{reason}"
+    );
+    drop(work);
+    fake.nodes[1].cpu_ms_per_s.store(500, Ordering::SeqCst);
+    let back = serving_after(&mut r, v.generation).await;
+    assert_eq!(back.restarts, 1);
+    r.stop.cancel();
+    r.task.await.expect("driver ends");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_rank_that_computes_is_not_a_hang() {
+    let fake = FakeCluster::new("prima", 3);
+    let mut r = start(&fake);
+    let v = serving_after(&mut r, 0).await;
+    // A long prompt: no output for 25 s (2.5 stall timeouts), rank 2 throttled but computing.
+    fake.nodes[2].cpu_ms_per_s.store(30, Ordering::SeqCst);
+    let work = r.activity.begin();
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    work.progressed();
+    drop(work);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let now = r.view.borrow().clone();
+    assert!(now.serving(), "{:?}", now.reason);
+    assert_eq!((now.generation, now.restarts), (v.generation, 0));
+    r.stop.cancel();
+    r.task.await.expect("driver ends");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_ring_is_probed_and_a_hung_probe_restarts_it() {
+    let fake = FakeCluster::new("prima", 2);
+    let mut r = start(&fake);
+    let v = serving_after(&mut r, 0).await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert!(fake.probes.load(Ordering::SeqCst) >= 2, "probed every 5 s");
+    assert!(r.view.borrow().serving());
+    // Rank 0 freezes while idle: the next probe never returns, and rank 0 uses no CPU.
+    fake.frozen.store(true, Ordering::SeqCst);
+    fake.nodes[0].cpu_ms_per_s.store(0, Ordering::SeqCst);
+    let mut view = r.view.clone();
+    tokio::time::timeout(
+        Duration::from_secs(5 + 10 + 2),
+        view.wait_for(|v| !v.serving()),
+    )
+    .await
+    .expect("a hung probe is detected")
+    .expect("driver alive");
+    fake.frozen.store(false, Ordering::SeqCst);
+    fake.nodes[0].cpu_ms_per_s.store(500, Ordering::SeqCst);
+    serving_after(&mut r, v.generation).await;
+    r.stop.cancel();
+    r.task.await.expect("driver ends");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unreachable_agent_is_a_warning_while_the_ring_progresses() {
+    let fake = FakeCluster::new("prima", 3);
+    let mut r = start(&fake);
+    let v = serving_after(&mut r, 0).await;
+    fake.nodes[1].reachable.store(false, Ordering::SeqCst);
+    // Requests keep coming back for a minute: well past node_timeout_s (3 s).
+    for _ in 0..60 {
+        let w = r.activity.begin();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        w.progressed();
+        drop(w);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let now = r.view.borrow().clone();
+    assert!(now.serving(), "{:?}", now.reason);
+    assert_eq!(now.generation, v.generation);
+    assert_eq!(now.nodes[1].state, "unreachable");
+    assert!(
+        now.warnings
+            .iter()
+            .any(|w| w.contains("rank 1's agent") && w.contains("serves on")),
+        "{:?}",
+        now.warnings
+    );
+    // If the ring then stops progressing, the unreachable agent cannot vouch for its rank.
+    let _work = r.activity.begin();
+    let mut view = r.view.clone();
+    tokio::time::timeout(Duration::from_secs(10 + 5), view.wait_for(|v| !v.serving()))
+        .await
+        .expect("torn down once it stops progressing")
+        .expect("driver alive");
+    let reason = r.view.borrow().reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains("rank 1 cannot say: agent unreachable"),
+        "{reason}"
+    );
     r.stop.cancel();
     r.task.await.expect("driver ends");
 }
