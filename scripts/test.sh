@@ -46,8 +46,5 @@ step "Ansible: ansible-lint (production), syntax check, a converge of three syst
 bash scripts/check-ansible.sh
 
 step "Arch packages: lint, .SRCINFO, real makepkg build of llm-agent + llm-cluster, contents"
-if [ "$(id -u)" = 0 ] || command -v makepkg >/dev/null; then
-  bash scripts/check-packages.sh
-else
-  echo "SKIPPED: the package checks need root (to install makepkg) or makepkg on PATH"
-fi
+# Without root (to install makepkg) or makepkg on PATH the tests that need it are reported skipped.
+"$VENV/bin/pytest" -rs -v -s -p no:cacheprovider tests/packages
