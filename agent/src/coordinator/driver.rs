@@ -487,8 +487,10 @@ async fn sample_cpu(config: &Config, nodes: &dyn Nodes, generation: u64) -> Vec<
     .await
 }
 
-/// How long one long poll of a node's status waits for a change.
-const WATCH_WAIT: Duration = Duration::from_secs(20);
+/// How long one long poll of a node's status waits for a change. Short, because a frozen agent
+/// still accepts connections (the kernel does) and is only noticed when a poll times out: this
+/// plus the client's margin is how soon an agent that stopped answering shows as unreachable.
+const WATCH_WAIT: Duration = Duration::from_secs(5);
 
 /// Follows one node's rank status with long polls, reporting every change and every failure.
 async fn watch_node(
