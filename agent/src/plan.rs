@@ -93,6 +93,32 @@ pub fn rpc_port(base: u16, rank: u32) -> u16 {
     base.saturating_add(rank as u16)
 }
 
+/// The connections rank `spec.rank`'s engine will open to other ranks, as (rank, address):
+/// llama.cpp's head dials every rpc worker; a prima rank dials the next rank's data port, and
+/// workers also rank 0's. Checked before a ring starts, so a cut link is named instead of
+/// starting a ring that would hang on it.
+pub fn link_targets(spec: &RankSpec) -> Vec<(u32, SocketAddr)> {
+    match spec.engine {
+        EngineKind::LlamaRpc => spec
+            .rpc_workers
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (i as u32 + 1, *a))
+            .collect(),
+        EngineKind::Prima => {
+            let next = (spec.rank + 1) % spec.world.max(1);
+            let mut v = vec![(
+                next,
+                SocketAddr::new(spec.next, spec.ports.data.saturating_add(next as u16)),
+            )];
+            if spec.rank != 0 && next != 0 {
+                v.push((0, SocketAddr::new(spec.master, spec.ports.data)));
+            }
+            v
+        }
+    }
+}
+
 /// Ports a rank listens on once it is up, for fencing and readiness checks.
 pub fn listen_ports(spec: &RankSpec) -> Vec<u16> {
     match spec.engine {
@@ -175,5 +201,39 @@ mod tests {
         assert!(p.ranks[1].rpc_workers.is_empty());
         assert_eq!(listen_ports(&p.ranks[2]), vec![50054]);
         assert!(listen_ports(&p.ranks[0]).is_empty());
+        let links: Vec<(u32, String)> = link_targets(&p.ranks[0])
+            .into_iter()
+            .map(|(r, a)| (r, a.to_string()))
+            .collect();
+        assert_eq!(
+            links,
+            [(1, "127.0.0.1:50053".into()), (2, "127.0.0.1:50054".into())]
+        );
+        assert!(link_targets(&p.ranks[1]).is_empty(), "workers dial nobody");
+    }
+
+    #[test]
+    fn prima_ranks_dial_the_next_rank_and_the_master() {
+        let c = config(
+            "prima",
+            "",
+            &[("10.0.0.1", 7700), ("10.0.0.2", 7700), ("10.0.0.3", 7700)],
+        );
+        let p = plan(&c, 1, None).expect("plan");
+        let links = |r: usize| -> Vec<(u32, String)> {
+            link_targets(&p.ranks[r])
+                .into_iter()
+                .map(|(r, a)| (r, a.to_string()))
+                .collect()
+        };
+        assert_eq!(links(0), [(1, "10.0.0.2:9001".to_string())]);
+        assert_eq!(
+            links(1),
+            [
+                (2, "10.0.0.3:9002".to_string()),
+                (0, "10.0.0.1:9000".into())
+            ]
+        );
+        assert_eq!(links(2), [(0, "10.0.0.1:9000".to_string())]);
     }
 }

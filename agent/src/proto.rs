@@ -206,6 +206,23 @@ pub struct RankUsage {
     pub error: Option<String>,
 }
 
+/// `GET /v1/links`: whether this node reaches every rank its engine will connect to (planned by
+/// the node from its own config). Asked before a ring starts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LinkReport {
+    pub rank: u32,
+    pub links: Vec<LinkCheck>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LinkCheck {
+    pub to_rank: u32,
+    pub addr: SocketAddr,
+    pub reachable: bool,
+    /// What the connection attempt found ("refused: nothing listens yet", "timed out", ...).
+    pub detail: String,
+}
+
 /// What a node knows about itself, so the coordinator can refuse inconsistent rings (different
 /// agent, protocol or engine builds, model files) before starting anything.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

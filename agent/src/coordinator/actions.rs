@@ -17,7 +17,8 @@ use crate::proto::{RankPhase, RankStatus};
 
 /// Looks at every node: facts judged by [`check::check_nodes`] (plus the model's layer count
 /// for prima's explicit windows: the head reads the GGUF header, it has the model in both
-/// engines), and each rank's status, for the highest generation seen and a ring to adopt.
+/// engines), each rank's status, for the highest generation seen and a ring to adopt, and,
+/// before a fresh start, every link between ranks ([`check::broken_links`]).
 pub struct NodesLook {
     pub check: NodeCheck,
     pub facts: Vec<NodeReport>,
@@ -52,6 +53,20 @@ pub async fn look_at_nodes(config: &Config, nodes: &dyn Nodes) -> NodesLook {
             .ok()
     }))
     .await;
+    // Links only before a fresh start: a ring to adopt is running on them (and probing a
+    // running llama.cpp rpc server's port would make the probe its client).
+    if check == NodeCheck::Ready && check::running_generation(config, &statuses).is_none() {
+        let links = join_all(config.nodes.iter().map(|n| async move {
+            nodes
+                .links(n.agent_addr())
+                .await
+                .map_err(|e| format!("{e:#}"))
+        }))
+        .await;
+        if let Some(why) = check::broken_links(config, &links) {
+            check = NodeCheck::Waiting(why);
+        }
+    }
     NodesLook {
         check,
         facts,

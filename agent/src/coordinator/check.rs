@@ -1,8 +1,9 @@
-//! Decides from every node's facts whether a ring may start. Pure.
+//! Decides from every node's facts (and links) whether a ring may start. Pure.
 
 use crate::config::Config;
 use crate::proto::{
-    HashState, InstalledPackage, NodeFacts, RankPhase, RankStatus, AGENT_VERSION, PROTOCOL_VERSION,
+    HashState, InstalledPackage, LinkReport, NodeFacts, RankPhase, RankStatus, AGENT_VERSION,
+    PROTOCOL_VERSION,
 };
 
 use super::state::NodeCheck;
@@ -190,6 +191,25 @@ pub fn check_nodes(config: &Config, facts: &[NodeReport]) -> (NodeCheck, Vec<Str
         NodeCheck::Ready
     };
     (verdict, warnings)
+}
+
+/// Why the ring cannot start yet for want of a link between ranks, naming each broken one, as
+/// "rank 1 (10.0.0.2) cannot reach rank 2 (10.0.0.3:9002): timed out".
+pub fn broken_links(config: &Config, reports: &[Result<LinkReport, String>]) -> Option<String> {
+    let mut broken = Vec::new();
+    for (r, report) in reports.iter().enumerate() {
+        let from = format!("rank {r} ({})", config.nodes[r].address);
+        match report {
+            Ok(rep) => broken.extend(rep.links.iter().filter(|l| !l.reachable).map(|l| {
+                format!(
+                    "{from} cannot reach rank {} ({}): {}",
+                    l.to_rank, l.addr, l.detail
+                )
+            })),
+            Err(e) => broken.push(format!("{from} could not check its links: {e}")),
+        }
+    }
+    (!broken.is_empty()).then(|| format!("waiting for links between ranks: {}", broken.join("; ")))
 }
 
 /// The generation every rank is running, when the whole ring runs exactly what the config plans
@@ -423,5 +443,42 @@ mod tests {
             panic!("not refused")
         };
         assert!(msg.contains("runs llm-agent 0.0.1 (protocol 1)"), "{msg}");
+    }
+
+    #[test]
+    fn a_broken_link_is_named_from_both_ends() {
+        use crate::proto::LinkCheck;
+        let c = config();
+        let link = |to_rank, addr: &str, reachable, detail: &str| LinkCheck {
+            to_rank,
+            addr: addr.parse().expect("addr"),
+            reachable,
+            detail: detail.into(),
+        };
+        let ok = vec![
+            Ok(LinkReport {
+                rank: 0,
+                links: vec![link(1, "10.0.0.2:9001", true, "refused")],
+            }),
+            Ok(LinkReport {
+                rank: 1,
+                links: vec![link(0, "10.0.0.1:9000", true, "refused")],
+            }),
+        ];
+        assert_eq!(broken_links(&c, &ok), None);
+        let cut = vec![
+            ok[0].clone(),
+            Ok(LinkReport {
+                rank: 1,
+                links: vec![link(0, "10.0.0.1:9000", false, "timed out after 2 s")],
+            }),
+        ];
+        let why = broken_links(&c, &cut).expect("broken");
+        assert!(
+            why.contains(
+                "rank 1 (10.0.0.2) cannot reach rank 0 (10.0.0.1:9000): timed out after 2 s"
+            ),
+            "{why}"
+        );
     }
 }

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 
 use super::check::{FactsError, NodeReport};
 use crate::proto::{
-    FactsVersion, NodeFacts, RankSpec, RankStatus, RankUsage, WaitQuery, STOP_GRACE,
+    FactsVersion, LinkReport, NodeFacts, RankSpec, RankStatus, RankUsage, WaitQuery, STOP_GRACE,
 };
 
 #[async_trait]
@@ -32,6 +32,8 @@ pub trait Nodes: Send + Sync + 'static {
     async fn stop(&self, addr: SocketAddr) -> Result<RankStatus>;
     /// The CPU time the node's rank has used.
     async fn usage(&self, addr: SocketAddr) -> Result<RankUsage>;
+    /// Whether the node reaches every rank its engine will connect to.
+    async fn links(&self, addr: SocketAddr) -> Result<LinkReport>;
     /// Whether rank 0's engine server, on this machine's loopback `port`, reports healthy.
     async fn head_healthy(&self, port: u16) -> bool;
     /// Sends a one-token completion through the ring (rank 0's server on loopback `port`) and
@@ -147,6 +149,17 @@ impl Nodes for NodeClient {
             .get(Self::url(addr, "/v1/rank/usage"))
             .bearer_auth(&self.token)
             .timeout(Duration::from_secs(3))
+            .send()
+            .await?;
+        Ok(Self::check(resp).await?.json().await?)
+    }
+
+    async fn links(&self, addr: SocketAddr) -> Result<LinkReport> {
+        let resp = self
+            .http
+            .get(Self::url(addr, "/v1/links"))
+            .bearer_auth(&self.token)
+            .timeout(Duration::from_secs(10))
             .send()
             .await?;
         Ok(Self::check(resp).await?.json().await?)

@@ -37,6 +37,7 @@ pub(super) const ROUTES: &[Route] = &[
     ("/v1/facts", || get(facts)),
     ("/v1/rank", || get(rank_status).put(apply).delete(stop)),
     ("/v1/rank/usage", || get(usage)),
+    ("/v1/links", || get(links)),
 ];
 
 pub fn router(agent: Arc<NodeAgent>, token: Secret, stopping: CancellationToken) -> Router {
@@ -99,6 +100,13 @@ async fn apply(State(s): State<AppState>, Json(spec): Json<RankSpec>) -> Respons
             error(StatusCode::CONFLICT, e.to_string())
         }
         Err(e @ ApplyError::Invalid(_)) => error(StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}
+
+async fn links(State(s): State<AppState>) -> Response {
+    match s.agent.check_links().await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
 

@@ -15,10 +15,14 @@ use crate::config::{Config, EngineKind};
 use crate::engine::{self, LocalEngine};
 use crate::plan::listen_ports;
 use crate::proto::{
-    self, ExitKind, ExitReport, KeyReport, NodeFacts, RankPhase, RankSpec, RankStatus, RankUsage,
+    self, ExitKind, ExitReport, KeyReport, LinkCheck, LinkReport, NodeFacts, RankPhase, RankSpec,
+    RankStatus, RankUsage,
 };
 use crate::runner::{RunEvent, Runner};
 use facts::ModelHasher;
+
+/// How long a link check waits for a peer to answer.
+const LINK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What to do with a desired spec, given the current one. Pure.
 #[derive(Debug, PartialEq, Eq)]
@@ -127,6 +131,50 @@ impl NodeAgent {
 
     pub fn status(&self) -> RankStatus {
         self.status.borrow().clone()
+    }
+
+    /// Tries every connection this rank's engine will open (see [`crate::plan::link_targets`]),
+    /// planned from this node's own config: a peer that answers, even with a refusal (nothing
+    /// listens before the ring starts), is reachable; a timeout or a routing error is not.
+    pub async fn check_links(&self) -> Result<LinkReport, String> {
+        let plan = crate::plan::plan(&self.config, 0, None)?;
+        let spec = plan
+            .ranks
+            .into_iter()
+            .find(|s| s.rank == self.rank)
+            .ok_or_else(|| format!("the config plans no rank {}", self.rank))?;
+        let checks =
+            crate::plan::link_targets(&spec)
+                .into_iter()
+                .map(|(to_rank, addr)| async move {
+                    let (reachable, detail) = match tokio::time::timeout(
+                        LINK_TIMEOUT,
+                        tokio::net::TcpStream::connect(addr),
+                    )
+                    .await
+                    {
+                        Ok(Ok(_)) => (true, "connected".to_string()),
+                        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => (
+                            true,
+                            "refused: the host answers, nothing listens yet".to_string(),
+                        ),
+                        Ok(Err(e)) => (false, e.to_string()),
+                        Err(_) => (
+                            false,
+                            format!("timed out after {} s", LINK_TIMEOUT.as_secs()),
+                        ),
+                    };
+                    LinkCheck {
+                        to_rank,
+                        addr,
+                        reachable,
+                        detail,
+                    }
+                });
+        Ok(LinkReport {
+            rank: self.rank,
+            links: futures_util::future::join_all(checks).await,
+        })
     }
 
     /// The running rank's CPU time, from the runner (process counters or the unit's cgroup).

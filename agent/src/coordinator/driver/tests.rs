@@ -209,6 +209,14 @@ impl Nodes for FakeCluster {
         })
     }
 
+    async fn links(&self, addr: SocketAddr) -> anyhow::Result<crate::proto::LinkReport> {
+        let (rank, _) = self.node(addr);
+        Ok(crate::proto::LinkReport {
+            rank: rank as u32,
+            links: vec![],
+        })
+    }
+
     async fn head_healthy(&self, _port: u16) -> bool {
         self.nodes[0].status.borrow().phase == RankPhase::Running
     }
