@@ -55,6 +55,8 @@ ready_timeout_s = 120
 backoff_initial_ms = 500
 backoff_max_ms = 5000
 node_timeout_s = 15
+stall_timeout_s = 10
+probe_interval_s = 5
 {nodes}"""
 
 
@@ -346,3 +348,169 @@ def test_killed_rank_unit_restarts_the_ring(cluster):
         time.sleep(0.2)  # journald may not have written it yet
     assert reasons, f"no {RING_FAILED!r} entry after the kill"
     assert "rank 2" in reasons[0] and "killed by signal 9" in reasons[0], reasons
+
+
+# --- never a hang (issue: stalled ranks, cut links, frozen agents) ---------------------------
+
+STALL_TIMEOUT = 10
+MARGIN = 8
+
+
+class Load:
+    """Chat requests in a loop beside a fault; each outcome is judged afterwards."""
+
+    def __init__(self, base):
+        self.base, self.outcomes, self.done = base, [], threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.done.is_set():
+            t = time.monotonic()
+            try:
+                code, headers, _ = chat(self.base, timeout=STALL_TIMEOUT + 30)
+                self.outcomes.append((code, any(k.lower() == "retry-after" for k in headers),
+                                      time.monotonic() - t, None))
+            except OSError as e:
+                self.outcomes.append((None, False, time.monotonic() - t, repr(e)))
+            time.sleep(0.1)
+
+    def check(self):
+        self.done.set()
+        self.thread.join(STALL_TIMEOUT + 40)
+        bad = [o for o in self.outcomes if not (o[0] == 200 or (o[0] == 503 and o[1]))]
+        assert not bad, f"responses other than 200 or 503+Retry-After: {bad[:5]}"
+        longest = max((o[2] for o in self.outcomes), default=0)
+        assert longest <= STALL_TIMEOUT + MARGIN, f"a request waited {longest:.1f} s"
+        return self.outcomes
+
+
+def stream_chat(base, max_tokens=400):
+    """Opens a streaming chat; returns the socket-level response for reading SSE lines."""
+    import http.client
+    from urllib.parse import urlparse
+    u = urlparse(base)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=STALL_TIMEOUT + 30)
+    body = json.dumps({"messages": [{"role": "user", "content": "Tell me a long story."}],
+                       "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True})
+    conn.request("POST", "/v1/chat/completions", body=body,
+                 headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    r = conn.getresponse()
+    assert r.status == 200, r.read()[:300]
+    return conn, r
+
+
+def sse_payloads(resp):
+    for raw in resp:
+        line = raw.strip()
+        if line.startswith(b"data: ") and line != b"data: [DONE]":
+            yield json.loads(line[6:])
+
+
+def test_sigstop_of_a_worker_engine_unit_is_detected_and_the_unit_really_stops(cluster):
+    lab, base, _ = cluster
+    st = status(base)
+    unit = st["nodes"][1]["status"]["unit"]
+    h = lab.hosts[1]
+    pid = h.unit_property(unit, "MainPID")
+    conn, r = stream_chat(base)
+    events = sse_payloads(r)
+    assert "choices" in next(events)
+    h.run(["kill", "-STOP", pid])
+    t = time.monotonic()
+    load = Load(base)
+    rest = list(events)
+    ended = time.monotonic() - t
+    conn.close()
+    assert rest and "error" in rest[-1], rest[-3:]
+    assert ended <= STALL_TIMEOUT + MARGIN, f"stream ended {ended:.1f} s after the freeze"
+    back, _ = wait_serving_after(base, st["generation"])
+    outcomes = load.check()
+    assert h.unit_property(unit, "ActiveState") in ("inactive", "failed", ""), "the frozen unit runs on"
+    print(f"\n[figure] systemd: SIGSTOP of rank 1's engine unit -> stream ended with an error after "
+          f"{ended:.1f} s, serving again {back:.1f} s later; {len(outcomes)} requests "
+          f"({sum(o[0] == 503 for o in outcomes)} x 503)")
+
+
+def test_a_frozen_node_agent_does_not_tear_down_a_serving_ring(cluster):
+    lab, base, _ = cluster
+    h = lab.hosts[2]
+    agent = "llm-agent@rank2.service"
+    st = status(base)
+    pid = h.unit_property(agent, "MainPID")
+    h.run(["kill", "-STOP", pid])
+    load = Load(base)
+    try:
+        time.sleep(15 + 8)  # node_timeout_s and beyond, below the 30 s watchdog
+        during = status(base)
+    finally:
+        h.run(["kill", "-CONT", pid])
+    outcomes = load.check()
+    assert during["generation"] == st["generation"] and during["phase"] == "serving", during["reason"]
+    assert during["nodes"][2]["state"] == "unreachable", during["nodes"][2]["state"]
+    assert any("rank 2's agent" in w for w in during["warnings"]), during["warnings"]
+    assert all(o[0] == 200 for o in outcomes), [o for o in outcomes if o[0] != 200][:5]
+    print(f"\n[figure] systemd: node agent 2 SIGSTOPped 23 s under load -> {len(outcomes)} requests, "
+          f"all 200, no restart")
+
+
+def test_a_cut_link_is_detected_named_and_healed(cluster):
+    lab, base, _ = cluster
+    from hosts import prepare
+    prepare(extra_packages=("nftables",))
+    st = status(base)
+    worker = lab.hosts[1]
+    port = 50052 + 1
+    # A firewall on rank 1's host drops the head's rpc traffic; both agents stay reachable.
+    worker.run("nft add table inet cut && nft add chain inet cut input "
+               "'{ type filter hook input priority 0; policy accept; }' && "
+               f"nft add rule inet cut input tcp dport {port} drop")
+    t = time.monotonic()
+    load = Load(base)
+    try:
+        deadline = time.monotonic() + 5 + STALL_TIMEOUT + MARGIN + 20
+        reason = ""
+        while "cannot reach rank 1" not in reason:
+            assert time.monotonic() < deadline, f"the cut link was not named: {reason}"
+            reason = status(base)["reason"] or ""
+            time.sleep(0.5)
+        named = time.monotonic() - t
+        assert f"rank 0 ({lab.hosts[0].ip}) cannot reach rank 1 ({worker.ip}:{port})" in reason, reason
+        time.sleep(3)
+        assert status(base)["phase"] != "serving", "no ring over a cut link"
+    finally:
+        worker.run("nft delete table inet cut")
+    healed_at = time.monotonic()
+    back, _ = wait_serving_after(base, st["generation"])
+    outcomes = load.check()
+    print(f"\n[figure] systemd: link head -> rank 1 cut -> named after {named:.1f} s "
+          f"({reason[:120]}...); serving {time.monotonic() - healed_at:.1f} s after it returned; "
+          f"{len(outcomes)} requests ({sum(o[0] == 503 for o in outcomes)} x 503)")
+
+
+def test_a_throttled_rank_unit_finishes_a_long_prompt_without_a_restart(cluster):
+    lab, base, _ = cluster
+    st = status(base)
+    unit = st["nodes"][2]["status"]["unit"]
+    h = lab.hosts[2]
+    pid = h.unit_property(unit, "MainPID")
+    # The hosts get no cgroup controllers delegated, so CPUQuota= would not bite: throttle in
+    # user space instead, a 20 % duty cycle of SIGSTOP/SIGCONT. Slow, but the rank computes.
+    h.run(["systemd-run", "--unit=throttle", "sh", "-c",
+           f"while :; do kill -STOP {pid}; sleep 0.08; kill -CONT {pid}; sleep 0.02; done"])
+    try:
+        prompt = " ".join(f"word{i}" for i in range(230))  # ~860 tokens of the 1024 context
+        t = time.monotonic()
+        code, _, body = http("POST", f"{base}/v1/chat/completions", {
+            "messages": [{"role": "user", "content": f"Repeat the last word: {prompt}"}],
+            "max_tokens": 8, "temperature": 0, "cache_prompt": False},
+            headers={"Authorization": f"Bearer {API_KEY}"}, timeout=300)
+        elapsed = time.monotonic() - t
+    finally:
+        h.systemctl("stop", "throttle.service", check=False)
+        h.run(["kill", "-CONT", pid], check=False)
+    assert code == 200, body[:300]
+    after = status(base)
+    assert after["generation"] == st["generation"] and after["phase"] == "serving", after["reason"]
+    print(f"\n[figure] systemd: rank 2 unit at a 20 % duty cycle -> long prompt answered in "
+          f"{elapsed:.1f} s (stall timeout {STALL_TIMEOUT} s), no restart")
