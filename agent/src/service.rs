@@ -8,6 +8,9 @@
 //! because the coordinator stops ranks through it. Under systemd the agent says READY=1 once its
 //! APIs listen, STOPPING=1 when it begins to stop, and feeds the watchdog from the same runtime
 //! as long as the coordinator's loop keeps turning, so a wedged agent is restarted by systemd.
+//! The public API's socket is kept in systemd's fd store (see `server::listen`): across
+//! `systemctl restart` of the head's agent clients queue on it instead of being refused, and the
+//! new agent takes them once its coordinator has adopted the ring the old one left running.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -191,6 +194,7 @@ pub async fn run_node(config_path: PathBuf, node_name: String, runner: RunnerKin
     } else {
         None
     };
+    crate::server::release_unclaimed();
     notify(&[sd_notify::NotifyState::Ready]);
     let watchdog = tokio::spawn(feed_watchdog(
         coordinator.as_ref().map(|c| c.heartbeat.clone()),

@@ -3,7 +3,10 @@
 
 Covers: serving through the coordinator on host 0; a rank unit killed with `systemctl kill`
 (seen through D-Bus, ring restarted); `systemctl restart llm-agent@rank1` keeps the rank unit's
-MainPID with no failed request; the per-key sysctl report inside a host; the engine port fence.
+MainPID with no failed request; `systemctl restart llm-agent@rank0` (the head) under load refuses
+and fails no request, and a killed head agent refuses no connection (the API socket in systemd's
+fd store, released on stop and not reused for a changed api.listen); the per-key sysctl report
+inside a host; the engine port fence.
 """
 
 import json
@@ -292,29 +295,197 @@ def test_a_wedged_agent_is_restarted_by_the_watchdog(cluster):
         h.wait_active(agent)
 
 
-def test_coordinator_restart_adopts_the_running_ring(cluster):
+def classify(exc):
+    """What a client saw when a request got no HTTP answer: `refused` (nothing listened),
+    `timed_out`, or `failed` (reset, closed without an answer, ...)."""
+    reason = getattr(exc, "reason", exc)  # urllib wraps socket errors in URLError
+    if isinstance(reason, ConnectionRefusedError):
+        return "refused"
+    if isinstance(reason, (socket.timeout, TimeoutError)):
+        return "timed_out"
+    return "failed"
+
+
+class Load:
+    """Clients sending chat completions one after another on new connections (two threads),
+    each with a 60 s timeout, recording what every request got."""
+
+    def __init__(self, base, threads=2):
+        self.base, self.outcomes, self.longest = base, [], 0.0
+        self.done, self.lock = threading.Event(), threading.Lock()
+        self.threads = [threading.Thread(target=self._run) for _ in range(threads)]
+
+    def _run(self):
+        while not self.done.is_set():
+            t0 = time.monotonic()
+            try:
+                code, _, body = chat(self.base, timeout=60)
+                outcome = (code, body[:200])
+            except OSError as e:
+                outcome = (classify(e), repr(e))
+            with self.lock:
+                self.outcomes.append(outcome + (t0, time.monotonic()))
+                self.longest = max(self.longest, time.monotonic() - t0)
+            if outcome[0] != 200:
+                time.sleep(0.05)  # a client that is not served does not hammer the endpoint
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        time.sleep(1)  # served before whatever the test does
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        for t in self.threads:
+            t.join()
+
+    def until_served(self, n, timeout=60):
+        """Goes on until `n` more requests got a 200."""
+        with self.lock:
+            start = len(self.outcomes)
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                if sum(1 for o in self.outcomes[start:] if o[0] == 200) >= n:
+                    return
+            assert time.monotonic() < deadline, f"not serving again within {timeout} s"
+            time.sleep(0.1)
+
+    def report(self, what):
+        """Prints the counts as a [figure] line; returns the requests that did not get a 200."""
+        outcomes = self.outcomes
+        counts = {k: sum(1 for o in outcomes if o[0] == k)
+                  for k in (200, 503, "refused", "timed_out", "failed")}
+        bad = [o for o in outcomes if o[0] != 200]
+        unserved = f"{bad[-1][3] - bad[0][2]:.2f} s" if bad else "none"
+        print(f"\n[figure] systemd: {what}: {len(outcomes)} requests: "
+              f"{counts[200]} x 200, {counts[503]} x 503, {counts['refused']} refused, "
+              f"{counts['timed_out']} timed out, {counts['failed']} failed, "
+              f"{len(outcomes) - sum(counts.values())} other; first to last unserved request "
+              f"{unserved}; longest request {self.longest:.2f} s")
+        return bad
+
+
+def test_head_agent_restart_under_load_refuses_and_fails_nothing(cluster):
+    """`systemctl restart llm-agent@rank0` while clients keep sending chat completions: the API's
+    listening socket stays in systemd's fd store, so connections made while the old agent drains
+    and the new one starts wait in its backlog, and the new agent holds them until its
+    coordinator has adopted the running ring. Every request gets a 200; none is refused."""
     lab, base, _ = cluster
+    head, agent = lab.hosts[0], "llm-agent@rank0.service"
     st = status(base)
     pids = [h.unit_property(n["status"]["unit"], "MainPID") for n, h in zip(st["nodes"], lab.hosts)]
-    lab.hosts[0].systemctl("restart", "llm-agent@rank0.service")
-    lab.hosts[0].wait_active("llm-agent@rank0.service")
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            code, _, _ = chat(base)
-            if code == 200:
-                break
-        except OSError:
-            pass  # the API is down while its agent restarts
-        assert time.monotonic() < deadline, "not serving within 60 s of the coordinator's restart"
-        time.sleep(0.2)
+    agent_pid = head.unit_property(agent, "MainPID")
+    with Load(base) as load:
+        head.systemctl("restart", agent)
+        head.wait_active(agent)
+        load.until_served(5)
+    assert head.unit_property(agent, "MainPID") != agent_pid, "the agent was not restarted"
+    bad = load.report("head agent restart under load")
+    assert not bad, bad[:5]
     after = status(base)
     assert after["generation"] == st["generation"], "the new coordinator restarted the ring"
     assert [h.unit_property(n["status"]["unit"], "MainPID") for n, h in zip(after["nodes"], lab.hosts)] == pids
-    out = lab.hosts[0].run(["journalctl", "-u", "llm-agent@rank0.service", "-o", "json",
-                            "--no-pager", "-n", "300"]).stdout
-    reasons = [json.loads(l).get("REASON", "") for l in out.splitlines() if l.strip()]
-    assert any(r.startswith("adopting the running generation") for r in reasons), reasons
+    out = head.run(["journalctl", "-u", agent, "-o", "json", "--no-pager", "-n", "300"]).stdout
+    entries = [json.loads(l) for l in out.splitlines() if l.strip()]
+    assert any(e.get("REASON", "").startswith("adopting the running generation") for e in entries)
+    # The mechanism, not luck: the new agent listened on the socket the old one had stored.
+    assert any(e.get("MESSAGE") == "listening on the socket systemd handed back"
+               and e.get("FD_NAME") == "api" for e in entries), "the API socket was bound anew"
+
+
+def test_a_crashed_head_agent_refuses_no_connection(cluster):
+    """SIGKILL of the head's agent: the requests it had accepted are lost with it, but systemd
+    keeps the API socket while Restart= brings the agent back (RestartSec=5s), so every later
+    client waits in the backlog and is served by the new agent; none is refused."""
+    lab, base, _ = cluster
+    head, agent = lab.hosts[0], "llm-agent@rank0.service"
+    agent_pid = head.unit_property(agent, "MainPID")
+    with Load(base) as load:
+        head.run(["kill", "-KILL", agent_pid])
+        load.until_served(5)
+    assert head.unit_property(agent, "MainPID") != agent_pid
+    bad = load.report("head agent killed under load")
+    # At most one request per client thread was in flight in the killed process.
+    assert len(bad) <= len(load.threads) and all(o[0] == "failed" for o in bad), bad
+
+
+def refused(host, port):
+    """Whether a TCP connection to the host's port is refused (nothing listens, nothing queues)."""
+    try:
+        socket.create_connection((host.ip, port), timeout=5).close()
+        return False
+    except ConnectionRefusedError:
+        return True
+
+
+def wait_chat_200(base, what, timeout=60):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if chat(base)[0] == 200:
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"not serving within {timeout} s of {what}"
+        time.sleep(0.2)
+
+
+HANDED_BACK = "listening on the socket systemd handed back"
+
+
+def test_a_stopped_head_agent_frees_the_api_port(cluster):
+    """Only a restart keeps the API's socket: after `systemctl stop` systemd closes the stored
+    copy, so clients are refused rather than left in a backlog nobody accepts from, and the next
+    start binds anew."""
+    lab, base, _ = cluster
+    head, agent = lab.hosts[0], "llm-agent@rank0.service"
+    head.systemctl("stop", agent)
+    cursor = journal_entries(head, agent)[-1]["__CURSOR"]
+    try:
+        assert refused(head, 8080), "a stopped agent's API port still accepts connections"
+    finally:
+        head.systemctl("start", agent)
+        head.wait_active(agent)
+    wait_chat_200(base, "the start")
+    messages = [e.get("MESSAGE") for e in journal_entries(head, agent, cursor)]
+    assert "API listening" in messages and HANDED_BACK not in messages, messages
+
+
+def loopback_refused(host, port):
+    """Whether the host's own 127.0.0.1:port refuses a connection (checked inside the host)."""
+    probe = ("import socket\ntry:\n socket.create_connection(('127.0.0.1', %d), timeout=5).close()\n"
+             " print('open')\nexcept ConnectionRefusedError:\n print('refused')\n" % port)
+    return host.run(["python3", "-c", probe]).stdout.strip() == "refused"
+
+
+def test_a_changed_api_listen_is_bound_anew(cluster):
+    """A restart after api.listen changed does not reuse the socket kept for the old address:
+    it is closed and dropped from the store, and the new address is bound, even on the same port
+    (the old socket must be gone first)."""
+    lab, base, _ = cluster
+    head, agent = lab.hosts[0], "llm-agent@rank0.service"
+    conf = "/etc/llm-cluster/cluster.toml"
+    text = config_text(lab, _need("SMOLLM2_GGUF"))
+    moved = text.replace('listen = "0.0.0.0:8080"', f'listen = "{head.ip}:8080"')
+    assert moved != text
+    cursor = journal_entries(head, agent)[-1]["__CURSOR"]
+    head.write_file(conf, moved)
+    try:
+        head.systemctl("restart", agent)
+        head.wait_active(agent)
+        wait_chat_200(base, "the restart on the host's address")
+        assert loopback_refused(head, 8080), "the socket kept for 0.0.0.0:8080 still listens"
+    finally:
+        head.write_file(conf, text)
+        head.systemctl("restart", agent)
+        head.wait_active(agent)
+    wait_chat_200(base, "the restart back on 0.0.0.0:8080")
+    assert not loopback_refused(head, 8080)
+    messages = [e.get("MESSAGE") for e in journal_entries(head, agent, cursor)]
+    assert messages.count("not reusing a socket systemd kept; it is closed") == 2, messages
+    assert HANDED_BACK not in messages, messages
 
 
 RING_FAILED = "ring failed; stopping every rank to restart it"

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::compat::{Rewrite, SseFramer};
 use super::progress::{Activity, Work};
+use super::state::Phase;
 use super::ClusterView;
 use crate::auth::{bearer, ApiKeys};
 use crate::server::{self, Server, Signals};
@@ -91,7 +92,8 @@ pub fn router(
         .with_state(state))
 }
 
-/// Binds and serves the API until [`Server::shutdown`].
+/// Listens (on the socket systemd kept across a restart, if any) and serves the API until
+/// [`Server::shutdown`].
 pub async fn serve(
     addr: SocketAddr,
     view: watch::Receiver<ClusterView>,
@@ -99,11 +101,46 @@ pub async fn serve(
     keys: Option<ApiKeys>,
     activity: Activity,
 ) -> anyhow::Result<Server> {
-    let listener = server::bind(addr, "the API (api.listen)").await?;
+    let listening = server::listen(addr, "the API (api.listen)", "api").await?;
     tracing::info!(%addr, "API listening");
     let signals = Signals::default();
-    let app = router(view, upstream_port, keys, &signals, activity)?;
-    Ok(server::spawn(listener, app, signals, "API"))
+    let app = router(view.clone(), upstream_port, keys, &signals, activity)?;
+    // A socket handed back means the previous agent was serving and its clients are queued:
+    // they wait (in the backlog) for this coordinator to adopt the ring rather than get 503s.
+    let open = async move {
+        if listening.handed_back {
+            adopted(view).await;
+        }
+    };
+    Ok(server::spawn_after(
+        listening.listener,
+        app,
+        signals,
+        "API",
+        open,
+    ))
+}
+
+/// The longest clients queued across an agent restart wait for the ring to be adopted.
+const ADOPT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Resolves once a fresh coordinator serves, or shows it will not simply adopt a running ring
+/// (it starts one, refuses, ...), or after [`ADOPT_WAIT`]: then the API answers, 503s included.
+async fn adopted(mut view: watch::Receiver<ClusterView>) {
+    let decided = |v: &ClusterView| {
+        v.serving() || !matches!(v.phase, Phase::WaitingForNodes | Phase::WaitingReady)
+    };
+    let started = tokio::time::Instant::now();
+    match tokio::time::timeout(ADOPT_WAIT, view.wait_for(decided)).await {
+        Ok(_) => tracing::info!(
+            waited_s = started.elapsed().as_secs_f64(),
+            "API accepting: the coordinator has taken over"
+        ),
+        Err(_) => tracing::warn!(
+            waited_s = started.elapsed().as_secs_f64(),
+            "API accepting before the ring is adopted; clients get 503 until it is"
+        ),
+    }
 }
 
 fn openai_error(status: StatusCode, kind: &str, code: &str, message: &str) -> Response {
@@ -341,7 +378,6 @@ fn forward(
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::coordinator::state::Phase;
     use tower::ServiceExt;
 
     fn view(phase: Phase) -> ClusterView {
@@ -430,6 +466,36 @@ mod tests {
         assert_eq!(body["phase"], "serving");
         let (status, _, _) = call(app, "/readyz", None).await;
         assert_eq!(status, StatusCode::OK);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn queued_clients_wait_for_an_adoption_but_not_for_a_new_ring() {
+        async fn waiting(tx: &watch::Sender<ClusterView>) -> tokio::task::JoinHandle<()> {
+            let wait = tokio::spawn(adopted(tx.subscribe()));
+            tokio::task::yield_now().await;
+            wait
+        }
+        // Adopting: nodes checked, then waiting for rank 0, then serving.
+        let (tx, _rx) = watch::channel(view(Phase::WaitingForNodes));
+        let wait = waiting(&tx).await;
+        tx.send_modify(|v| v.phase = Phase::WaitingReady);
+        tokio::task::yield_now().await;
+        assert!(
+            !wait.is_finished(),
+            "must wait while the ring is being adopted"
+        );
+        tx.send_modify(|v| v.phase = Phase::Serving);
+        wait.await.expect("adopted");
+        // A coordinator that starts a ring of its own will not serve soon: no wait.
+        let (tx, _rx) = watch::channel(view(Phase::WaitingForNodes));
+        let wait = waiting(&tx).await;
+        tx.send_modify(|v| v.phase = Phase::Starting);
+        wait.await.expect("decided");
+        // Nothing happens: the wait is bounded.
+        let (tx, _rx) = watch::channel(view(Phase::WaitingForNodes));
+        let started = tokio::time::Instant::now();
+        waiting(&tx).await.await.expect("bounded");
+        assert_eq!(started.elapsed(), ADOPT_WAIT);
     }
 
     #[tokio::test]
