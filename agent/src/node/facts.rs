@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::EngineKind;
@@ -15,16 +16,51 @@ use crate::proto::{
     PROTOCOL_VERSION,
 };
 
-/// Hashes the model once per (path, size, mtime) in the background; a 40 GB file takes minutes
-/// and the answer does not change until the file does.
-/// Size and mtime identify a version of the file.
-type HashCache = HashMap<PathBuf, (u64, SystemTime, HashState)>;
+/// A version of a file: the same (device, inode, size, mtime, ctime) means the same bytes. ctime
+/// changes with every write and cannot be set back by hand, unlike mtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct FileVersion {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileVersion {
+    fn of(meta: &std::fs::Metadata) -> FileVersion {
+        use std::os::unix::fs::MetadataExt;
+        FileVersion {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
+/// A finished hash as kept in the state dir.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredHash {
+    path: PathBuf,
+    version: FileVersion,
+    sha256: String,
+}
+
+/// Hashes the model once per version of the file, in the background: a 40 GB file takes
+/// minutes and the answer does not change until the file does. Finished hashes are kept in the
+/// state dir, so a restarted agent (an upgrade, a watchdog restart) answers at once and a
+/// restarted coordinator adopts its running ring without waiting for a re-hash.
+type HashCache = HashMap<PathBuf, (FileVersion, HashState)>;
 
 #[derive(Clone)]
 pub struct ModelHasher {
     state: Arc<Mutex<HashCache>>,
     /// Counts finished hashes, for whoever waits on one.
     finished: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Where finished hashes are kept across restarts.
+    store: Option<PathBuf>,
 }
 
 impl Default for ModelHasher {
@@ -32,11 +68,65 @@ impl Default for ModelHasher {
         ModelHasher {
             state: Arc::default(),
             finished: Arc::new(tokio::sync::watch::Sender::new(0)),
+            store: None,
         }
     }
 }
 
 impl ModelHasher {
+    /// A hasher that keeps finished hashes in `store` and starts with the ones found there.
+    pub fn with_store(store: PathBuf) -> ModelHasher {
+        let mut map = HashCache::new();
+        match std::fs::read(&store) {
+            Ok(bytes) => match serde_json::from_slice::<Vec<StoredHash>>(&bytes) {
+                Ok(entries) => {
+                    for e in entries {
+                        map.insert(e.path, (e.version, HashState::Done { sha256: e.sha256 }));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(file = %store.display(), error = %e, "ignoring an unreadable model hash cache")
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(file = %store.display(), error = %e, "cannot read the model hash cache")
+            }
+        }
+        ModelHasher {
+            state: Arc::new(Mutex::new(map)),
+            store: Some(store),
+            ..ModelHasher::default()
+        }
+    }
+
+    fn save(store: &Path, map: &HashCache) {
+        let entries: Vec<StoredHash> = map
+            .iter()
+            .filter_map(|(path, (version, st))| match st {
+                HashState::Done { sha256 } => Some(StoredHash {
+                    path: path.clone(),
+                    version: *version,
+                    sha256: sha256.clone(),
+                }),
+                _ => None,
+            })
+            .collect();
+        let res = serde_json::to_vec_pretty(&entries)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| {
+                if let Some(dir) = store.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let tmp = store.with_extension("json.tmp");
+                std::fs::write(&tmp, bytes)?;
+                std::fs::rename(tmp, store)
+            });
+        if let Err(e) = res {
+            tracing::warn!(file = %store.display(), error = %e, "cannot keep the model hash; a restarted agent will hash again");
+        }
+    }
+
     /// Changes each time a hash finishes.
     pub fn finished(&self) -> tokio::sync::watch::Receiver<u64> {
         self.finished.subscribe()
@@ -48,16 +138,17 @@ impl ModelHasher {
             return (None, HashState::Missing);
         };
         let size = meta.len();
-        let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+        let version = FileVersion::of(&meta);
         let mut map = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((s, m, st)) = map.get(path) {
-            if *s == size && *m == mtime {
+        if let Some((v, st)) = map.get(path) {
+            if *v == version {
                 return (Some(size), st.clone());
             }
         }
-        map.insert(path.to_path_buf(), (size, mtime, HashState::Hashing));
+        map.insert(path.to_path_buf(), (version, HashState::Hashing));
         let state = self.state.clone();
         let finished = self.finished.clone();
+        let store = self.store.clone();
         let p = path.to_path_buf();
         tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
@@ -68,10 +159,12 @@ impl ModelHasher {
                 },
             };
             tracing::info!(model = %p.display(), seconds = started.elapsed().as_secs_f64(), ?result, "model hashed");
-            state
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(p, (size, mtime, result));
+            let mut map = state.lock().unwrap_or_else(|e| e.into_inner());
+            map.insert(p, (version, result));
+            if let Some(store) = &store {
+                Self::save(store, &map);
+            }
+            drop(map);
             finished.send_modify(|n| *n += 1);
         });
         (Some(size), HashState::Hashing)
@@ -325,5 +418,28 @@ mod tests {
                 sha256: "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad".into()
             }
         );
+    }
+
+    #[tokio::test]
+    async fn a_finished_hash_is_kept_across_restarts_until_the_file_changes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("m.gguf");
+        let store = dir.path().join("state/hashes.json");
+        std::fs::write(&p, b"abc").expect("write");
+        let h = ModelHasher::with_store(store.clone());
+        let mut done = h.finished();
+        assert_eq!(h.state(&p).1, HashState::Hashing);
+        done.changed().await.expect("hashed");
+        assert!(matches!(h.state(&p).1, HashState::Done { .. }));
+        // A new agent process: the answer is there at once, no hash runs.
+        let again = ModelHasher::with_store(store.clone());
+        assert!(
+            matches!(again.state(&p).1, HashState::Done { .. }),
+            "remembered"
+        );
+        // The file changes (same size): hashed again.
+        std::fs::write(&p, b"abd").expect("write");
+        let third = ModelHasher::with_store(store);
+        assert_eq!(third.state(&p).1, HashState::Hashing);
     }
 }

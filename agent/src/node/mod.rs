@@ -95,12 +95,18 @@ impl NodeAgent {
             workdir: config.cluster.state_dir.join(format!("rank{rank}")),
         };
         let (status, _) = watch::channel(RankStatus::idle(rank, rand::random()));
+        let hasher = ModelHasher::with_store(
+            config
+                .cluster
+                .state_dir
+                .join(format!("rank{rank}.model-hashes.json")),
+        );
         let agent = Arc::new(NodeAgent {
             rank,
             config,
             local,
             runner,
-            hasher: ModelHasher::default(),
+            hasher,
             status,
             reconcile: tokio::sync::Mutex::new(()),
             network: std::sync::Mutex::new(Vec::new()),
