@@ -16,6 +16,29 @@ pub const STABLE_AFTER: Duration = Duration::from_secs(60);
 /// How soon to look again at nodes that are not ready, and at nodes that were refused.
 pub const RECHECK_WAITING: Duration = Duration::from_secs(1);
 pub const RECHECK_REFUSED: Duration = Duration::from_secs(5);
+/// This many failures in a row, each the same way, and the ring is refused instead of being
+/// restarted again: a crash loop (rank 0 asserting right after scheduling, a model the engine
+/// cannot load) would otherwise restart for ever and flood the journal.
+pub const SAME_FAILURE_LIMIT: u32 = 5;
+
+/// A failure reason with its numbers (generations, pids, ports, times) taken out, so that the
+/// same failure in two generations compares equal.
+fn failure_shape(reason: &str) -> String {
+    let mut out = String::with_capacity(reason.len());
+    let mut in_number = false;
+    for c in reason.chars() {
+        if c.is_ascii_digit() {
+            if !in_number {
+                out.push('#');
+            }
+            in_number = true;
+        } else {
+            in_number = false;
+            out.push(c);
+        }
+    }
+    out
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -126,6 +149,11 @@ pub struct Supervisor {
     pub backoff: Option<Duration>,
     backoff_initial: Duration,
     backoff_max: Duration,
+    /// The shape of the last failure and how many failures in a row had it.
+    same_failure: Option<(String, u32)>,
+    /// Set once the same failure repeated [`SAME_FAILURE_LIMIT`] times: nothing is started
+    /// again until a node changes (an upgrade, a restarted agent) or the coordinator restarts.
+    crash_loop: bool,
 }
 
 impl Supervisor {
@@ -140,6 +168,8 @@ impl Supervisor {
                 backoff: None,
                 backoff_initial,
                 backoff_max,
+                same_failure: None,
+                crash_loop: false,
             },
             vec![Action::CheckNodes {
                 after: Duration::ZERO,
@@ -176,6 +206,11 @@ impl Supervisor {
             self.failures = 0;
         }
         self.failures += 1;
+        let shape = failure_shape(&reason);
+        self.same_failure = match self.same_failure.take() {
+            Some((s, n)) if s == shape && self.failures > 1 => Some((s, n + 1)),
+            _ => Some((shape, 1)),
+        };
         self.serving_since = None;
         self.phase = Phase::Stopping;
         self.reason = Some(reason);
@@ -191,7 +226,8 @@ impl Supervisor {
                 highest_generation,
                 running_generation,
             } => {
-                if !matches!(self.phase, Phase::WaitingForNodes | Phase::Refused) {
+                if !matches!(self.phase, Phase::WaitingForNodes | Phase::Refused) || self.crash_loop
+                {
                     return vec![];
                 }
                 match (check, running_generation) {
@@ -244,6 +280,7 @@ impl Supervisor {
             Event::Ready { generation }
                 if self.is_current(generation) && self.phase == Phase::WaitingReady =>
             {
+                self.same_failure = None;
                 self.phase = Phase::Serving;
                 self.reason = None;
                 self.serving_since = Some(now);
@@ -286,6 +323,12 @@ impl Supervisor {
             Event::NodeChanged { .. }
                 if matches!(self.phase, Phase::WaitingForNodes | Phase::Refused) =>
             {
+                if self.crash_loop {
+                    // Something changed on a node: worth one more try.
+                    self.crash_loop = false;
+                    self.same_failure = None;
+                    self.failures = 0;
+                }
                 vec![Action::CheckNodes {
                     after: Duration::ZERO,
                 }]
@@ -293,6 +336,17 @@ impl Supervisor {
             Event::RingStopped { generation }
                 if self.is_current(generation) && self.phase == Phase::Stopping =>
             {
+                if let Some((_, n)) = &self.same_failure {
+                    if *n >= SAME_FAILURE_LIMIT {
+                        self.crash_loop = true;
+                        self.phase = Phase::Refused;
+                        self.reason = Some(format!(
+                            "refused: the ring failed the same way {n} times in a row, so it is not restarted again until a node changes (an upgrade, a restarted agent) or this coordinator restarts; last failure: {}",
+                            self.reason.as_deref().unwrap_or("?")
+                        ));
+                        return vec![];
+                    }
+                }
                 let delay = self.backoff_for(self.failures);
                 self.phase = Phase::BackingOff;
                 self.backoff = Some(delay);
@@ -592,6 +646,86 @@ mod tests {
             .reason
             .as_deref()
             .is_some_and(|r| r.contains("rank 1 used 0 ms")));
+    }
+
+    #[test]
+    fn the_same_failure_five_times_in_a_row_is_refused_until_a_node_changes() {
+        let mut s = sup();
+        let now = Instant::now();
+        let ready = Event::NodesChecked {
+            check: NodeCheck::Ready,
+            highest_generation: 0,
+            running_generation: None,
+        };
+        for i in 1..=SAME_FAILURE_LIMIT {
+            let a = s.handle(ready.clone(), now);
+            let [Action::StartRing { generation }] = a[..] else {
+                panic!("attempt {i}: expected a start, got {a:?}")
+            };
+            s.handle(Event::RingStarted { generation }, now);
+            s.handle(
+                Event::RankExited {
+                    generation,
+                    rank: 0,
+                    kind: ExitKind::Failed,
+                    detail: format!("exited with status 134 (pid {}); GGML_ASSERT", 1000 + i),
+                },
+                now,
+            );
+            let a = s.handle(Event::RingStopped { generation }, now);
+            if i < SAME_FAILURE_LIMIT {
+                assert!(
+                    matches!(a[..], [Action::Backoff { .. }]),
+                    "attempt {i}: {a:?}"
+                );
+                s.handle(Event::BackoffElapsed, now);
+            } else {
+                assert!(a.is_empty(), "no more restarts: {a:?}");
+            }
+        }
+        assert_eq!(s.phase, Phase::Refused);
+        let why = s.reason.clone().unwrap_or_default();
+        assert!(
+            why.contains("failed the same way 5 times") && why.contains("GGML_ASSERT"),
+            "{why}"
+        );
+        assert!(
+            s.handle(ready.clone(), now).is_empty(),
+            "checks do not restart it"
+        );
+        assert_eq!(
+            s.handle(Event::NodeChanged { rank: 0 }, now),
+            vec![Action::CheckNodes {
+                after: Duration::ZERO
+            }]
+        );
+        assert!(matches!(
+            s.handle(ready, now)[..],
+            [Action::StartRing { .. }]
+        ));
+    }
+
+    #[test]
+    fn different_failures_keep_restarting() {
+        let mut s = sup();
+        let now = Instant::now();
+        for i in 0..(SAME_FAILURE_LIMIT * 2) {
+            let g = serve(&mut s, now);
+            // Alternating ranks: not the same failure twice in a row.
+            let a = s.handle(
+                Event::RankExited {
+                    generation: g,
+                    rank: 1 + (i % 2),
+                    kind: ExitKind::Failed,
+                    detail: "exited".into(),
+                },
+                now,
+            );
+            assert_eq!(a, vec![Action::StopRing { generation: g }]);
+            let a = s.handle(Event::RingStopped { generation: g }, now);
+            assert!(matches!(a[..], [Action::Backoff { .. }]), "{a:?}");
+            s.handle(Event::BackoffElapsed, now);
+        }
     }
 }
 
