@@ -60,6 +60,13 @@ enum Command {
         #[arg(default_value = DEFAULT_PATH)]
         path: PathBuf,
     },
+    /// prima: forget the layer placement remembered from Halda, so the next ring start profiles
+    /// the nodes again (run it on the head node; the running ring is not touched).
+    ForgetPlacement {
+        /// Cluster config file (its cluster.state_dir holds the placement).
+        #[arg(long, env = "LLM_CLUSTER_CONFIG", default_value = DEFAULT_PATH)]
+        config: PathBuf,
+    },
     /// Run a whole cluster on this machine: N node agents and the coordinator over loopback.
     Up(local::UpArgs),
     /// Report the network tuning for ring traffic, key by key; --apply sets what is not in effect.
@@ -174,6 +181,7 @@ fn main() -> ExitCode {
             }
         },
         Command::CheckConfig { path } => check_config::run(&path),
+        Command::ForgetPlacement { config } => forget_placement(&config),
         Command::Tune {
             check: _,
             apply,
@@ -304,5 +312,32 @@ fn measure_transfer(model: Option<&std::path::Path>, rate: String, delay: String
             ExitCode::SUCCESS
         }
         Err(e) => exit::report(&e),
+    }
+}
+
+fn forget_placement(path: &std::path::Path) -> ExitCode {
+    let config = match config::Config::load(path) {
+        Ok(c) => c,
+        Err(e) => return exit::report(&anyhow::Error::new(e)),
+    };
+    let file = coordinator::placement::file(&config.cluster.state_dir);
+    match coordinator::placement::forget(&config.cluster.state_dir) {
+        Ok(true) => {
+            println!(
+                "forgot the placement in {}: the next ring start profiles again",
+                file.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(false) => {
+            println!(
+                "no placement remembered ({} does not exist)",
+                file.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => exit::report(
+            &anyhow::Error::new(e).context(format!("cannot remove {}", file.display())),
+        ),
     }
 }

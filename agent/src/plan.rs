@@ -1,4 +1,5 @@
-//! Ring planning: from the config to one [`RankSpec`] per node. Pure, so it is tested directly.
+//! Ring planning: from the config (and a remembered placement) to one [`RankSpec`] per ring
+//! member. Pure, so it is tested directly.
 //!
 //! A [`RankSpec`] (defined with the rest of the wire protocol in `proto`) is what the coordinator
 //! sends a node agent.
@@ -7,27 +8,64 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::Serialize;
 
-use crate::config::{check_layer_total, Config, EngineKind};
-use crate::proto::{PortSpec, RankSpec};
+use crate::config::{Config, EngineKind};
+use crate::proto::{Placement, PortSpec, RankSpec};
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RingPlan {
     pub generation: u64,
     pub engine: EngineKind,
+    /// In ring order; `spec.node` names the [[node]] that runs each.
     pub ranks: Vec<RankSpec>,
+    /// Nodes of the config without a place in this ring (a remembered placement gave them no
+    /// layers); their ranks are stopped.
+    pub idle: Vec<u32>,
 }
 
-/// Plans generation `generation` of the ring. `model_layers` is the GGUF's block count when the
-/// head could read it; prima's layer windows are checked against it.
+impl RingPlan {
+    /// The spec the node of config rank `node` runs, if it has a place in the ring.
+    pub fn for_node(&self, node: u32) -> Option<&RankSpec> {
+        self.ranks.iter().find(|s| s.node == node)
+    }
+}
+
+/// Plans generation `generation` of the ring. Layer windows come from the config or, for
+/// prima without configured windows, from `remembered` (what Halda chose when the ring last
+/// served); a node the remembered placement gave no layers is left out of the ring, the others
+/// take consecutive ring ranks.
 pub fn plan(
     config: &Config,
     generation: u64,
-    model_layers: Option<u32>,
+    remembered: Option<&Placement>,
 ) -> Result<RingPlan, String> {
-    let world = config.world() as u32;
-    if let (Some(windows), Some(n)) = (&config.model.layer_windows, model_layers) {
-        check_layer_total(windows, n)?;
+    let remembered = remembered.filter(|_| {
+        config.cluster.engine == EngineKind::Prima && config.model.layer_windows.is_none()
+    });
+    if let Some(p) = remembered {
+        if p.windows.len() != config.world() || p.windows.first().is_none_or(|w| *w == 0) {
+            return Err(format!(
+                "the remembered placement ({:?}) does not fit this ring of {} nodes",
+                p.windows,
+                config.world()
+            ));
+        }
     }
+    let members: Vec<&crate::config::Node> = config
+        .nodes
+        .iter()
+        .filter(|n| remembered.is_none_or(|p| p.windows[n.rank as usize] > 0))
+        .collect();
+    let idle: Vec<u32> = config
+        .nodes
+        .iter()
+        .filter(|n| !members.iter().any(|m| m.rank == n.rank))
+        .map(|n| n.rank)
+        .collect();
+    let world = members.len() as u32;
+    let windows: Option<Vec<u32>> = match remembered {
+        Some(p) => Some(p.windows.iter().copied().filter(|w| *w > 0).collect()),
+        None => config.model.layer_windows.clone(),
+    };
     let ports = PortSpec {
         data: config.ports.data,
         signal: config.ports.signal,
@@ -35,25 +73,33 @@ pub fn plan(
         server: config.ports.server,
     };
     let head = config.head().address;
-    let peers: Vec<IpAddr> = config.nodes.iter().map(|n| n.address).collect();
-    let ranks = config
-        .nodes
+    let peers: Vec<IpAddr> = members.iter().map(|n| n.address).collect();
+    let ranks = members
         .iter()
-        .map(|node| {
-            let next = config.nodes[((node.rank + 1) % world) as usize].address;
-            let is_head = node.rank == 0;
+        .enumerate()
+        .map(|(ring_rank, node)| {
+            let ring_rank = ring_rank as u32;
+            let next = members[((ring_rank + 1) % world) as usize].address;
+            let is_head = ring_rank == 0;
             let rpc_workers = if is_head && config.cluster.engine == EngineKind::LlamaRpc {
-                config.nodes[1..]
+                members[1..]
                     .iter()
                     .map(|w| SocketAddr::new(w.address, rpc_port(config.ports.rpc, w.rank)))
                     .collect()
             } else {
                 Vec::new()
             };
+            let gpu_layers = node.gpu_layers.or_else(|| {
+                remembered
+                    .and_then(|p| p.gpu_layers.as_ref())
+                    .and_then(|g| g.get(node.rank as usize).copied())
+                    .filter(|g| *g > 0)
+            });
             RankSpec {
                 generation,
                 engine: config.cluster.engine,
-                rank: node.rank,
+                node: node.rank,
+                rank: ring_rank,
                 world,
                 address: node.address,
                 master: head,
@@ -62,11 +108,7 @@ pub fn plan(
                 model_path: config.model.path.clone(),
                 model_name: config.model.name.clone(),
                 ctx_size: config.model.ctx_size,
-                layer_windows: if is_head {
-                    config.model.layer_windows.clone()
-                } else {
-                    None
-                },
+                layer_windows: if is_head { windows.clone() } else { None },
                 tensor_split: if is_head {
                     config.model.tensor_split.clone()
                 } else {
@@ -75,7 +117,7 @@ pub fn plan(
                 prefetch: config.model.prefetch,
                 threads: node.threads,
                 gpu_mem: node.gpu_mem,
-                gpu_layers: node.gpu_layers,
+                gpu_layers,
                 rpc_workers,
                 peers: peers.clone(),
             }
@@ -85,6 +127,7 @@ pub fn plan(
         generation,
         engine: config.cluster.engine,
         ranks,
+        idle,
     })
 }
 
@@ -166,18 +209,63 @@ mod tests {
     }
 
     #[test]
-    fn windows_only_on_head_and_checked_against_layers() {
+    fn windows_only_on_head() {
         let c = config(
             "prima",
             "layer_windows = [10, 10, 10]",
             &[("10.0.0.1", 7700), ("10.0.0.2", 7700), ("10.0.0.3", 7700)],
         );
-        let p = plan(&c, 1, Some(30)).expect("plan");
+        let p = plan(&c, 1, None).expect("plan");
         assert_eq!(p.ranks[0].layer_windows, Some(vec![10, 10, 10]));
         assert_eq!(p.ranks[1].layer_windows, None);
-        assert!(plan(&c, 1, Some(60)).is_ok(), "60 is a multiple of 30");
-        let err = plan(&c, 1, Some(32)).expect_err("32 is not a multiple of 30");
-        assert!(err.contains("32 layers"), "{err}");
+        let remembered = Placement {
+            windows: vec![5, 20, 5],
+            gpu_layers: None,
+        };
+        let p = plan(&c, 1, Some(&remembered)).expect("plan");
+        assert_eq!(
+            p.ranks[0].layer_windows,
+            Some(vec![10, 10, 10]),
+            "configured windows win over remembered ones"
+        );
+    }
+
+    #[test]
+    fn a_remembered_placement_sets_the_windows_and_leaves_out_nodes_without_layers() {
+        let c = config(
+            "prima",
+            "",
+            &[("10.0.0.1", 7700), ("10.0.0.2", 7700), ("10.0.0.3", 7700)],
+        );
+        let halda = Placement {
+            windows: vec![1, 0, 29],
+            gpu_layers: Some(vec![0, 0, 4]),
+        };
+        let p = plan(&c, 7, Some(&halda)).expect("plan");
+        assert_eq!(p.idle, vec![1]);
+        let ring: Vec<(u32, u32, u32, String)> = p
+            .ranks
+            .iter()
+            .map(|s| (s.node, s.rank, s.world, s.next.to_string()))
+            .collect();
+        assert_eq!(
+            ring,
+            [(0, 0, 2, "10.0.0.3".into()), (2, 1, 2, "10.0.0.1".into())]
+        );
+        assert_eq!(p.ranks[0].layer_windows, Some(vec![1, 29]));
+        assert_eq!(p.ranks[1].gpu_layers, Some(4));
+        assert_eq!(p.for_node(2).map(|s| s.rank), Some(1));
+        assert!(p.for_node(1).is_none());
+        let bad = Placement {
+            windows: vec![0, 15, 15],
+            gpu_layers: None,
+        };
+        assert!(plan(&c, 7, Some(&bad)).is_err(), "rank 0 always has layers");
+        let short = Placement {
+            windows: vec![15, 15],
+            gpu_layers: None,
+        };
+        assert!(plan(&c, 7, Some(&short)).is_err(), "another node set");
     }
 
     #[test]

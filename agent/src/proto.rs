@@ -64,6 +64,10 @@ pub struct RankSpec {
     /// Increases every time the ring is (re)started; a node ignores older generations.
     pub generation: u64,
     pub engine: EngineKind,
+    /// The [[node]] (config rank) that runs this rank.
+    pub node: u32,
+    /// The place in the ring (0 = head). Equal to `node` unless a remembered placement left
+    /// nodes out of the ring.
     pub rank: u32,
     pub world: u32,
     pub address: IpAddr,
@@ -91,6 +95,35 @@ impl RankSpec {
     pub fn is_head(&self) -> bool {
         self.rank == 0
     }
+}
+
+/// prima's layer placement: windows (and GPU layers) per [[node]], in config rank order; 0 layers
+/// means the node has no place in the ring.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub windows: Vec<u32>,
+    pub gpu_layers: Option<Vec<u32>>,
+}
+
+/// Where the ring's placement came from, for people.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlacementSource {
+    /// `layer_windows` in the config.
+    Config,
+    /// Halda (prima's scheduler) chose it when this ring started.
+    Halda,
+    /// What Halda chose when the ring last served, passed explicitly so a restart skips
+    /// profiling and cannot drop ranks.
+    Remembered,
+}
+
+/// `GET /v1/rank/placement`: the placement rank 0's engine printed when it scheduled the ring.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RankPlacement {
+    pub generation: u64,
+    pub placement: Option<Placement>,
+    pub error: Option<String>,
 }
 
 /// The query of `GET /v1/rank`: without `after` the current status; with it a long poll that
@@ -400,6 +433,7 @@ mod tests {
         let spec = RankSpec {
             generation: 1,
             engine: EngineKind::LlamaRpc,
+            node: 0,
             rank: 0,
             world: 1,
             address: "127.0.0.1".parse().expect("ip"),

@@ -98,6 +98,9 @@ pub struct Model {
     pub tensor_split: Option<Vec<f64>>,
     /// prima only: prefetch weights ahead of compute.
     pub prefetch: bool,
+    /// prima without layer_windows: keep the placement Halda chose when the ring served and pass
+    /// it explicitly on restarts (no re-profiling, no dropped ranks). `false` profiles every start.
+    pub remember_placement: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -63,6 +63,7 @@ pub struct ModelSection {
     pub layer_windows: Option<Spanned<Vec<u32>>>,
     pub tensor_split: Option<Spanned<Vec<f64>>>,
     pub prefetch: Option<Spanned<bool>>,
+    pub remember_placement: Option<Spanned<bool>>,
 }
 
 fn default_ctx() -> Spanned<u32> {

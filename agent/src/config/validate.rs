@@ -323,6 +323,17 @@ fn build(
         Some(p) => p.into_inner(),
         None => false,
     };
+    let remember_placement = match m.remember_placement {
+        Some(p) if engine != EngineKind::Prima => {
+            problems.push(loc.at(
+                p.span(),
+                "remember_placement applies to engine = \"prima\" only",
+            ));
+            false
+        }
+        Some(p) => p.into_inner(),
+        None => true,
+    };
     let path = m.path.into_inner();
     let name = m.name.unwrap_or_else(|| {
         path.file_stem()
@@ -386,6 +397,7 @@ fn build(
             layer_windows,
             tensor_split,
             prefetch,
+            remember_placement,
         },
         api: Api {
             listen,

@@ -13,7 +13,7 @@ use super::client::Nodes;
 use super::state::NodeCheck;
 use crate::config::{check_layer_total, Config, EngineKind};
 use crate::plan::plan;
-use crate::proto::{RankPhase, RankStatus};
+use crate::proto::{Placement, RankPhase, RankStatus};
 
 /// Looks at every node: facts judged by [`check::check_nodes`] (plus the model's layer count
 /// for prima's explicit windows: the head reads the GGUF header, it has the model in both
@@ -26,7 +26,11 @@ pub struct NodesLook {
     pub statuses: Vec<Option<RankStatus>>,
 }
 
-pub async fn look_at_nodes(config: &Config, nodes: &dyn Nodes) -> NodesLook {
+pub async fn look_at_nodes(
+    config: &Config,
+    nodes: &dyn Nodes,
+    remembered: Option<&Placement>,
+) -> NodesLook {
     let facts: Vec<NodeReport> =
         join_all(config.nodes.iter().map(|n| nodes.facts(n.agent_addr()))).await;
     let (mut check, warnings) = check::check_nodes(config, &facts);
@@ -55,7 +59,9 @@ pub async fn look_at_nodes(config: &Config, nodes: &dyn Nodes) -> NodesLook {
     .await;
     // Links only before a fresh start: a ring to adopt is running on them (and probing a
     // running llama.cpp rpc server's port would make the probe its client).
-    if check == NodeCheck::Ready && check::running_generation(config, &statuses).is_none() {
+    if check == NodeCheck::Ready
+        && check::running_generation(config, &statuses, remembered).is_none()
+    {
         let links = join_all(config.nodes.iter().map(|n| async move {
             nodes
                 .links(n.agent_addr())
@@ -82,18 +88,28 @@ pub async fn start_ring(
     config: &Config,
     nodes: &dyn Nodes,
     generation: u64,
+    remembered: Option<&Placement>,
     seen: &mpsc::UnboundedSender<(usize, RankStatus)>,
 ) -> Result<(), String> {
-    let plan = plan(config, generation, None)?;
+    let plan = plan(config, generation, remembered)?;
+    // Nodes the placement leaves out run nothing (an old generation may still run there).
+    for &node in &plan.idle {
+        let addr = config.nodes[node as usize].agent_addr();
+        if let Ok(st) = nodes.stop(addr).await {
+            let _ = seen.send((node as usize, st));
+        }
+    }
+    // `idx`: a ring rank; the spec names its node.
     let apply = |idx: usize| {
         let spec = plan.ranks[idx].clone();
-        let addr = config.nodes[idx].agent_addr();
+        let node = spec.node as usize;
+        let addr = config.nodes[node].agent_addr();
         async move {
             let st = nodes
                 .apply(addr, &spec)
                 .await
                 .map_err(|e| format!("rank {idx} ({addr}): {e:#}"))?;
-            let _ = seen.send((idx, st.clone()));
+            let _ = seen.send((node, st.clone()));
             if st.phase != RankPhase::Running {
                 return Err(format!(
                     "rank {idx} ({addr}): {}",
@@ -105,8 +121,8 @@ pub async fn start_ring(
         }
     };
     let first: Vec<usize> = match config.cluster.engine {
-        EngineKind::LlamaRpc => (1..config.world()).collect(),
-        EngineKind::Prima => (0..config.world()).collect(),
+        EngineKind::LlamaRpc => (1..plan.ranks.len()).collect(),
+        EngineKind::Prima => (0..plan.ranks.len()).collect(),
     };
     let started = join_all(first.iter().map(|&i| apply(i))).await;
     let mut statuses = Vec::new();
@@ -116,7 +132,7 @@ pub async fn start_ring(
     if config.cluster.engine == EngineKind::LlamaRpc {
         let deadline = Instant::now() + Duration::from_secs(60);
         for (st, &idx) in statuses.iter().zip(&first) {
-            let addr = config.nodes[idx].agent_addr();
+            let addr = config.nodes[plan.ranks[idx].node as usize].agent_addr();
             let mut cur = st.clone();
             while !cur.listening {
                 if cur.phase != RankPhase::Running || cur.generation != generation {

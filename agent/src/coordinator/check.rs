@@ -2,8 +2,8 @@
 
 use crate::config::Config;
 use crate::proto::{
-    HashState, InstalledPackage, LinkReport, NodeFacts, RankPhase, RankStatus, AGENT_VERSION,
-    PROTOCOL_VERSION,
+    HashState, InstalledPackage, LinkReport, NodeFacts, Placement, RankPhase, RankStatus,
+    AGENT_VERSION, PROTOCOL_VERSION,
 };
 
 use super::state::NodeCheck;
@@ -214,20 +214,37 @@ pub fn broken_links(config: &Config, reports: &[Result<LinkReport, String>]) -> 
 
 /// The generation every rank is running, when the whole ring runs exactly what the config plans
 /// for it — a ring a previous coordinator started that a new one may take over. A changed config
-/// (other nodes, model, ports) never matches, so it gets a fresh ring.
-pub fn running_generation(config: &Config, statuses: &[Option<RankStatus>]) -> Option<u64> {
+/// (other nodes, model, ports) never matches, so it gets a fresh ring. With prima's Halda, the
+/// ring may run Halda's own placement or the remembered one: either is adopted.
+pub fn running_generation(
+    config: &Config,
+    statuses: &[Option<RankStatus>],
+    remembered: Option<&Placement>,
+) -> Option<u64> {
     let first = statuses.first()?.as_ref()?;
     let generation = first.generation;
-    let plan = crate::plan::plan(config, generation, None).ok()?;
-    let all_match = statuses.len() == plan.ranks.len()
-        && statuses.iter().zip(&plan.ranks).all(|(st, want)| {
-            st.as_ref().is_some_and(|st| {
-                st.phase == RankPhase::Running
-                    && st.generation == generation
-                    && st.spec.as_ref() == Some(want)
-            })
-        });
-    (generation > 0 && all_match).then_some(generation)
+    if generation == 0 || statuses.len() != config.world() {
+        return None;
+    }
+    let runs = |plan: crate::plan::RingPlan| {
+        config.nodes.iter().zip(statuses).all(|(n, st)| {
+            let st = st.as_ref();
+            match plan.for_node(n.rank) {
+                Some(want) => st.is_some_and(|st| {
+                    st.phase == RankPhase::Running
+                        && st.generation == generation
+                        && st.spec.as_ref() == Some(want)
+                }),
+                None => st.is_some_and(|st| st.phase != RankPhase::Running),
+            }
+        })
+    };
+    let planned = [remembered, None];
+    planned
+        .iter()
+        .filter_map(|p| crate::plan::plan(config, generation, *p).ok())
+        .any(runs)
+        .then_some(generation)
 }
 
 #[cfg(test)]
@@ -236,6 +253,10 @@ mod tests {
     use crate::config::EngineKind;
     use crate::proto::{BinaryFact, ModelFact};
     use std::path::{Path, PathBuf};
+
+    fn running_generation_of(c: &Config, statuses: &[Option<RankStatus>]) -> Option<u64> {
+        running_generation(c, statuses, None)
+    }
 
     fn config() -> Config {
         let text = "[cluster]\nname=\"t\"\nengine=\"prima\"\n[model]\npath=\"/m.gguf\"\n\
@@ -303,27 +324,31 @@ mod tests {
     #[test]
     fn a_ring_running_the_planned_specs_can_be_adopted() {
         let c = config();
-        assert_eq!(running_generation(&c, &running(&c, 4)), Some(4));
+        assert_eq!(running_generation_of(&c, &running(&c, 4)), Some(4));
         let mut mixed = running(&c, 4);
         mixed[1] = running(&c, 3)[1].clone();
-        assert_eq!(running_generation(&c, &mixed), None, "generations differ");
+        assert_eq!(
+            running_generation_of(&c, &mixed),
+            None,
+            "generations differ"
+        );
         let mut stopped = running(&c, 4);
         if let Some(s) = stopped[0].as_mut() {
             s.phase = RankPhase::Exited;
         }
-        assert_eq!(running_generation(&c, &stopped), None);
+        assert_eq!(running_generation_of(&c, &stopped), None);
         let mut changed = running(&c, 4);
         if let Some(s) = changed[1].as_mut().and_then(|s| s.spec.as_mut()) {
             s.ctx_size = 99;
         }
         assert_eq!(
-            running_generation(&c, &changed),
+            running_generation_of(&c, &changed),
             None,
             "the config changed since"
         );
         let mut unreachable = running(&c, 4);
         unreachable[1] = None;
-        assert_eq!(running_generation(&c, &unreachable), None);
+        assert_eq!(running_generation_of(&c, &unreachable), None);
     }
 
     #[test]

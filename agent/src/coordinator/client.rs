@@ -11,7 +11,8 @@ use async_trait::async_trait;
 
 use super::check::{FactsError, NodeReport};
 use crate::proto::{
-    FactsVersion, LinkReport, NodeFacts, RankSpec, RankStatus, RankUsage, WaitQuery, STOP_GRACE,
+    FactsVersion, LinkReport, NodeFacts, RankPlacement, RankSpec, RankStatus, RankUsage, WaitQuery,
+    STOP_GRACE,
 };
 
 #[async_trait]
@@ -34,6 +35,8 @@ pub trait Nodes: Send + Sync + 'static {
     async fn usage(&self, addr: SocketAddr) -> Result<RankUsage>;
     /// Whether the node reaches every rank its engine will connect to.
     async fn links(&self, addr: SocketAddr) -> Result<LinkReport>;
+    /// The placement prima's rank 0 printed when it scheduled the ring.
+    async fn placement(&self, addr: SocketAddr) -> Result<RankPlacement>;
     /// Whether rank 0's engine server, on this machine's loopback `port`, reports healthy.
     async fn head_healthy(&self, port: u16) -> bool;
     /// Sends a one-token completion through the ring (rank 0's server on loopback `port`) and
@@ -160,6 +163,17 @@ impl Nodes for NodeClient {
             .get(Self::url(addr, "/v1/links"))
             .bearer_auth(&self.token)
             .timeout(Duration::from_secs(10))
+            .send()
+            .await?;
+        Ok(Self::check(resp).await?.json().await?)
+    }
+
+    async fn placement(&self, addr: SocketAddr) -> Result<RankPlacement> {
+        let resp = self
+            .http
+            .get(Self::url(addr, "/v1/rank/placement"))
+            .bearer_auth(&self.token)
+            .timeout(Duration::from_secs(15))
             .send()
             .await?;
         Ok(Self::check(resp).await?.json().await?)

@@ -17,11 +17,13 @@ use tokio_util::task::TaskTracker;
 use super::actions;
 use super::check::{running_generation, NodeReport};
 use super::client::Nodes;
+use super::placement;
 use super::progress::{Activity, CpuSample, StallJudge};
 use super::state::{Action, Event, Phase, Supervisor};
+use super::view::PlacementView;
 use super::view::{ClusterView, Track};
 use crate::config::Config;
-use crate::proto::{ExitKind, RankPhase, RankStatus};
+use crate::proto::{ExitKind, Placement, PlacementSource, RankPhase, RankPlacement, RankStatus};
 
 enum Msg {
     Event(Event),
@@ -33,6 +35,10 @@ enum Msg {
     /// CPU samples of every rank, in rank order, for `generation`.
     Usage(u64, Vec<CpuSample>),
     ProbeDone,
+    /// Where the next (or current) ring's placement comes from.
+    Placement(Option<PlacementView>),
+    /// What Halda chose for `generation`, read from rank 0 once the ring served.
+    PlacementFound(u64, Placement),
 }
 
 /// Liveness of the loop, read by the systemd watchdog: the time of the loop's last turn.
@@ -161,6 +167,12 @@ impl Driver {
                         }
                     }
                     Msg::ProbeDone => run.probing = false,
+                    Msg::Placement(p) => self.view.send_modify(|v| v.placement = p),
+                    Msg::PlacementFound(generation, found) => {
+                        if generation == run.sup.generation {
+                            self.remember(found);
+                        }
+                    }
                 },
             }
             for e in events {
@@ -168,6 +180,9 @@ impl Driver {
                 let actions = run.sup.handle(e, tokio::time::Instant::now().into_std());
                 if run.sup.phase != before {
                     log_phase(&run.sup, &mut run.restarts);
+                    if run.sup.phase == Phase::Serving {
+                        self.on_serving(&run);
+                    }
                     run.judge = StallJudge::new(
                         Duration::from_secs(self.config.supervision.stall_timeout_s),
                         self.config.nodes.len(),
@@ -240,6 +255,58 @@ impl Driver {
         }
     }
 
+    /// A Halda-placed prima ring serves: read the placement it chose from rank 0, to pass it
+    /// explicitly on later starts.
+    fn on_serving(&self, run: &Run) {
+        let placed_by_halda = self
+            .view
+            .borrow()
+            .placement
+            .as_ref()
+            .is_some_and(|p| p.source == PlacementSource::Halda);
+        if !placed_by_halda || !self.config.model.remember_placement {
+            return;
+        }
+        let generation = run.sup.generation;
+        let (nodes, head) = (self.nodes.clone(), self.config.head().agent_addr());
+        Self::spawn(run, run.ring_tasks.clone(), async move {
+            match nodes.placement(head).await {
+                Ok(RankPlacement {
+                    placement: Some(p), ..
+                }) => Some(Msg::PlacementFound(generation, p)),
+                Ok(r) => {
+                    tracing::warn!(
+                        error = r.error.as_deref().unwrap_or(""),
+                        "Halda's placement could not be read; the next start profiles again"
+                    );
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "Halda's placement could not be read; the next start profiles again");
+                    None
+                }
+            }
+        });
+    }
+
+    fn remember(&self, found: Placement) {
+        match placement::save(&self.config, &found) {
+            Ok(()) => {
+                tracing::info!(windows = ?found.windows, "remembered Halda's placement for later starts")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot keep Halda's placement; the next start profiles again")
+            }
+        }
+        self.view.send_modify(|v| {
+            v.placement = Some(PlacementView {
+                source: PlacementSource::Halda,
+                windows: Some(found.windows.clone()),
+                gpu_layers: found.gpu_layers.clone(),
+            })
+        });
+    }
+
     fn publish(&self, run: &Run) {
         self.view
             .send_if_modified(|v| v.update(&run.sup, &run.tracks, run.restarts));
@@ -280,7 +347,16 @@ impl Driver {
                     let tx = run.tx.clone();
                     Self::spawn(run, cancel, async move {
                         tokio::time::sleep(after).await;
-                        let look = actions::look_at_nodes(&config, nodes.as_ref()).await;
+                        // Read anew each time: `forget-placement` applies to the next start.
+                        let (source, remembered) = placement::source(&config);
+                        let _ = tx.send(Msg::Placement(PlacementView::planned(
+                            &config,
+                            source,
+                            remembered.as_ref(),
+                        )));
+                        let look =
+                            actions::look_at_nodes(&config, nodes.as_ref(), remembered.as_ref())
+                                .await;
                         let highest = look
                             .statuses
                             .iter()
@@ -293,7 +369,11 @@ impl Driver {
                         Some(Msg::Event(Event::NodesChecked {
                             check: look.check,
                             highest_generation: highest,
-                            running_generation: running_generation(&config, &look.statuses),
+                            running_generation: running_generation(
+                                &config,
+                                &look.statuses,
+                                remembered.as_ref(),
+                            ),
                         }))
                     });
                 }
@@ -310,10 +390,21 @@ impl Driver {
                                 });
                             }
                         };
+                        let (source, remembered) = placement::source(&config);
+                        let _ = tx.send(Msg::Placement(PlacementView::planned(
+                            &config,
+                            source,
+                            remembered.as_ref(),
+                        )));
                         let start = async {
-                            let r =
-                                actions::start_ring(&config, nodes.as_ref(), generation, &seen_tx)
-                                    .await;
+                            let r = actions::start_ring(
+                                &config,
+                                nodes.as_ref(),
+                                generation,
+                                remembered.as_ref(),
+                                &seen_tx,
+                            )
+                            .await;
                             drop(seen_tx);
                             r
                         };

@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::check::NodeReport;
 use super::state::{Phase, Supervisor};
 use crate::config::{Config, EngineKind};
-use crate::proto::{NodeFacts, RankStatus};
+use crate::proto::{NodeFacts, Placement, PlacementSource, RankStatus};
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ClusterView {
@@ -28,6 +28,8 @@ pub struct ClusterView {
     /// What needs a person's attention without stopping the ring: the node checks' warnings,
     /// and agents that do not answer while their ring serves.
     pub warnings: Vec<String>,
+    /// prima: the layer placement of the ring and where it came from.
+    pub placement: Option<PlacementView>,
     pub nodes: Vec<NodeView>,
     /// The node checks' warnings, from which `warnings` is made.
     #[serde(skip)]
@@ -57,6 +59,39 @@ pub struct NodeView {
     pub facts: Option<NodeFacts>,
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PlacementView {
+    pub source: PlacementSource,
+    /// Layers per node in config rank order (0: no place in the ring); unknown while Halda has
+    /// not been read yet.
+    pub windows: Option<Vec<u32>>,
+    pub gpu_layers: Option<Vec<u32>>,
+}
+
+impl PlacementView {
+    /// What a start with this source will use.
+    pub fn planned(
+        config: &Config,
+        source: Option<PlacementSource>,
+        remembered: Option<&Placement>,
+    ) -> Option<PlacementView> {
+        let source = source?;
+        let (windows, gpu_layers) = match source {
+            PlacementSource::Config => (config.model.layer_windows.clone(), None),
+            PlacementSource::Remembered => (
+                remembered.map(|p| p.windows.clone()),
+                remembered.and_then(|p| p.gpu_layers.clone()),
+            ),
+            PlacementSource::Halda => (None, None),
+        };
+        Some(PlacementView {
+            source,
+            windows,
+            gpu_layers,
+        })
+    }
+}
+
 /// What the driver knows of one node between messages.
 #[derive(Debug, Default, Clone)]
 pub struct Track {
@@ -81,6 +116,7 @@ impl ClusterView {
             failures: 0,
             restarts: 0,
             warnings: vec![],
+            placement: None,
             check_warnings: vec![],
             nodes: config
                 .nodes

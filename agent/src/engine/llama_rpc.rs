@@ -63,6 +63,7 @@ pub fn command(spec: &RankSpec, local: &LocalEngine) -> CommandSpec {
         cwd: local.workdir.clone(),
         allowed_peers: super::allowed_peers(spec),
         stop_timeout: crate::proto::STOP_GRACE,
+        keep_lines: Vec::new(),
     }
 }
 
@@ -90,6 +91,7 @@ mod tests {
         RankSpec {
             generation: 1,
             engine: EngineKind::LlamaRpc,
+            node: rank,
             rank,
             world: 3,
             address: format!("10.0.0.{}", rank + 1).parse().expect("ip"),

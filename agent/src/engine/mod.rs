@@ -27,6 +27,9 @@ pub struct CommandSpec {
     /// How long the rank gets after SIGTERM before SIGKILL. Carried with the command so every
     /// runner applies the same grace (systemd as the unit's TimeoutStopSec).
     pub stop_timeout: Duration,
+    /// Output lines containing one of these are kept whole for the agent to read back (see
+    /// [`crate::runner::Runner::output_lines`]): prima's head prints its placement this way.
+    pub keep_lines: Vec<String>,
 }
 
 impl CommandSpec {

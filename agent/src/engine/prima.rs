@@ -6,10 +6,64 @@
 //! adds the rank itself. `--rank` is always spelled long: in llama-cli `-r` is --reverse-prompt.
 
 use super::{CommandSpec, LocalEngine};
-use crate::proto::RankSpec;
+use crate::proto::{Placement, RankSpec};
 
 /// What a rank prints before exiting 0 when Halda assigned it no layers.
 pub const NO_LAYER_MESSAGE: &str = "No layer is assigned to me";
+
+/// The lines of rank 0's output that say where Halda put the layers (common.cpp of bdf9d8e7):
+/// an "Allocation Strategy" block per solver round, listing each remaining device's window and
+/// GPU layers in rank order, and a "Remove device … (rank R) …" line per device it drops.
+pub const PLACEMENT_MARKERS: &[&str] = &[
+    "Allocation Strategy (by HiGHS)",
+    "N Layer Window",
+    "N GPU Layers",
+    "Remove device",
+];
+
+/// The final placement in rank 0's output, per rank of a ring of `world`: the last allocation
+/// block for the devices that remain, 0 for the ranks removed. None unless the output is whole.
+pub fn parse_placement(lines: &[String], world: u32) -> Option<Placement> {
+    let value = |l: &str| {
+        l.rsplit_once(':')
+            .and_then(|(_, v)| v.trim().parse::<u32>().ok())
+    };
+    let (mut windows, mut gpus, mut removed) = (Vec::new(), Vec::new(), Vec::new());
+    let mut seen_block = false;
+    for l in lines {
+        if l.contains(PLACEMENT_MARKERS[0]) {
+            seen_block = true;
+            windows.clear();
+            gpus.clear();
+        } else if l.contains(PLACEMENT_MARKERS[1]) {
+            windows.push(value(l)?);
+        } else if l.contains(PLACEMENT_MARKERS[2]) {
+            gpus.push(value(l)?);
+        } else if l.contains(PLACEMENT_MARKERS[3]) {
+            let rank = l
+                .split("(rank ")
+                .nth(1)
+                .and_then(|r| r.split(')').next())
+                .and_then(|r| r.trim().parse::<u32>().ok())?;
+            removed.push(rank);
+        }
+    }
+    let kept: Vec<u32> = (0..world).filter(|r| !removed.contains(r)).collect();
+    if !seen_block || windows.len() != kept.len() || gpus.len() != kept.len() || !kept.contains(&0)
+    {
+        return None;
+    }
+    let mut w = vec![0; world as usize];
+    let mut g = vec![0; world as usize];
+    for ((r, win), gpu) in kept.iter().zip(&windows).zip(&gpus) {
+        w[*r as usize] = *win;
+        g[*r as usize] = *gpu;
+    }
+    Some(Placement {
+        windows: w,
+        gpu_layers: Some(g),
+    })
+}
 
 pub fn command(spec: &RankSpec, local: &LocalEngine) -> CommandSpec {
     let (server, worker) = local.names(spec.engine);
@@ -67,6 +121,11 @@ pub fn command(spec: &RankSpec, local: &LocalEngine) -> CommandSpec {
         cwd: local.workdir.clone(),
         allowed_peers: super::allowed_peers(spec),
         stop_timeout: crate::proto::STOP_GRACE,
+        keep_lines: if spec.is_head() {
+            PLACEMENT_MARKERS.iter().map(|m| m.to_string()).collect()
+        } else {
+            Vec::new()
+        },
     }
 }
 
@@ -103,6 +162,7 @@ mod tests {
         RankSpec {
             generation: 1,
             engine: EngineKind::Prima,
+            node: rank,
             rank,
             world: 3,
             address: format!("10.0.0.{}", rank + 1).parse().expect("ip"),
@@ -187,5 +247,27 @@ mod tests {
         let mut s = spec(0);
         s.layer_windows = None;
         assert!(!command(&s, &local()).args.contains(&"-lw".to_string()));
+    }
+
+    fn lines(text: &str) -> Vec<String> {
+        text.lines().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn halda_placement_is_read_from_the_last_allocation_block() {
+        // Shaped like prima's output: round one over three devices, rank 1 removed, round two.
+        let out = lines(
+            "----- Allocation Strategy (by HiGHS) -----\n  - N Layer Window : 1\n  - N GPU Layers   : 0\n\
+             \x20 - N Layer Window : 1\n  - N GPU Layers   : 0\n  - N Layer Window : 28\n  - N GPU Layers   : 0\n\
+             Remove device node1 (rank 1) with only 1 layer assigned.\n\
+             ----- Allocation Strategy (by HiGHS) -----\n  - N Layer Window : 1\n  - N GPU Layers   : 0\n\
+             \x20 - N Layer Window : 29\n  - N GPU Layers   : 2\n",
+        );
+        let p = parse_placement(&out, 3).expect("placement");
+        assert_eq!(p.windows, vec![1, 0, 29]);
+        assert_eq!(p.gpu_layers, Some(vec![0, 0, 2]));
+        // Cut short (the second block is incomplete): nothing, rather than a wrong placement.
+        assert_eq!(parse_placement(&out[..out.len() - 1], 3), None);
+        assert_eq!(parse_placement(&[], 3), None);
     }
 }

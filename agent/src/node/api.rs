@@ -17,7 +17,7 @@ use serde_json::json;
 
 use super::{ApplyError, NodeAgent};
 use crate::auth::{bearer, Secret};
-use crate::proto::{RankSpec, RankStatus, RankUsage, WaitQuery, MAX_WAIT};
+use crate::proto::{RankPlacement, RankSpec, RankStatus, RankUsage, WaitQuery, MAX_WAIT};
 use crate::server::{self, Server, Signals};
 
 #[derive(Clone)]
@@ -37,6 +37,7 @@ pub(super) const ROUTES: &[Route] = &[
     ("/v1/facts", || get(facts)),
     ("/v1/rank", || get(rank_status).put(apply).delete(stop)),
     ("/v1/rank/usage", || get(usage)),
+    ("/v1/rank/placement", || get(placement)),
     ("/v1/links", || get(links)),
 ];
 
@@ -108,6 +109,10 @@ async fn links(State(s): State<AppState>) -> Response {
         Ok(r) => Json(r).into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
+}
+
+async fn placement(State(s): State<AppState>) -> Json<RankPlacement> {
+    Json(s.agent.placement().await)
 }
 
 async fn usage(State(s): State<AppState>) -> Json<RankUsage> {

@@ -15,8 +15,8 @@ use crate::config::{Config, EngineKind};
 use crate::engine::{self, LocalEngine};
 use crate::plan::listen_ports;
 use crate::proto::{
-    self, ExitKind, ExitReport, KeyReport, LinkCheck, LinkReport, NodeFacts, RankPhase, RankSpec,
-    RankStatus, RankUsage,
+    self, ExitKind, ExitReport, KeyReport, LinkCheck, LinkReport, NodeFacts, RankPhase,
+    RankPlacement, RankSpec, RankStatus, RankUsage,
 };
 use crate::runner::{RunEvent, Runner};
 use facts::ModelHasher;
@@ -145,9 +145,8 @@ impl NodeAgent {
     pub async fn check_links(&self) -> Result<LinkReport, String> {
         let plan = crate::plan::plan(&self.config, 0, None)?;
         let spec = plan
-            .ranks
-            .into_iter()
-            .find(|s| s.rank == self.rank)
+            .for_node(self.rank)
+            .cloned()
             .ok_or_else(|| format!("the config plans no rank {}", self.rank))?;
         let checks =
             crate::plan::link_targets(&spec)
@@ -181,6 +180,41 @@ impl NodeAgent {
             rank: self.rank,
             links: futures_util::future::join_all(checks).await,
         })
+    }
+
+    /// The layer placement prima's scheduler printed when this (head) rank scheduled the ring.
+    pub async fn placement(&self) -> RankPlacement {
+        let st = self.status();
+        let generation = st.generation;
+        let fail = |e: String| RankPlacement {
+            generation,
+            placement: None,
+            error: Some(e),
+        };
+        let Some(spec) = st.spec.filter(|_| st.phase == RankPhase::Running) else {
+            return fail("no rank running".into());
+        };
+        if spec.engine != EngineKind::Prima || !spec.is_head() {
+            return fail("only prima's rank 0 schedules the ring".into());
+        }
+        let lines = self
+            .runner
+            .output_lines(
+                &self.process_name(generation),
+                engine::prima::PLACEMENT_MARKERS,
+            )
+            .await;
+        match engine::prima::parse_placement(&lines, spec.world) {
+            Some(p) => RankPlacement {
+                generation,
+                placement: Some(p),
+                error: None,
+            },
+            None => fail(format!(
+                "no complete placement in the engine's output ({} matching lines)",
+                lines.len()
+            )),
+        }
     }
 
     /// The running rank's CPU time, from the runner (process counters or the unit's cgroup).
@@ -255,10 +289,10 @@ impl NodeAgent {
 
     /// Makes `spec` the running rank.
     pub async fn apply(self: &Arc<Self>, spec: RankSpec) -> Result<RankStatus, ApplyError> {
-        if spec.rank != self.rank {
+        if spec.node != self.rank {
             return Err(ApplyError::Invalid(format!(
-                "this agent runs rank {}, not rank {}",
-                self.rank, spec.rank
+                "this agent is node rank{}, not rank{}",
+                self.rank, spec.node
             )));
         }
         if spec.engine != self.config.cluster.engine {

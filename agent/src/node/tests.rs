@@ -102,7 +102,7 @@ async fn a_missing_binary_is_a_start_failure_not_a_panic() {
 async fn rejects_a_spec_for_another_rank() {
     let (_d, agent) = setup("true");
     let mut s = spec(&agent, 1);
-    s.rank = 1;
+    s.node = 1;
     assert!(matches!(agent.apply(s).await, Err(ApplyError::Invalid(_))));
 }
 

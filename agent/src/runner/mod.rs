@@ -79,6 +79,11 @@ pub trait Runner: Send + Sync + 'static {
     /// its parent anyway; a systemd unit outlives an agent restart by design.
     fn stops_with_agent(&self) -> bool;
 
+    /// The lines `name` printed that contain one of `containing` (the command's `keep_lines`).
+    async fn output_lines(&self, _name: &str, _containing: &[&str]) -> Vec<String> {
+        Vec::new()
+    }
+
     /// CPU time the rank whose main process is `pid` has used, in microseconds: how the
     /// coordinator tells a slow rank from a frozen one. A child process: its own counters.
     fn cpu_usec(&self, pid: u32) -> Result<u64, String> {

@@ -22,6 +22,8 @@ const TAIL_LINES: usize = 40;
 
 struct Child {
     pgid: i32,
+    /// Lines matching the command's `keep_lines`.
+    kept: Arc<Mutex<Vec<String>>>,
     stop_timeout: Duration,
     stop_requested: Arc<std::sync::atomic::AtomicBool>,
     done: watch::Receiver<bool>,
@@ -72,11 +74,25 @@ impl Runner for ProcessRunner {
             .with_context(|| format!("cannot start {}", cmd.program.display()))?;
         let pid = child.id().context("child exited before its pid was read")?;
         let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
+        let kept = Arc::new(Mutex::new(Vec::new()));
+        let keep = Arc::new(cmd.keep_lines.clone());
         if let Some(out) = child.stdout.take() {
-            tokio::spawn(forward(out, name.to_string(), tail.clone()));
+            tokio::spawn(forward(
+                out,
+                name.to_string(),
+                tail.clone(),
+                kept.clone(),
+                keep.clone(),
+            ));
         }
         if let Some(err) = child.stderr.take() {
-            tokio::spawn(forward(err, name.to_string(), tail.clone()));
+            tokio::spawn(forward(
+                err,
+                name.to_string(),
+                tail.clone(),
+                kept.clone(),
+                keep,
+            ));
         }
         let stop_requested = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (done_tx, done_rx) = watch::channel(false);
@@ -84,6 +100,7 @@ impl Runner for ProcessRunner {
             name.to_string(),
             Child {
                 pgid: pid as i32,
+                kept,
                 stop_timeout: cmd.stop_timeout,
                 stop_requested: stop_requested.clone(),
                 done: done_rx,
@@ -166,11 +183,42 @@ impl Runner for ProcessRunner {
     fn stops_with_agent(&self) -> bool {
         true
     }
+
+    async fn output_lines(&self, name: &str, containing: &[&str]) -> Vec<String> {
+        let kept = self.lock().get(name).map(|c| c.kept.clone());
+        kept.map(|k| {
+            k.lock()
+                .map(|l| {
+                    l.iter()
+                        .filter(|line| containing.iter().any(|c| line.contains(c)))
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+        .unwrap_or_default()
+    }
 }
 
-async fn forward(stream: impl AsyncRead + Unpin, name: String, tail: Arc<Mutex<VecDeque<String>>>) {
+/// Lines kept per process for [`Runner::output_lines`] at most (a placement is a few dozen).
+const KEPT_LINES: usize = 1000;
+
+async fn forward(
+    stream: impl AsyncRead + Unpin,
+    name: String,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    kept: Arc<Mutex<Vec<String>>>,
+    keep: Arc<Vec<String>>,
+) {
     let mut lines = BufReader::new(stream).lines();
     while let Ok(Some(line)) = lines.next_line().await {
+        if keep.iter().any(|k| line.contains(k.as_str())) {
+            if let Ok(mut k) = kept.lock() {
+                if k.len() < KEPT_LINES {
+                    k.push(line.clone());
+                }
+            }
+        }
         tracing::info!(target: "engine", rank_process = %name, "{line}");
         if let Ok(mut t) = tail.lock() {
             if t.len() == TAIL_LINES {
@@ -194,6 +242,7 @@ mod tests {
             cwd: std::env::temp_dir(),
             allowed_peers: vec![],
             stop_timeout: Duration::from_millis(300),
+            keep_lines: vec!["KEEP".into()],
         }
     }
 

@@ -461,6 +461,25 @@ impl Runner for SystemdRunner {
     fn cpu_usec(&self, pid: u32) -> Result<u64, String> {
         super::cgroup_cpu_usec(pid)
     }
+
+    async fn output_lines(&self, name: &str, containing: &[&str]) -> Vec<String> {
+        let out = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::process::Command::new("journalctl")
+                .args(["-u", &unit_name(name), "-o", "cat", "--no-pager", "-q"])
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await;
+        match out {
+            Ok(Ok(o)) => String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| containing.iter().any(|c| l.contains(c)))
+                .map(str::to_string)
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -477,6 +496,7 @@ mod tests {
             cwd: PathBuf::from("/var/lib/llm-cluster/rank1"),
             allowed_peers: vec!["10.0.0.1".parse().expect("ip")],
             stop_timeout: Duration::from_secs(2),
+            keep_lines: vec![],
         };
         let props = unit_properties(&cmd, "d".into(), Some("llm-cluster"));
         let get = |k: &str| {

@@ -30,7 +30,11 @@ struct FakeNode {
 }
 
 struct FakeCluster {
+    /// Holds the model file and the state dir.
+    _dir: tempfile::TempDir,
     config: Arc<Config>,
+    /// What rank 0 reports Halda chose.
+    halda: Mutex<Option<crate::proto::Placement>>,
     nodes: Vec<FakeNode>,
     /// What was asked of the nodes, in order.
     log: Mutex<Vec<String>>,
@@ -42,10 +46,15 @@ struct FakeCluster {
 
 impl FakeCluster {
     fn new(engine: &str, world: u32) -> Arc<FakeCluster> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let model = dir.path().join("m.gguf");
+        std::fs::write(&model, b"GGUF").expect("model");
         let mut text = format!(
-            "[cluster]\nname=\"t\"\nengine=\"{engine}\"\n[model]\npath=\"/m.gguf\"\n\
+            "[cluster]\nname=\"t\"\nengine=\"{engine}\"\nstate_dir=\"{state}\"\n[model]\npath=\"{model}\"\n\
              [supervision]\nnode_timeout_s = 3\nbackoff_initial_ms = 100\nbackoff_max_ms = 200\nready_timeout_s = 30\n\
-             stall_timeout_s = 10\nprobe_interval_s = 5\n"
+             stall_timeout_s = 10\nprobe_interval_s = 5\n",
+            state = dir.path().join("state").display(),
+            model = model.display(),
         );
         for r in 0..world {
             text.push_str(&format!(
@@ -66,6 +75,8 @@ impl FakeCluster {
             })
             .collect();
         Arc::new(FakeCluster {
+            _dir: dir,
+            halda: Mutex::new(None),
             config,
             nodes,
             log: Mutex::new(Vec::new()),
@@ -214,6 +225,17 @@ impl Nodes for FakeCluster {
         Ok(crate::proto::LinkReport {
             rank: rank as u32,
             links: vec![],
+        })
+    }
+
+    async fn placement(&self, addr: SocketAddr) -> anyhow::Result<crate::proto::RankPlacement> {
+        let (_, n) = self.node(addr);
+        let generation = n.status.borrow().generation;
+        let placement = self.halda.lock().expect("halda").clone();
+        Ok(crate::proto::RankPlacement {
+            generation,
+            error: placement.is_none().then(|| "not printed".to_string()),
+            placement,
         })
     }
 
@@ -526,6 +548,63 @@ async fn an_unreachable_agent_is_a_warning_while_the_ring_progresses() {
         reason.contains("rank 1 cannot say: agent unreachable"),
         "{reason}"
     );
+    r.stop.cancel();
+    r.task.await.expect("driver ends");
+}
+
+#[tokio::test(start_paused = true)]
+async fn halda_placement_is_remembered_and_passed_explicitly_on_the_next_start() {
+    use crate::proto::{Placement, PlacementSource};
+    let fake = FakeCluster::new("prima", 3);
+    *fake.halda.lock().expect("halda") = Some(Placement {
+        windows: vec![1, 0, 29],
+        gpu_layers: Some(vec![0, 0, 0]),
+    });
+    let mut r = start(&fake);
+    let v = serving_after(&mut r, 0).await;
+    let mut view = r.view.clone();
+    let placed = tokio::time::timeout(
+        Duration::from_secs(10),
+        view.wait_for(|v| v.placement.as_ref().is_some_and(|p| p.windows.is_some())),
+    )
+    .await
+    .expect("placement read")
+    .expect("driver alive")
+    .placement
+    .clone()
+    .expect("placement");
+    assert_eq!(placed.source, PlacementSource::Halda);
+    assert_eq!(placed.windows, Some(vec![1, 0, 29]));
+    assert!(crate::coordinator::placement::file(&fake.config.cluster.state_dir).exists());
+    // Rank 2 crashes: the next generation uses the remembered windows and leaves node 1 out.
+    fake.update(2, |s| s.phase = RankPhase::Exited);
+    let back = serving_after(&mut r, v.generation).await;
+    let p = back.placement.clone().expect("placement");
+    assert_eq!(p.source, PlacementSource::Remembered);
+    let g = back.generation;
+    let lines = fake.lines();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with(&format!("apply rank0 g{g}"))),
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with(&format!("apply rank2 g{g}"))),
+        "{lines:?}"
+    );
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.starts_with(&format!("apply rank1 g{g}"))),
+        "{lines:?}"
+    );
+    let head = fake.nodes[0].status.borrow().spec.clone().expect("spec");
+    assert_eq!((head.world, head.layer_windows), (2, Some(vec![1, 29])));
+    let worker = fake.nodes[2].status.borrow().spec.clone().expect("spec");
+    assert_eq!((worker.node, worker.rank), (2, 1));
     r.stop.cancel();
     r.task.await.expect("driver ends");
 }
