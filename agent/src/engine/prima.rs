@@ -11,6 +11,29 @@ use crate::proto::RankSpec;
 /// What a rank prints before exiting 0 when Halda assigned it no layers.
 pub const NO_LAYER_MESSAGE: &str = "No layer is assigned to me";
 
+/// What the device profiler asserts on upstream main inside a container: it sees `/.dockerenv`,
+/// reads cgroup v2 `memory.max`, finds it missing and reads 0 bytes of RAM (total, or available
+/// a line later). Upstream fixed it on branch tao_dev, commit 32e10881, which the prima-cpp
+/// packages apply.
+pub const CONTAINER_MEMORY_MESSAGES: [&str; 2] = [
+    "Failed to parse total physical memory",
+    "Failed to parse available physical memory",
+];
+
+/// What the container abort means and what to do about it, for the rank's last error.
+pub const CONTAINER_MEMORY_EXPLANATION: &str = "prima.cpp's profiler could not read the memory \
+     limit inside a container; install a prima-cpp package with the container fix (upstream \
+     commit 32e10881) or give explicit layer_windows";
+
+/// Says what a failed rank's output means where prima is known to fail that way, so the
+/// operator reads the cause and the remedy rather than an assertion from deep inside prima.
+pub fn explain_failure(log_tail: &[String]) -> Option<&'static str> {
+    log_tail
+        .iter()
+        .any(|l| CONTAINER_MEMORY_MESSAGES.iter().any(|m| l.contains(m)))
+        .then_some(CONTAINER_MEMORY_EXPLANATION)
+}
+
 pub fn command(spec: &RankSpec, local: &LocalEngine) -> CommandSpec {
     let (server, worker) = local.names(spec.engine);
     let program = local.resolve(if spec.is_head() { server } else { worker });
@@ -180,6 +203,34 @@ mod tests {
             "{:?}",
             c.args
         );
+    }
+
+    #[test]
+    fn the_container_memory_abort_is_explained() {
+        // As GGML_ASSERT prints it: the message's own "\n" splits the line.
+        let tail: Vec<String> = [
+            "start profiling this device, this may take some seconds ...",
+            "src/llama.cpp:3637: GGML_ASSERT(dev_info->memory.total_physical     > 0 && \"Failed to parse total physical memory",
+            "\") failed",
+            "Aborted (core dumped)",
+        ]
+        .map(String::from)
+        .to_vec();
+        let why = explain_failure(&tail).expect("explained");
+        assert!(
+            why.contains("container") && why.contains("32e10881") && why.contains("layer_windows"),
+            "{why}"
+        );
+        let available = vec!["GGML_ASSERT(dev_info->memory.available_physical > 0 && \"Failed to parse available physical memory".to_string()];
+        assert_eq!(
+            explain_failure(&available),
+            Some(CONTAINER_MEMORY_EXPLANATION)
+        );
+        assert_eq!(
+            explain_failure(&["GGML_ASSERT(n_layers > 0) failed".to_string()]),
+            None
+        );
+        assert_eq!(explain_failure(&[]), None);
     }
 
     #[test]
