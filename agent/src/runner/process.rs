@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
 use tokio::sync::watch;
 
-use super::{EventSender, Exit, RunEvent, Runner, Started};
+use super::{EventSender, Exit, RunEvent, Runner, Started, ENGINE_LOG_LINES};
 use crate::engine::CommandSpec;
 
 /// Lines of output kept per process for failure reports.
@@ -30,6 +31,8 @@ struct Child {
 pub struct ProcessRunner {
     children: Mutex<HashMap<String, Child>>,
     events: EventSender,
+    /// Where engine output goes: the agent's log; a recorder in tests.
+    sink: Sink,
 }
 
 impl ProcessRunner {
@@ -37,6 +40,7 @@ impl ProcessRunner {
         ProcessRunner {
             children: Mutex::new(HashMap::new()),
             events,
+            sink: to_log,
         }
     }
 
@@ -72,11 +76,23 @@ impl Runner for ProcessRunner {
             .with_context(|| format!("cannot start {}", cmd.program.display()))?;
         let pid = child.id().context("child exited before its pid was read")?;
         let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
+        let cap = LogCap::new(ENGINE_LOG_LINES, 2, self.sink);
+        let mut forwarders = Vec::with_capacity(2);
         if let Some(out) = child.stdout.take() {
-            tokio::spawn(forward(out, name.to_string(), tail.clone()));
+            forwarders.push(tokio::spawn(forward(
+                out,
+                name.to_string(),
+                tail.clone(),
+                cap.clone(),
+            )));
         }
         if let Some(err) = child.stderr.take() {
-            tokio::spawn(forward(err, name.to_string(), tail.clone()));
+            forwarders.push(tokio::spawn(forward(
+                err,
+                name.to_string(),
+                tail.clone(),
+                cap.clone(),
+            )));
         }
         let stop_requested = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (done_tx, done_rx) = watch::channel(false);
@@ -93,8 +109,14 @@ impl Runner for ProcessRunner {
         let name_owned = name.to_string();
         tokio::spawn(async move {
             let status = child.wait().await;
-            // Let the output forwarders drain the last lines before they are reported.
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // The report must hold the last lines (a flood's final assertion is the one that
+            // explains it), so wait for the forwarders to reach end of file; but not for long:
+            // a surviving member of the process group may hold the pipes open.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                futures_util::future::join_all(forwarders),
+            )
+            .await;
             let (code, signal, unknown) = match &status {
                 Ok(s) => {
                     use std::os::unix::process::ExitStatusExt;
@@ -165,10 +187,100 @@ impl Runner for ProcessRunner {
     }
 }
 
-async fn forward(stream: impl AsyncRead + Unpin, name: String, tail: Arc<Mutex<VecDeque<String>>>) {
-    let mut lines = BufReader::new(stream).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        tracing::info!(target: "engine", rank_process = %name, "{line}");
+/// What the output forwarders of one rank process report.
+#[derive(Debug, Clone, PartialEq)]
+enum Logged<'a> {
+    Line(&'a str),
+    /// The first line over the cap; nothing more is logged for this process.
+    CapReached {
+        limit: usize,
+    },
+    /// Both streams ended: how many lines were not logged.
+    Dropped {
+        dropped: usize,
+        limit: usize,
+    },
+}
+
+type Sink = fn(&str, Logged<'_>);
+
+fn to_log(name: &str, what: Logged<'_>) {
+    match what {
+        Logged::Line(line) => tracing::info!(target: "engine", rank_process = %name, "{line}"),
+        Logged::CapReached { limit } => tracing::warn!(
+            rank_process = %name,
+            "engine output reached {limit} lines; the rest of this process's output is not logged (its last {TAIL_LINES} lines still go into the exit report)"
+        ),
+        Logged::Dropped { dropped, limit } => tracing::warn!(
+            rank_process = %name,
+            dropped,
+            "{dropped} lines of engine output were not logged (cap: {limit} lines per process)"
+        ),
+    }
+}
+
+/// The budget of log lines one rank process (stdout and stderr together) may spend, so an
+/// engine stuck in an error loop cannot flood the agent's log. The failure tail still sees
+/// every line: only the log is capped.
+struct LogCap {
+    limit: usize,
+    seen: AtomicUsize,
+    /// Streams still open; the last one to close reports what was dropped.
+    open: AtomicUsize,
+    sink: Sink,
+}
+
+impl LogCap {
+    fn new(limit: usize, streams: usize, sink: Sink) -> Arc<LogCap> {
+        Arc::new(LogCap {
+            limit,
+            seen: AtomicUsize::new(0),
+            open: AtomicUsize::new(streams),
+            sink,
+        })
+    }
+
+    /// Logs a line while the budget lasts, and says so once when it runs out.
+    fn line(&self, name: &str, line: &str) {
+        let n = self.seen.fetch_add(1, Ordering::Relaxed);
+        if n < self.limit {
+            (self.sink)(name, Logged::Line(line));
+        } else if n == self.limit {
+            (self.sink)(name, Logged::CapReached { limit: self.limit });
+        }
+    }
+
+    /// Marks one stream ended; the last one reports how many lines were not logged.
+    fn close(&self, name: &str) {
+        if self.open.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        let seen = self.seen.load(Ordering::Relaxed);
+        if seen > self.limit {
+            (self.sink)(
+                name,
+                Logged::Dropped {
+                    dropped: seen - self.limit,
+                    limit: self.limit,
+                },
+            );
+        }
+    }
+}
+
+async fn forward(
+    stream: impl AsyncRead + Unpin,
+    name: String,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    cap: Arc<LogCap>,
+) {
+    // Split on bytes, not `lines()`: that one ends at the first line that is not UTF-8 (engines
+    // print model text), and a pipe nobody reads any more blocks the engine once it is full.
+    let mut lines = BufReader::new(stream).split(b'\n');
+    while let Ok(Some(raw)) = lines.next_segment().await {
+        let raw = raw.strip_suffix(b"\r").unwrap_or(&raw);
+        let line = String::from_utf8_lossy(raw).into_owned();
+        cap.line(&name, &line);
         if let Ok(mut t) = tail.lock() {
             if t.len() == TAIL_LINES {
                 t.pop_front();
@@ -176,6 +288,7 @@ async fn forward(stream: impl AsyncRead + Unpin, name: String, tail: Arc<Mutex<V
             t.push_back(line);
         }
     }
+    cap.close(&name);
 }
 
 #[cfg(test)]
@@ -219,6 +332,68 @@ mod tests {
             ev.exit.log_tail.contains(&"oops".to_string()),
             "{:?}",
             ev.exit.log_tail
+        );
+    }
+
+    /// What a recording sink saw of the process `t-cap` (a fn pointer cannot capture).
+    static RECORDED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+    fn record(name: &str, what: Logged<'_>) {
+        if name == "t-cap" {
+            RECORDED.lock().expect("recorder").push(format!("{what:?}"));
+        }
+    }
+
+    #[tokio::test]
+    async fn engine_output_in_the_log_is_capped_per_process_and_the_tail_kept() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let r = ProcessRunner {
+            sink: record,
+            ..ProcessRunner::new(tx)
+        };
+        // Both streams count against one budget: 500 + (cap + 500) lines, the last on stderr.
+        let script = format!(
+            "seq -f 'out-%.0f' 1 500; seq -f 'err-%.0f' 1 {} >&2",
+            ENGINE_LOG_LINES + 500
+        );
+        r.start("t-cap", &sh(&script)).await.expect("start");
+        let ev = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .expect("in time")
+            .expect("event");
+        let seen = RECORDED.lock().expect("recorder").clone();
+        let lines = seen.iter().filter(|l| l.starts_with("Line(")).count();
+        assert_eq!(lines, ENGINE_LOG_LINES, "lines forwarded to the log");
+        assert_eq!(
+            seen[lines..],
+            [
+                format!("CapReached {{ limit: {ENGINE_LOG_LINES} }}"),
+                format!("Dropped {{ dropped: 1000, limit: {ENGINE_LOG_LINES} }}"),
+            ],
+            "after the cap: one notice, then the count"
+        );
+        let last = format!("err-{}", ENGINE_LOG_LINES + 500);
+        assert_eq!(
+            ev.exit.log_tail.last(),
+            Some(&last),
+            "the tail still sees every line"
+        );
+    }
+
+    #[tokio::test]
+    async fn output_that_is_not_utf8_does_not_stop_forwarding() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let r = ProcessRunner::new(tx);
+        r.start("t-bytes", &sh("printf 'a\\377b\\r\\nafter\\n'; exit 1"))
+            .await
+            .expect("start");
+        let ev = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("in time")
+            .expect("event");
+        assert_eq!(
+            ev.exit.log_tail,
+            vec!["a\u{fffd}b".to_string(), "after".to_string()]
         );
     }
 
