@@ -330,7 +330,7 @@ async fn a_prima_container_abort_says_what_it_means() {
     write_exec(
         &dir.path().join("prima-server"),
         "echo 'start profiling this device, this may take some seconds ...'\n\
-         printf '%s\\n' 'src/llama.cpp:3637: GGML_ASSERT(dev_info->memory.total_physical > 0 && \"Failed to parse total physical memory' '\") failed' >&2\n\
+         printf '%s\\n' 'src/llama.cpp:3637: GGML_ASSERT(dev_info->memory.total_physical > 0 && \"Failed to parse total physical memory\\n\") failed' >&2\n\
          kill -ABRT $$",
     );
     let text = format!(
