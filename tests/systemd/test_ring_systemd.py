@@ -151,6 +151,9 @@ def test_ranks_are_units_of_the_rank_user_and_serve(cluster):
         assert h.unit_property(n["status"]["unit"], "ActiveState") == "active"
         assert h.unit_property(n["status"]["unit"], "User") == "llm-cluster"
         assert h.unit_property(n["status"]["unit"], "LimitMEMLOCK") == "infinity"
+        # journald's per-unit cap on engine output (runner::ENGINE_LOG_LINES per 30 s).
+        assert h.unit_property(n["status"]["unit"], "LogRateLimitIntervalUSec") == "30s"
+        assert h.unit_property(n["status"]["unit"], "LogRateLimitBurst") == "2000"
         assert int(h.unit_property(n["status"]["unit"], "MainPID")) > 0
     # The API keys file is enforced.
     code, _, _ = http("POST", f"{base}/v1/chat/completions", {"messages": []})

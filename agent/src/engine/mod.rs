@@ -134,6 +134,14 @@ pub fn classify_exit(
     ExitKind::Failed
 }
 
+/// What a failed rank's output means, where the engine is known to fail that way.
+pub fn explain_failure(engine: EngineKind, log_tail: &[String]) -> Option<&'static str> {
+    match engine {
+        EngineKind::Prima => prima::explain_failure(log_tail),
+        EngineKind::LlamaRpc => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

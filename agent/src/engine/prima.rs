@@ -65,6 +65,43 @@ pub fn parse_placement(lines: &[String], world: u32) -> Option<Placement> {
     })
 }
 
+/// Failures of prima.cpp that its output names but does not explain: (what it prints, what
+/// that means and what to do), for the rank's last error.
+const KNOWN_FAILURES: [(&str, &str); 3] = [
+    // Upstream main inside a container: the profiler sees /.dockerenv, reads cgroup v2
+    // memory.max, finds none and takes the RAM to be 0 bytes (total, or available a line
+    // later). Fixed on branch tao_dev, commit 32e10881, which the prima-cpp packages apply.
+    (
+        "Failed to parse total physical memory",
+        CONTAINER_MEMORY_EXPLANATION,
+    ),
+    (
+        "Failed to parse available physical memory",
+        CONTAINER_MEMORY_EXPLANATION,
+    ),
+    // The profiler knows a fixed list of weight types (not Q4_1, for one).
+    (
+        "Unrecognized weight type in PROFILER_",
+        "prima.cpp's profiler does not support this model's weight type (e.g. Q4_1; Q4_K, Q6_K \
+         and Q8_0 work); give explicit layer_windows, which skip profiling, or use another \
+         quantisation",
+    ),
+];
+
+/// What the container abort means and what to do about it.
+pub const CONTAINER_MEMORY_EXPLANATION: &str = "prima.cpp's profiler could not read the memory \
+     limit inside a container; install a prima-cpp package with the container fix (upstream \
+     commit 32e10881) or give explicit layer_windows";
+
+/// Says what a failed rank's output means where prima is known to fail that way, so the
+/// operator reads the cause and the remedy rather than an assertion from deep inside prima.
+pub fn explain_failure(log_tail: &[String]) -> Option<&'static str> {
+    KNOWN_FAILURES
+        .iter()
+        .find(|(message, _)| log_tail.iter().any(|l| l.contains(message)))
+        .map(|(_, why)| *why)
+}
+
 pub fn command(spec: &RankSpec, local: &LocalEngine) -> CommandSpec {
     let (server, worker) = local.names(spec.engine);
     let program = local.resolve(if spec.is_head() { server } else { worker });
@@ -239,6 +276,50 @@ mod tests {
             c.args.join(" ").ends_with("--gpu-mem 8 -ngl 20"),
             "{:?}",
             c.args
+        );
+    }
+
+    #[test]
+    fn the_container_memory_abort_is_explained() {
+        // As a rank of upstream main printed it in a container (GGML_ASSERT shows the
+        // expression, the message's "\n" included), followed by gdb's backtrace.
+        let tail: Vec<String> = [
+            "start profiling this device, this may take some seconds ...",
+            r#"src/llama.cpp:3637: GGML_ASSERT(dev_info->memory.total_physical > 0 && "Failed to parse total physical memory\n") failed"#,
+            "#5  0x000056028c1c56d3 in llama_init_from_gpt_params (params=...) at common/common.cpp:1768",
+            "[Inferior 1 (process 29585) detached]",
+        ]
+        .map(String::from)
+        .to_vec();
+        let why = explain_failure(&tail).expect("explained");
+        assert!(
+            why.contains("could not read the memory limit inside a container")
+                && why.contains("32e10881")
+                && why.contains("layer_windows"),
+            "{why}"
+        );
+        let available = vec![r#"GGML_ASSERT(dev_info->memory.available_physical > 0 && "Failed to parse available physical memory\n") failed"#.to_string()];
+        assert_eq!(
+            explain_failure(&available),
+            Some(CONTAINER_MEMORY_EXPLANATION)
+        );
+        assert_eq!(
+            explain_failure(&["GGML_ASSERT(n_layers > 0) failed".to_string()]),
+            None
+        );
+        assert_eq!(explain_failure(&[]), None);
+    }
+
+    #[test]
+    fn an_unsupported_weight_type_for_the_profiler_is_explained() {
+        let tail = vec![
+            "terminate called after throwing an instance of 'std::runtime_error'".to_string(),
+            "  what():  Unrecognized weight type in PROFILER_LAYER_BACKEND".to_string(),
+        ];
+        let why = explain_failure(&tail).expect("explained");
+        assert!(
+            why.contains("weight type") && why.contains("layer_windows"),
+            "{why}"
         );
     }
 

@@ -469,12 +469,17 @@ impl NodeAgent {
             tracing::error!(rank = self.rank, generation = current.generation, status = %description, "rank exited");
         }
         let last_error = (kind == ExitKind::Failed).then(|| {
+            let what = match engine::explain_failure(self.config.cluster.engine, &ev.exit.log_tail)
+            {
+                Some(why) => format!("{description}: {why}"),
+                None => description.clone(),
+            };
             let tail: Vec<&String> = ev.exit.log_tail.iter().rev().take(5).collect();
             let tail: Vec<&str> = tail.into_iter().rev().map(String::as_str).collect();
             if tail.is_empty() {
-                description.clone()
+                what
             } else {
-                format!("{description}; last output: {}", tail.join(" | "))
+                format!("{what}; last output: {}", tail.join(" | "))
             }
         });
         self.update(|s| {

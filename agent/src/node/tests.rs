@@ -322,3 +322,39 @@ async fn the_control_api_refuses_every_route_without_the_token() {
     }
     drop(dir);
 }
+
+#[tokio::test]
+async fn a_prima_container_abort_says_what_it_means() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // What prima's profiler prints on upstream main in a container, then SIGABRT.
+    write_exec(
+        &dir.path().join("prima-server"),
+        "echo 'start profiling this device, this may take some seconds ...'\n\
+         printf '%s\\n' 'src/llama.cpp:3637: GGML_ASSERT(dev_info->memory.total_physical > 0 && \"Failed to parse total physical memory\\n\") failed' >&2\n\
+         kill -ABRT $$",
+    );
+    let text = format!(
+        "[cluster]\nname = \"t\"\nengine = \"prima\"\nstate_dir = \"{d}/state\"\n\
+         [model]\npath = \"{d}/m.gguf\"\n\
+         [[node]]\nrank = 0\naddress = \"127.0.0.1\"\nagent_port = 7700\nengine_dir = \"{d}\"\n",
+        d = dir.path().display()
+    );
+    let config = Arc::new(Config::parse(&text, Path::new("t.toml")).expect("config"));
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let agent = NodeAgent::new(config, 0, Arc::new(ProcessRunner::new(tx)), rx).expect("agent");
+    agent.apply(spec(&agent, 1)).await.expect("apply");
+    let st = wait_phase(&agent, RankPhase::Exited).await;
+    assert_eq!(st.exit.expect("exit report").kind, ExitKind::Failed);
+    let err = st.last_error.expect("last error");
+    assert!(
+        err.contains("profiler could not read the memory limit inside a container")
+            && err.contains("32e10881")
+            && err.contains("layer_windows"),
+        "{err}"
+    );
+    // The raw output stays, for whoever wants the detail.
+    assert!(
+        err.contains("Failed to parse total physical memory"),
+        "{err}"
+    );
+}

@@ -54,6 +54,12 @@ pub struct RunEvent {
 
 pub type EventSender = mpsc::UnboundedSender<RunEvent>;
 
+/// Lines of a rank process's output that reach the journal: all of them for a rank that starts
+/// and serves normally, a bounded amount for one that loops on an error (a prima rank once
+/// logged 4,613 lines on its way to a GGML_ASSERT). The process runner stops forwarding after
+/// this many lines per process; systemd units get it as journald's burst per interval.
+pub const ENGINE_LOG_LINES: usize = 2000;
+
 #[async_trait]
 pub trait Runner: Send + Sync + 'static {
     /// Starts `cmd` under `name` (unique per rank and generation). Its end is reported as a

@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
 use tokio::sync::watch;
 
-use super::{EventSender, Exit, RunEvent, Runner, Started};
+use super::{EventSender, Exit, RunEvent, Runner, Started, ENGINE_LOG_LINES};
 use crate::engine::CommandSpec;
 
 /// Lines of output kept per process for failure reports.
@@ -22,8 +23,7 @@ const TAIL_LINES: usize = 40;
 
 struct Child {
     pgid: i32,
-    /// Lines matching the command's `keep_lines`.
-    kept: Arc<Mutex<Vec<String>>>,
+    kept: Arc<Kept>,
     stop_timeout: Duration,
     stop_requested: Arc<std::sync::atomic::AtomicBool>,
     done: watch::Receiver<bool>,
@@ -32,6 +32,8 @@ struct Child {
 pub struct ProcessRunner {
     children: Mutex<HashMap<String, Child>>,
     events: EventSender,
+    /// Where engine output goes: the agent's log; a recorder in tests.
+    sink: Sink,
 }
 
 impl ProcessRunner {
@@ -39,6 +41,7 @@ impl ProcessRunner {
         ProcessRunner {
             children: Mutex::new(HashMap::new()),
             events,
+            sink: to_log,
         }
     }
 
@@ -74,25 +77,26 @@ impl Runner for ProcessRunner {
             .with_context(|| format!("cannot start {}", cmd.program.display()))?;
         let pid = child.id().context("child exited before its pid was read")?;
         let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
-        let kept = Arc::new(Mutex::new(Vec::new()));
-        let keep = Arc::new(cmd.keep_lines.clone());
+        let cap = LogCap::new(ENGINE_LOG_LINES, 2, self.sink);
+        let kept = Kept::new(cmd.keep_lines.clone());
+        let mut forwarders = Vec::with_capacity(2);
         if let Some(out) = child.stdout.take() {
-            tokio::spawn(forward(
+            forwarders.push(tokio::spawn(forward(
                 out,
                 name.to_string(),
                 tail.clone(),
+                cap.clone(),
                 kept.clone(),
-                keep.clone(),
-            ));
+            )));
         }
         if let Some(err) = child.stderr.take() {
-            tokio::spawn(forward(
+            forwarders.push(tokio::spawn(forward(
                 err,
                 name.to_string(),
                 tail.clone(),
+                cap.clone(),
                 kept.clone(),
-                keep,
-            ));
+            )));
         }
         let stop_requested = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (done_tx, done_rx) = watch::channel(false);
@@ -110,8 +114,14 @@ impl Runner for ProcessRunner {
         let name_owned = name.to_string();
         tokio::spawn(async move {
             let status = child.wait().await;
-            // Let the output forwarders drain the last lines before they are reported.
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // The report must hold the last lines (a flood's final assertion is the one that
+            // explains it), so wait for the forwarders to reach end of file; but not for long:
+            // a surviving member of the process group may hold the pipes open.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                futures_util::future::join_all(forwarders),
+            )
+            .await;
             let (code, signal, unknown) = match &status {
                 Ok(s) => {
                     use std::os::unix::process::ExitStatusExt;
@@ -186,40 +196,146 @@ impl Runner for ProcessRunner {
 
     async fn output_lines(&self, name: &str, containing: &[&str]) -> Vec<String> {
         let kept = self.lock().get(name).map(|c| c.kept.clone());
-        kept.map(|k| {
-            k.lock()
-                .map(|l| {
-                    l.iter()
-                        .filter(|line| containing.iter().any(|c| line.contains(c)))
-                        .cloned()
-                        .collect()
-                })
-                .unwrap_or_default()
-        })
-        .unwrap_or_default()
+        kept.map(|k| k.matching(containing)).unwrap_or_default()
     }
 }
 
 /// Lines kept per process for [`Runner::output_lines`] at most (a placement is a few dozen).
 const KEPT_LINES: usize = 1000;
 
+/// The output lines of one process that contain one of the command's `keep_lines`.
+struct Kept {
+    markers: Vec<String>,
+    lines: Mutex<Vec<String>>,
+}
+
+impl Kept {
+    fn new(markers: Vec<String>) -> Arc<Kept> {
+        Arc::new(Kept {
+            markers,
+            lines: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn offer(&self, line: &str) {
+        if self.markers.iter().any(|m| line.contains(m.as_str())) {
+            if let Ok(mut l) = self.lines.lock() {
+                if l.len() < KEPT_LINES {
+                    l.push(line.to_string());
+                }
+            }
+        }
+    }
+
+    fn matching(&self, containing: &[&str]) -> Vec<String> {
+        self.lines
+            .lock()
+            .map(|l| {
+                l.iter()
+                    .filter(|line| containing.iter().any(|c| line.contains(c)))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// What the output forwarders of one rank process report.
+#[derive(Debug, Clone, PartialEq)]
+enum Logged<'a> {
+    Line(&'a str),
+    /// The first line over the cap; nothing more is logged for this process.
+    CapReached {
+        limit: usize,
+    },
+    /// Both streams ended: how many lines were not logged.
+    Dropped {
+        dropped: usize,
+        limit: usize,
+    },
+}
+
+type Sink = fn(&str, Logged<'_>);
+
+fn to_log(name: &str, what: Logged<'_>) {
+    match what {
+        Logged::Line(line) => tracing::info!(target: "engine", rank_process = %name, "{line}"),
+        Logged::CapReached { limit } => tracing::warn!(
+            rank_process = %name,
+            "engine output reached {limit} lines; the rest of this process's output is not logged (its last {TAIL_LINES} lines still go into the exit report)"
+        ),
+        Logged::Dropped { dropped, limit } => tracing::warn!(
+            rank_process = %name,
+            dropped,
+            "{dropped} lines of engine output were not logged (cap: {limit} lines per process)"
+        ),
+    }
+}
+
+/// The budget of log lines one rank process (stdout and stderr together) may spend, so an
+/// engine stuck in an error loop cannot flood the agent's log. The failure tail still sees
+/// every line: only the log is capped.
+struct LogCap {
+    limit: usize,
+    seen: AtomicUsize,
+    /// Streams still open; the last one to close reports what was dropped.
+    open: AtomicUsize,
+    sink: Sink,
+}
+
+impl LogCap {
+    fn new(limit: usize, streams: usize, sink: Sink) -> Arc<LogCap> {
+        Arc::new(LogCap {
+            limit,
+            seen: AtomicUsize::new(0),
+            open: AtomicUsize::new(streams),
+            sink,
+        })
+    }
+
+    /// Logs a line while the budget lasts, and says so once when it runs out.
+    fn line(&self, name: &str, line: &str) {
+        let n = self.seen.fetch_add(1, Ordering::Relaxed);
+        if n < self.limit {
+            (self.sink)(name, Logged::Line(line));
+        } else if n == self.limit {
+            (self.sink)(name, Logged::CapReached { limit: self.limit });
+        }
+    }
+
+    /// Marks one stream ended; the last one reports how many lines were not logged.
+    fn close(&self, name: &str) {
+        if self.open.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        let seen = self.seen.load(Ordering::Relaxed);
+        if seen > self.limit {
+            (self.sink)(
+                name,
+                Logged::Dropped {
+                    dropped: seen - self.limit,
+                    limit: self.limit,
+                },
+            );
+        }
+    }
+}
+
 async fn forward(
     stream: impl AsyncRead + Unpin,
     name: String,
     tail: Arc<Mutex<VecDeque<String>>>,
-    kept: Arc<Mutex<Vec<String>>>,
-    keep: Arc<Vec<String>>,
+    cap: Arc<LogCap>,
+    kept: Arc<Kept>,
 ) {
-    let mut lines = BufReader::new(stream).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        if keep.iter().any(|k| line.contains(k.as_str())) {
-            if let Ok(mut k) = kept.lock() {
-                if k.len() < KEPT_LINES {
-                    k.push(line.clone());
-                }
-            }
-        }
-        tracing::info!(target: "engine", rank_process = %name, "{line}");
+    // Split on bytes, not `lines()`: that one ends at the first line that is not UTF-8 (engines
+    // print model text), and a pipe nobody reads any more blocks the engine once it is full.
+    let mut lines = BufReader::new(stream).split(b'\n');
+    while let Ok(Some(raw)) = lines.next_segment().await {
+        let raw = raw.strip_suffix(b"\r").unwrap_or(&raw);
+        let line = String::from_utf8_lossy(raw).into_owned();
+        cap.line(&name, &line);
+        kept.offer(&line);
         if let Ok(mut t) = tail.lock() {
             if t.len() == TAIL_LINES {
                 t.pop_front();
@@ -227,6 +343,7 @@ async fn forward(
             t.push_back(line);
         }
     }
+    cap.close(&name);
 }
 
 #[cfg(test)]
@@ -271,6 +388,68 @@ mod tests {
             ev.exit.log_tail.contains(&"oops".to_string()),
             "{:?}",
             ev.exit.log_tail
+        );
+    }
+
+    /// What a recording sink saw of the process `t-cap` (a fn pointer cannot capture).
+    static RECORDED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+    fn record(name: &str, what: Logged<'_>) {
+        if name == "t-cap" {
+            RECORDED.lock().expect("recorder").push(format!("{what:?}"));
+        }
+    }
+
+    #[tokio::test]
+    async fn engine_output_in_the_log_is_capped_per_process_and_the_tail_kept() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let r = ProcessRunner {
+            sink: record,
+            ..ProcessRunner::new(tx)
+        };
+        // Both streams count against one budget: 500 + (cap + 500) lines, the last on stderr.
+        let script = format!(
+            "seq -f 'out-%.0f' 1 500; seq -f 'err-%.0f' 1 {} >&2",
+            ENGINE_LOG_LINES + 500
+        );
+        r.start("t-cap", &sh(&script)).await.expect("start");
+        let ev = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .expect("in time")
+            .expect("event");
+        let seen = RECORDED.lock().expect("recorder").clone();
+        let lines = seen.iter().filter(|l| l.starts_with("Line(")).count();
+        assert_eq!(lines, ENGINE_LOG_LINES, "lines forwarded to the log");
+        assert_eq!(
+            seen[lines..],
+            [
+                format!("CapReached {{ limit: {ENGINE_LOG_LINES} }}"),
+                format!("Dropped {{ dropped: 1000, limit: {ENGINE_LOG_LINES} }}"),
+            ],
+            "after the cap: one notice, then the count"
+        );
+        let last = format!("err-{}", ENGINE_LOG_LINES + 500);
+        assert_eq!(
+            ev.exit.log_tail.last(),
+            Some(&last),
+            "the tail still sees every line"
+        );
+    }
+
+    #[tokio::test]
+    async fn output_that_is_not_utf8_does_not_stop_forwarding() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let r = ProcessRunner::new(tx);
+        r.start("t-bytes", &sh("printf 'a\\377b\\r\\nafter\\n'; exit 1"))
+            .await
+            .expect("start");
+        let ev = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("in time")
+            .expect("event");
+        assert_eq!(
+            ev.exit.log_tail,
+            vec!["a\u{fffd}b".to_string(), "after".to_string()]
         );
     }
 
@@ -327,5 +506,32 @@ mod tests {
             format!("{err:#}").contains("/nonexistent/llama-server"),
             "{err:#}"
         );
+    }
+
+    #[tokio::test]
+    async fn lines_with_a_kept_marker_can_be_read_back() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let r = ProcessRunner::new(tx);
+        r.start(
+            "t-kept",
+            &sh("echo noise; echo 'KEEP window : 3'; echo more; sleep 5"),
+        )
+        .await
+        .expect("start");
+        let mut kept = Vec::new();
+        for _ in 0..100 {
+            kept = r.output_lines("t-kept", &["window"]).await;
+            if !kept.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(kept, vec!["KEEP window : 3".to_string()]);
+        assert!(
+            r.output_lines("t-kept", &["noise"]).await.is_empty(),
+            "only kept lines"
+        );
+        r.stop("t-kept").await.expect("stop");
+        let _ = rx.recv().await;
     }
 }

@@ -17,7 +17,7 @@ use futures_util::StreamExt;
 use tokio::sync::watch;
 use zbus::zvariant::{OwnedObjectPath, Value};
 
-use super::{EventSender, Exit, RunEvent, Runner, Started};
+use super::{EventSender, Exit, RunEvent, Runner, Started, ENGINE_LOG_LINES};
 use crate::engine::CommandSpec;
 
 #[zbus::proxy(
@@ -91,6 +91,10 @@ trait Service {
     #[zbus(property, name = "TimeoutStopUSec")]
     fn timeout_stop_usec(&self) -> zbus::Result<u64>;
 }
+
+/// journald's rate-limit window for a rank unit's output (its default, made explicit beside the
+/// burst that goes with it).
+const LOG_RATE_LIMIT_INTERVAL: Duration = Duration::from_secs(30);
 
 /// `si_code` values systemd reports in ExecMainCode.
 const CLD_EXITED: i32 = 1;
@@ -350,6 +354,20 @@ pub fn unit_properties<'a>(
         // Engines mlock weights when asked to; the default 8 MiB limit would make that fail.
         ("LimitMEMLOCK", Value::from(u64::MAX)),
         ("LimitMEMLOCKSoft", Value::from(u64::MAX)),
+        // An engine looping on an error must not flood the journal: journald's default
+        // (10,000 lines per 30 s) lets a prima rank on its way to an assertion log thousands
+        // (one logged 4,613). Each generation is its own unit, so every generation gets this
+        // budget; journald then logs how many lines it suppressed. journald scales the burst
+        // up with free disk space, so it is a bound, not an exact count; and lines it drops
+        // are missing from journal_tail's failure report too, which is the price of the cap.
+        (
+            "LogRateLimitIntervalUSec",
+            Value::from(u64::try_from(LOG_RATE_LIMIT_INTERVAL.as_micros()).unwrap_or(u64::MAX)),
+        ),
+        (
+            "LogRateLimitBurst",
+            Value::from(u32::try_from(ENGINE_LOG_LINES).unwrap_or(u32::MAX)),
+        ),
     ];
     if let Some(u) = user {
         props.push(("User", Value::from(u)));
@@ -514,6 +532,16 @@ mod tests {
         );
         assert_eq!(get("User"), "\"llm-cluster\"");
         assert_eq!(get("TimeoutStopUSec"), "uint64 2000000");
+        // D-Bus types matter: systemd rejects a transient property of the wrong signature.
+        let value = |k: &str| props.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+        assert_eq!(
+            value("LogRateLimitIntervalUSec"),
+            Some(Value::U64(30_000_000))
+        );
+        assert_eq!(
+            value("LogRateLimitBurst"),
+            Some(Value::U32(ENGINE_LOG_LINES as u32))
+        );
         assert!(
             get("IPAddressAllow").contains("[10, 0, 0, 1]")
                 || get("IPAddressAllow").contains("0x0a"),
