@@ -173,3 +173,10 @@ def sse_events(resp):
         if data == b"[DONE]":
             return
         yield json.loads(data)
+
+
+@pytest.fixture(scope="session")
+def smollm2_q8(tmp_path_factory):
+    """A Q8_0 copy of SmolLM2 (prima's profiler rejects its Q4_1 weights), made in seconds."""
+    from q8 import make_q8
+    return make_q8(_env_path("SMOLLM2_GGUF"), tmp_path_factory.mktemp("models") / "smollm2-q8.gguf")
