@@ -128,6 +128,18 @@ def freeze_under_a_stream(cluster, rank):
     assert any(o[0] == 503 for o in outcomes), "no 503 while the ring was down"
     state = proc_state(pid)
     assert state in (None, "Z"), f"the frozen engine {pid} is still there (state {state})"
+    # No pile-up: the requests abandoned during the stall died with the old engine; the new one
+    # has no backlog (llama.cpp's server lists its slots; prima's fork has the same route).
+    # (A probe may be passing through: busy for milliseconds, not for the whole wait.)
+    def busy_slots():
+        r = requests.get(f"http://127.0.0.1:{cluster.engine_port}/slots", timeout=10)
+        return [s for s in r.json() if s.get("is_processing") or s.get("state", 0) != 0] \
+            if r.status_code == 200 else []
+    deadline, busy = time.monotonic() + 5, busy_slots()
+    while busy and time.monotonic() < deadline:
+        time.sleep(0.2)
+        busy = busy_slots()
+    assert not busy, f"the restarted engine still works on abandoned requests: {busy}"
     reason = [e for e in (status(cluster.base).get("reason"),) if e]
     print(f"\n[figure] {cluster.engine}: SIGSTOP of rank {rank}'s engine -> stream ended with an error "
           f"after {ended_after:.1f} s, serving again after {back_after:.1f} s; "

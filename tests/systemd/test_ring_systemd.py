@@ -585,11 +585,12 @@ def sse_payloads(resp):
             yield json.loads(line[6:])
 
 
-def test_sigstop_of_a_worker_engine_unit_is_detected_and_the_unit_really_stops(cluster):
+@pytest.mark.parametrize("rank", [1, 0], ids=["worker", "rank0"])
+def test_sigstop_of_an_engine_unit_is_detected_and_the_unit_really_stops(cluster, rank):
     lab, base, _ = cluster
     st = status(base)
-    unit = st["nodes"][1]["status"]["unit"]
-    h = lab.hosts[1]
+    unit = st["nodes"][rank]["status"]["unit"]
+    h = lab.hosts[rank]
     pid = h.unit_property(unit, "MainPID")
     conn, r = stream_chat(base)
     events = sse_payloads(r)
@@ -605,7 +606,7 @@ def test_sigstop_of_a_worker_engine_unit_is_detected_and_the_unit_really_stops(c
     back, _ = wait_serving_after(base, st["generation"])
     outcomes = load.check()
     assert h.unit_property(unit, "ActiveState") in ("inactive", "failed", ""), "the frozen unit runs on"
-    print(f"\n[figure] systemd: SIGSTOP of rank 1's engine unit -> stream ended with an error after "
+    print(f"\n[figure] systemd: SIGSTOP of rank {rank}'s engine unit -> stream ended with an error after "
           f"{ended:.1f} s, serving again {back:.1f} s later; {len(outcomes)} requests "
           f"({sum(o[0] == 503 for o in outcomes)} x 503)")
 

@@ -279,10 +279,16 @@ async fn wait_job(removed: &mut JobRemovedStream, job: &OwnedObjectPath) -> Resu
 
 /// The unit's last journal lines (engines explain their failures on stderr).
 async fn journal_tail(unit: &str) -> Vec<String> {
+    journal(unit, &["-n", "40"], Duration::from_secs(5)).await
+}
+
+/// The unit's journal messages (`journalctl -u UNIT -o cat` plus `args`); nothing on failure.
+async fn journal(unit: &str, args: &[&str], timeout: Duration) -> Vec<String> {
     let out = tokio::time::timeout(
-        Duration::from_secs(5),
+        timeout,
         tokio::process::Command::new("journalctl")
-            .args(["-u", unit, "-n", "40", "-o", "cat", "--no-pager", "-q"])
+            .args(["-u", unit, "-o", "cat", "--no-pager", "-q"])
+            .args(args)
             .kill_on_drop(true)
             .output(),
     )
@@ -481,22 +487,9 @@ impl Runner for SystemdRunner {
     }
 
     async fn output_lines(&self, name: &str, containing: &[&str]) -> Vec<String> {
-        let out = tokio::time::timeout(
-            Duration::from_secs(10),
-            tokio::process::Command::new("journalctl")
-                .args(["-u", &unit_name(name), "-o", "cat", "--no-pager", "-q"])
-                .kill_on_drop(true)
-                .output(),
-        )
-        .await;
-        match out {
-            Ok(Ok(o)) => String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .filter(|l| containing.iter().any(|c| l.contains(c)))
-                .map(str::to_string)
-                .collect(),
-            _ => Vec::new(),
-        }
+        let mut lines = journal(&unit_name(name), &[], Duration::from_secs(10)).await;
+        lines.retain(|l| containing.iter().any(|c| l.contains(c)));
+        lines
     }
 }
 
