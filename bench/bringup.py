@@ -25,6 +25,9 @@ import requests
 from bench_local import first_token_time as first_token
 
 RUNS = int(os.environ.get("BENCH_RUNS", "5"))
+# BENCH_COLD=1: forget the model hashes the agents keep in the state dir before each `up`, so
+# every start hashes the model (a first start) instead of reusing them (a restart).
+COLD = os.environ.get("BENCH_COLD") == "1"
 OFFSET = int(os.environ.get("BENCH_PORT_OFFSET", "700"))
 API_PORT = 18800 + OFFSET
 
@@ -55,6 +58,9 @@ def up_once(tmp):
            "--model", os.environ["SMOLLM2_GGUF"], "--engine-dir", os.environ["LLAMA_CPP_DIR"],
            "--listen", f"127.0.0.1:{API_PORT}", "--port-offset", str(OFFSET), "--threads", "1",
            "--state-dir", str(tmp / "state")]
+    if COLD:
+        for f in (tmp / "state").glob("rank*.model-hashes.json"):
+            f.unlink()
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / "up.log", "a"),
                             start_new_session=True)
@@ -105,8 +111,9 @@ def main():
     print(f"{'':24}{'median s':>10}{'min s':>8}{'max s':>8}")
     print(f"{'up --local 3':24}{up_med:10.3f}{min(ups):8.3f}{max(ups):8.3f}")
     print(f"{'same engines by hand':24}{hand_med:10.3f}{min(hands):8.3f}{max(hands):8.3f}")
-    print(f"overhead {up_med - hand_med:+.3f} s, ratio {up_med / hand_med:.2f}x ({RUNS} pairs, alternating)")
-    print(json.dumps({"runs": RUNS, "up_s": ups, "by_hand_s": hands, "up_median_s": up_med,
+    print(f"overhead {up_med - hand_med:+.3f} s, ratio {up_med / hand_med:.2f}x ({RUNS} pairs, "
+          f"alternating; model hashes {'forgotten before each start' if COLD else 'kept from the first start'})")
+    print(json.dumps({"runs": RUNS, "cold": COLD, "up_s": ups, "by_hand_s": hands, "up_median_s": up_med,
                       "by_hand_median_s": hand_med, "overhead_s": up_med - hand_med,
                       "ratio": up_med / hand_med, "commands": commands}))
 
