@@ -217,7 +217,7 @@ fn notify(state: &[sd_notify::NotifyState]) {
     }
 }
 
-/// Pings systemd's watchdog (WatchdogSec=) at a third of its interval while the coordinator's
+/// Pings systemd's watchdog (WatchdogSec=) at a quarter of its interval while the coordinator's
 /// loop turns. A ping comes from this runtime, so a runtime that no longer schedules tasks, or a
 /// coordinator loop stuck for half the interval, stops the pings and systemd restarts the agent.
 async fn feed_watchdog(heartbeat: Option<Heartbeat>) {
@@ -230,7 +230,7 @@ async fn feed_watchdog(heartbeat: Option<Heartbeat>) {
         seconds = interval.as_secs_f64(),
         "feeding the systemd watchdog"
     );
-    let mut tick = tokio::time::interval(interval / 3);
+    let mut tick = tokio::time::interval(interval / 4);
     loop {
         tick.tick().await;
         match &heartbeat {

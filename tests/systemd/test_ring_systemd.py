@@ -534,7 +534,7 @@ STALL_TIMEOUT = 10
 MARGIN = 8
 
 
-class Load:
+class FaultLoad:
     """Chat requests in a loop beside a fault; each outcome is judged afterwards."""
 
     def __init__(self, base):
@@ -597,7 +597,7 @@ def test_sigstop_of_an_engine_unit_is_detected_and_the_unit_really_stops(cluster
     assert "choices" in next(events)
     h.run(["kill", "-STOP", pid])
     t = time.monotonic()
-    load = Load(base)
+    load = FaultLoad(base)
     rest = list(events)
     ended = time.monotonic() - t
     conn.close()
@@ -618,18 +618,20 @@ def test_a_frozen_node_agent_does_not_tear_down_a_serving_ring(cluster):
     st = status(base)
     pid = h.unit_property(agent, "MainPID")
     h.run(["kill", "-STOP", pid])
-    load = Load(base)
+    load = FaultLoad(base)
     try:
-        time.sleep(15 + 8)  # node_timeout_s and beyond, below the 30 s watchdog
+        # Past node_timeout_s (15 s), and short enough that the watchdog (30 s, fed every 7.5 s)
+        # does not restart the stopped agent meanwhile.
+        time.sleep(15 + 3)
         during = status(base)
     finally:
-        h.run(["kill", "-CONT", pid])
+        h.run(["kill", "-CONT", pid], check=False)
     outcomes = load.check()
     assert during["generation"] == st["generation"] and during["phase"] == "serving", during["reason"]
     assert during["nodes"][2]["state"] == "unreachable", during["nodes"][2]["state"]
     assert any("rank 2's agent" in w for w in during["warnings"]), during["warnings"]
     assert all(o[0] == 200 for o in outcomes), [o for o in outcomes if o[0] != 200][:5]
-    print(f"\n[figure] systemd: node agent 2 SIGSTOPped 23 s under load -> {len(outcomes)} requests, "
+    print(f"\n[figure] systemd: node agent 2 SIGSTOPped 18 s under load -> {len(outcomes)} requests, "
           f"all 200, no restart")
 
 
@@ -645,7 +647,7 @@ def test_a_cut_link_is_detected_named_and_healed(cluster):
                "'{ type filter hook input priority 0; policy accept; }' && "
                f"nft add rule inet cut input tcp dport {port} drop")
     t = time.monotonic()
-    load = Load(base)
+    load = FaultLoad(base)
     try:
         deadline = time.monotonic() + 5 + STALL_TIMEOUT + MARGIN + 20
         reason = ""
