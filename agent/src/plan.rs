@@ -78,6 +78,7 @@ pub fn plan(
                 gpu_layers: node.gpu_layers,
                 rpc_workers,
                 peers: peers.clone(),
+                slots: is_head.then_some(config.model.slots),
             }
         })
         .collect();
