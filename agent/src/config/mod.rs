@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use validate::check_layer_total;
+pub(crate) use validate::{toml_problem, Locator};
 
 /// Where packages and the systemd unit expect the file.
 pub const DEFAULT_PATH: &str = "/etc/llm-cluster/cluster.toml";
