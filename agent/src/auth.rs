@@ -1,4 +1,5 @@
-//! Shared-secret checks for the node control API and API keys for the public endpoint.
+//! Shared-secret checks for the node control API and the public endpoint's API keys (whose
+//! file formats live in `coordinator::gateway::keys`).
 //!
 //! Secrets are compared as SHA-256 digests with a constant-time equality, so neither the content
 //! nor the length of a secret leaks through timing.
@@ -17,13 +18,27 @@ pub struct Secret([u8; 32]);
 
 impl Secret {
     pub fn new(value: &str) -> Secret {
-        Secret(Sha256::digest(value.as_bytes()).into())
+        Secret(digest(value))
+    }
+
+    /// A secret known only by its SHA-256 (an API keys file may hold digests, not keys).
+    pub fn from_digest(digest: [u8; 32]) -> Secret {
+        Secret(digest)
     }
 
     pub fn matches(&self, candidate: &str) -> bool {
-        let c: [u8; 32] = Sha256::digest(candidate.as_bytes()).into();
-        self.0.ct_eq(&c).into()
+        self.matches_digest(&digest(candidate))
     }
+
+    /// Compares with a candidate's digest (from [`digest`], computed once for many secrets).
+    pub fn matches_digest(&self, candidate: &[u8; 32]) -> bool {
+        self.0.ct_eq(candidate).into()
+    }
+}
+
+/// The SHA-256 of a secret, as [`Secret`] keeps it.
+pub fn digest(value: &str) -> [u8; 32] {
+    Sha256::digest(value.as_bytes()).into()
 }
 
 impl std::fmt::Debug for Secret {
@@ -64,51 +79,6 @@ pub fn token_from_text(text: &str, path: &Path) -> Result<String> {
     Ok(token.to_string())
 }
 
-/// API keys: one per line, blank lines and `#` comments ignored.
-#[derive(Clone, Debug, Default)]
-pub struct ApiKeys(Vec<Secret>);
-
-impl ApiKeys {
-    pub fn load(path: &Path) -> Result<ApiKeys> {
-        let text = std::fs::read_to_string(path).with_context(|| {
-            format!(
-                "cannot read the API keys file {} (api.api_keys_file)",
-                path.display()
-            )
-        })?;
-        let keys = ApiKeys::parse(&text);
-        if keys.0.is_empty() {
-            bail!(
-                "{}: no API keys in the file (one key per line); remove api.api_keys_file to serve \
-                 without keys",
-                path.display()
-            );
-        }
-        Ok(keys)
-    }
-
-    pub fn parse(text: &str) -> ApiKeys {
-        ApiKeys(
-            text.lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                .map(Secret::new)
-                .collect(),
-        )
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// Every key is compared, so the time taken does not tell which one matched.
-    pub fn allows(&self, candidate: &str) -> bool {
-        self.0
-            .iter()
-            .fold(false, |acc, k| k.matches(candidate) | acc)
-    }
-}
-
 /// Extracts the token from an `Authorization: Bearer …` header value.
 pub fn bearer(header: Option<&axum::http::HeaderValue>) -> Option<&str> {
     let v = header?.to_str().ok()?;
@@ -132,13 +102,6 @@ mod tests {
         assert!(s.matches("correct horse battery staple"));
         assert!(!s.matches("correct horse battery stapl"));
         assert!(!s.matches(""));
-    }
-
-    #[test]
-    fn api_keys_skip_comments_and_blanks() {
-        let k = ApiKeys::parse("# team keys\n\nsk-one\n  sk-two  \n");
-        assert!(k.allows("sk-one") && k.allows("sk-two"));
-        assert!(!k.allows("# team keys") && !k.allows(""));
     }
 
     #[test]

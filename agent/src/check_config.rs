@@ -4,7 +4,9 @@
 //! The config is shared by every node but the model is only on the nodes that load it (prima:
 //! all; llama-rpc: rank 0), so a model path that does not exist here is a note, not an error.
 //! A model path that exists but is not a readable GGUF (empty, cut off, a zip, a directory) is
-//! an error: the engine would fail on it later, with a worse message.
+//! an error: the engine would fail on it later, with a worse message. The API keys file (on
+//! rank 0) is checked the same way: every problem with its place when it is here, a note when
+//! it is not.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -41,6 +43,21 @@ pub fn run(path: &Path) -> ExitCode {
             return ExitCode::from(crate::exit::USAGE);
         }
     };
+    let mut notes = notes;
+    if let Some(keys) = &config.api.api_keys_file {
+        match crate::coordinator::gateway::load_keys(keys, std::slice::from_ref(&config.model.name)) {
+            Ok(_) => {}
+            Err(_) if !keys.exists() => notes.push(format!(
+                "the API keys file {} is not on this machine (only rank 0 reads it); it was not checked",
+                keys.display()
+            )),
+            Err(e) => {
+                eprintln!("{e}");
+                eprintln!("{} problem(s) found", e.problems.len());
+                return ExitCode::from(crate::exit::USAGE);
+            }
+        }
+    }
     println!(
         "{}: ok — cluster `{}`, engine {}, {} node(s), model {model}",
         path.display(),

@@ -54,6 +54,22 @@ pub struct UpArgs {
     /// that is a symlink, another user's, or open to group or others is refused.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+    /// API keys file (api.api_keys_file): one key per line, or TOML `[[key]]` tables with
+    /// limits. It is re-read when it changes and on SIGHUP. Without it the API is open.
+    #[arg(long, value_name = "FILE")]
+    pub api_keys: Option<PathBuf>,
+    /// Requests the engine decodes at once (model.slots; default: the engine's own).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub slots: Option<u32>,
+    /// Generation requests at the engine at once (api.max_in_flight; default: the slots).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight: Option<u32>,
+    /// Requests that may wait for the engine (api.queue_size).
+    #[arg(long)]
+    pub queue_size: Option<u32>,
+    /// Seconds a request may wait in the queue before a 503 (api.queue_timeout_s).
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub queue_timeout: Option<u64>,
 }
 
 /// prima's upstream build names its binaries like llama.cpp's; the packages rename them.
@@ -99,11 +115,21 @@ struct LocalModel<'a> {
     ctx_size: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     layer_windows: Option<Vec<u32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    slots: Option<u32>,
 }
 
 #[derive(Serialize)]
 struct LocalApi {
     listen: SocketAddr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    api_keys_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_in_flight: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    queue_size: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    queue_timeout_s: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -205,9 +231,14 @@ pub fn local_config_text(args: &UpArgs, state_dir: &Path, token_file: &Path) -> 
             path: &args.model,
             ctx_size: args.ctx_size,
             layer_windows,
+            slots: args.slots,
         },
         api: LocalApi {
             listen: args.listen,
+            api_keys_file: args.api_keys.clone(),
+            max_in_flight: args.max_in_flight,
+            queue_size: args.queue_size,
+            queue_timeout_s: args.queue_timeout,
         },
         ports,
         binaries,
@@ -253,7 +284,18 @@ pub async fn up(args: UpArgs) -> Result<()> {
             args.model.display()
         ))
     })?;
-    let args = UpArgs { model, ..args };
+    // Resolved here: the agent reads the keys file again, later, on every change.
+    let api_keys = args
+        .api_keys
+        .as_deref()
+        .map(std::path::absolute)
+        .transpose()
+        .map_err(|e| crate::exit::Usage(format!("--api-keys: {e}")))?;
+    let args = UpArgs {
+        model,
+        api_keys,
+        ..args
+    };
     let state_dir = match &args.state_dir {
         Some(d) => d.clone(),
         None => std::env::temp_dir().join(format!("llm-cluster-local-{}", args.listen.port())),
@@ -550,6 +592,41 @@ mod tests {
             .nodes
             .iter()
             .all(|n| n.engine_dir.as_deref() == Some(Path::new(&format!("{odd}.d")))));
+    }
+
+    #[test]
+    fn keys_and_admission_flags_reach_the_config() {
+        let a = args(&[
+            "--api-keys",
+            "/etc/keys.toml",
+            "--slots",
+            "2",
+            "--max-in-flight",
+            "1",
+            "--queue-size",
+            "3",
+            "--queue-timeout",
+            "4",
+        ]);
+        let text = local_config_text(&a, Path::new("/s"), Path::new("/s/t")).expect("text");
+        let c = Config::parse(&text, Path::new("<t>")).expect("valid");
+        assert_eq!(
+            c.api.api_keys_file.as_deref(),
+            Some(Path::new("/etc/keys.toml"))
+        );
+        assert_eq!(c.model.slots, 2);
+        assert_eq!(
+            (c.api.max_in_flight, c.api.queue_size, c.api.queue_timeout_s),
+            (1, 3, 4)
+        );
+        // Without them, the config's defaults.
+        let c = Config::parse(
+            &local_config_text(&args(&[]), Path::new("/s"), Path::new("/s/t")).expect("text"),
+            Path::new("<t>"),
+        )
+        .expect("valid");
+        assert_eq!((c.model.slots, c.api.max_in_flight), (4, 4));
+        assert!(c.api.api_keys_file.is_none());
     }
 
     #[test]

@@ -120,6 +120,7 @@ pub fn plan(
                 gpu_layers,
                 rpc_workers,
                 peers: peers.clone(),
+                slots: is_head.then_some(config.model.slots),
             }
         })
         .collect();

@@ -89,6 +89,10 @@ pub struct RankSpec {
     pub rpc_workers: Vec<SocketAddr>,
     /// Every node address in the ring, in rank order: who may reach this rank's ports.
     pub peers: Vec<IpAddr>,
+    /// Rank 0 only: the engine server's slots (`-np`). Absent elsewhere, so node agents of
+    /// the previous protocol still accept a worker's spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slots: Option<u32>,
 }
 
 impl RankSpec {
@@ -456,6 +460,7 @@ mod tests {
             gpu_layers: None,
             rpc_workers: vec![],
             peers: vec![],
+            slots: None,
         };
         let mut v = serde_json::to_value(&spec).expect("json");
         assert_eq!(

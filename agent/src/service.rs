@@ -20,9 +20,10 @@ use anyhow::{Context, Result};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{self, ApiKeys, Secret};
+use crate::auth::{self, Secret};
 use crate::config::Config;
 use crate::coordinator::driver::Heartbeat;
+use crate::coordinator::gateway::Gateway;
 use crate::coordinator::{api, client::NodeClient, ClusterView, Coordinator};
 use crate::node::{self, NodeAgent};
 use crate::runner::process::ProcessRunner;
@@ -125,15 +126,12 @@ pub async fn start_coordinator(
     token_text: String,
     stop_ring_on_exit: bool,
 ) -> Result<RunningCoordinator> {
-    let keys = match &config.api.api_keys_file {
-        Some(p) => Some(ApiKeys::load(p)?),
-        None => {
-            if !config.api.listen.ip().is_loopback() {
-                tracing::warn!(listen = %config.api.listen, "no api.api_keys_file: the API is open to anyone who can reach it");
-            }
-            None
-        }
-    };
+    let gateway = Gateway::from_config(&config)?;
+    if config.api.api_keys_file.is_none() && !config.api.listen.ip().is_loopback() {
+        tracing::warn!(listen = %config.api.listen, "no api.api_keys_file: the API is open to anyone who can reach it");
+    }
+    // Ends by itself once the API (which holds the gateway) is gone.
+    gateway.spawn_reload();
     let coordinator = Coordinator::new(config.clone(), Arc::new(NodeClient::new(token_text)?));
     let view = coordinator.view();
     let heartbeat = coordinator.heartbeat();
@@ -141,7 +139,7 @@ pub async fn start_coordinator(
         config.api.listen,
         view.clone(),
         config.ports.server,
-        keys,
+        gateway,
         coordinator.activity(),
     )
     .await?;
@@ -194,6 +192,9 @@ pub async fn run_node(config_path: PathBuf, node_name: String, runner: RunnerKin
     } else {
         None
     };
+    if coordinator.is_none() {
+        tokio::spawn(hangup_ignored());
+    }
     crate::server::release_unclaimed();
     notify(&[sd_notify::NotifyState::Ready]);
     let watchdog = tokio::spawn(feed_watchdog(
@@ -208,6 +209,18 @@ pub async fn run_node(config_path: PathBuf, node_name: String, runner: RunnerKin
     }
     node.shutdown().await;
     Ok(())
+}
+
+/// SIGHUP reloads the API keys on rank 0; elsewhere there is nothing to
+/// reload, and the signal's default action would end the agent.
+async fn hangup_ignored() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: nothing to reload on this node (rank 0 reads the API keys file)");
+    }
 }
 
 /// Tells systemd (Type=notify) about the agent's state; a no-op when not run by systemd.

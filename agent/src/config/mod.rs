@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use validate::check_layer_total;
+pub(crate) use validate::{toml_problem, Locator};
 
 /// Where packages and the systemd unit expect the file.
 pub const DEFAULT_PATH: &str = "/etc/llm-cluster/cluster.toml";
@@ -35,6 +36,17 @@ impl EngineKind {
         match self {
             EngineKind::Prima => "prima",
             EngineKind::LlamaRpc => "llama-rpc",
+        }
+    }
+
+    /// Slots when `model.slots` is absent: what each engine's server does by itself, so a
+    /// config without the field runs the engine as before. llama-server's automatic choice is
+    /// 4 slots sharing the whole context (a unified KV cache); prima.cpp's server has 1, and
+    /// more would split its context between them (ctx_size / slots each).
+    pub fn default_slots(self) -> u32 {
+        match self {
+            EngineKind::Prima => 1,
+            EngineKind::LlamaRpc => 4,
         }
     }
 }
@@ -101,13 +113,29 @@ pub struct Model {
     /// prima without layer_windows: keep the placement Halda chose when the ring served and pass
     /// it explicitly on restarts (no re-profiling, no dropped ranks). `false` profiles every start.
     pub remember_placement: bool,
+    /// Requests the engine decodes at once (its `-np` slots). Defaults per engine, see
+    /// [`EngineKind::default_slots`].
+    pub slots: u32,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Api {
     pub listen: SocketAddr,
-    /// One key per line; when absent the API is open (the agent warns if it listens beyond loopback).
+    /// One key per line, or a TOML file of keys with limits; when absent the API is open (the
+    /// agent warns if it listens beyond loopback).
     pub api_keys_file: Option<PathBuf>,
+    /// Generation requests at rank 0's engine at once; more wait in the gateway's fair queue.
+    /// Defaults to the engine's slots: beyond them the engine would queue first come first
+    /// served, out of the gateway's sight.
+    pub max_in_flight: u32,
+    /// Requests that may wait for admission; beyond it a request gets 503 (or, when one key
+    /// holds most of the queue, that key's newest waiting request does).
+    pub queue_size: u32,
+    /// The longest a request waits in the queue before a 503 with Retry-After.
+    pub queue_timeout_s: u64,
+    /// Limits over all keys together (absent: none).
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u32>,
 }
 
 /// Base ports. prima ranks bind `data + rank` and `signal + rank`; llama.cpp rpc servers listen on

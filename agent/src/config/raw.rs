@@ -64,6 +64,7 @@ pub struct ModelSection {
     pub tensor_split: Option<Spanned<Vec<f64>>>,
     pub prefetch: Option<Spanned<bool>>,
     pub remember_placement: Option<Spanned<bool>>,
+    pub slots: Option<Spanned<u32>>,
 }
 
 fn default_ctx() -> Spanned<u32> {
@@ -76,6 +77,13 @@ pub struct ApiSection {
     #[serde(default = "default_listen")]
     pub listen: Spanned<SocketAddr>,
     pub api_keys_file: Option<PathBuf>,
+    pub max_in_flight: Option<Spanned<u32>>,
+    #[serde(default = "default_queue_size")]
+    pub queue_size: Spanned<u32>,
+    #[serde(default = "default_queue_timeout")]
+    pub queue_timeout_s: Spanned<u64>,
+    pub requests_per_minute: Option<Spanned<u32>>,
+    pub tokens_per_minute: Option<Spanned<u32>>,
 }
 
 impl Default for ApiSection {
@@ -83,8 +91,21 @@ impl Default for ApiSection {
         ApiSection {
             listen: default_listen(),
             api_keys_file: None,
+            max_in_flight: None,
+            queue_size: default_queue_size(),
+            queue_timeout_s: default_queue_timeout(),
+            requests_per_minute: None,
+            tokens_per_minute: None,
         }
     }
+}
+
+fn default_queue_size() -> Spanned<u32> {
+    Spanned::new(0..0, 64)
+}
+
+fn default_queue_timeout() -> Spanned<u64> {
+    Spanned::new(0..0, 30)
 }
 
 fn default_listen() -> Spanned<SocketAddr> {

@@ -296,3 +296,53 @@ fn a_gap_in_the_ranks_points_at_the_rank_beyond_it() {
         "{p:?}"
     );
 }
+
+#[test]
+fn admission_defaults_follow_the_engines_slots() {
+    let c = Config::parse(GOOD, Path::new("c.toml")).expect("valid");
+    assert_eq!(
+        (c.model.slots, c.api.max_in_flight),
+        (1, 1),
+        "prima: one slot"
+    );
+    assert_eq!((c.api.queue_size, c.api.queue_timeout_s), (64, 30));
+    assert_eq!(c.api.requests_per_minute, None);
+    let rpc = "[cluster]\nname = \"l\"\nengine = \"llama-rpc\"\n[model]\npath = \"/m.gguf\"\n\
+               [[node]]\nrank = 0\naddress = \"10.0.0.1\"\n";
+    let c = Config::parse(rpc, Path::new("c.toml")).expect("valid");
+    assert_eq!(
+        (c.model.slots, c.api.max_in_flight),
+        (4, 4),
+        "llama-server's own default"
+    );
+    let text = rpc.replace(
+        "[[node]]",
+        "slots = 2\n[api]\nmax_in_flight = 3\nqueue_size = 0\nrequests_per_minute = 600\n[[node]]",
+    );
+    let c = Config::parse(&text, Path::new("c.toml")).expect("valid");
+    assert_eq!(
+        (c.model.slots, c.api.max_in_flight, c.api.queue_size),
+        (2, 3, 0)
+    );
+    assert_eq!(c.api.requests_per_minute, Some(600));
+}
+
+#[test]
+fn admission_settings_of_zero_are_located() {
+    let text = GOOD.replace(
+        "layer_windows = [10, 10, 10]",
+        "layer_windows = [10, 10, 10]\nslots = 0\n[api]\nmax_in_flight = 0\nqueue_timeout_s = 0\ntokens_per_minute = 0",
+    );
+    let p = problems(&text);
+    for want in [
+        "c.toml:9:9: slots must be between 1 and 256",
+        "c.toml:11:17: max_in_flight must be at least 1 (omit it for the engine's slots)",
+        "c.toml:12:19: queue_timeout_s must be at least 1",
+        "c.toml:13:21: tokens_per_minute must be at least 1 (omit it for no limit)",
+    ] {
+        assert!(
+            p.iter().any(|l| l.starts_with(want)),
+            "missing {want:?} in {p:#?}"
+        );
+    }
+}

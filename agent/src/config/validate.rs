@@ -10,13 +10,17 @@ use toml::Spanned;
 use super::raw;
 use super::*;
 
+/// Most slots accepted: every slot is a sequence the engine keeps state for, and far more than
+/// the machines' cores only queues inside the engine, where the gateway cannot be fair.
+const MAX_SLOTS: u32 = 256;
+
 /// Maps byte offsets to 1-based line/column.
-struct Locator<'a> {
-    text: &'a str,
+pub(crate) struct Locator<'a> {
+    pub text: &'a str,
 }
 
 impl Locator<'_> {
-    fn at(&self, span: Range<usize>, message: impl Into<String>) -> Problem {
+    pub fn at(&self, span: Range<usize>, message: impl Into<String>) -> Problem {
         // Defaults carry an empty span at 0: they have no place in the file.
         if span.start == 0 && span.end == 0 {
             return Problem::general(message);
@@ -64,6 +68,15 @@ fn at_top(message: impl Into<String>) -> Problem {
     }
 }
 
+/// A TOML syntax or shape error, located (other files parsed like the config use it too).
+pub(crate) fn toml_problem(text: &str, e: &toml::de::Error) -> Problem {
+    let message = e.message().trim().to_string();
+    match e.span() {
+        Some(span) => Locator { text }.at(span, message),
+        None => at_top(message),
+    }
+}
+
 pub(super) fn parse(text: &str, source: &Path) -> Result<Config, ConfigError> {
     let loc = Locator { text };
     let fail = |problems| ConfigError {
@@ -72,14 +85,7 @@ pub(super) fn parse(text: &str, source: &Path) -> Result<Config, ConfigError> {
     };
     let mut file: raw::File = match toml::from_str(text) {
         Ok(f) => f,
-        Err(e) => {
-            let message = e.message().trim().to_string();
-            let p = match e.span() {
-                Some(span) => loc.at(span, message),
-                None => at_top(message),
-            };
-            return Err(fail(vec![p]));
-        }
+        Err(e) => return Err(fail(vec![toml_problem(text, &e)])),
     };
     let (cluster, model) = match (file.cluster.take(), file.model.take()) {
         (Some(c), Some(m)) => (c, m),
@@ -334,6 +340,19 @@ fn build(
         Some(p) => p.into_inner(),
         None => true,
     };
+    let slots = match m.slots {
+        Some(s) if !(1..=MAX_SLOTS).contains(s.get_ref()) => {
+            problems.push(loc.at(
+                s.span(),
+                format!(
+                    "slots must be between 1 and {MAX_SLOTS} (requests the engine decodes at once)"
+                ),
+            ));
+            engine.default_slots()
+        }
+        Some(s) => s.into_inner(),
+        None => engine.default_slots(),
+    };
     let path = m.path.into_inner();
     let name = m.name.unwrap_or_else(|| {
         path.file_stem()
@@ -343,6 +362,25 @@ fn build(
 
     // --- api, ports ----------------------------------------------------------------------
     let listen = *file.api.listen.get_ref();
+    let api = &file.api;
+    for (value, what, omitted) in [
+        (&api.max_in_flight, "max_in_flight", "the engine's slots"),
+        (&api.requests_per_minute, "requests_per_minute", "no limit"),
+        (&api.tokens_per_minute, "tokens_per_minute", "no limit"),
+    ] {
+        if let Some(v) = value.as_ref().filter(|v| *v.get_ref() == 0) {
+            problems.push(loc.at(
+                v.span(),
+                format!("{what} must be at least 1 (omit it for {omitted})"),
+            ));
+        }
+    }
+    if *api.queue_timeout_s.get_ref() == 0 {
+        problems.push(loc.at(
+            api.queue_timeout_s.span(),
+            "queue_timeout_s must be at least 1 (set queue_size = 0 for no queue)",
+        ));
+    }
     let ports = Ports {
         data: *file.ports.data.get_ref(),
         signal: *file.ports.signal.get_ref(),
@@ -398,9 +436,18 @@ fn build(
             tensor_split,
             prefetch,
             remember_placement,
+            slots,
         },
         api: Api {
             listen,
+            max_in_flight: file
+                .api
+                .max_in_flight
+                .map_or(slots, |m| m.into_inner().max(1)),
+            queue_size: file.api.queue_size.into_inner(),
+            queue_timeout_s: file.api.queue_timeout_s.into_inner(),
+            requests_per_minute: file.api.requests_per_minute.map(Spanned::into_inner),
+            tokens_per_minute: file.api.tokens_per_minute.map(Spanned::into_inner),
             api_keys_file: file.api.api_keys_file,
         },
         ports,

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -23,14 +23,14 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::compat::{Rewrite, SseFramer};
+use super::gateway::{self, Gateway};
 use super::progress::{Activity, Work};
 use super::state::Phase;
 use super::ClusterView;
-use crate::auth::{bearer, ApiKeys};
 use crate::server::{self, Server, Signals};
 
 /// Largest request body accepted (a long prompt is far smaller).
-const MAX_BODY: usize = 32 * 1024 * 1024;
+pub(crate) const MAX_BODY: usize = 32 * 1024 * 1024;
 
 #[derive(Clone)]
 struct ApiState {
@@ -46,7 +46,7 @@ struct ApiState {
 pub fn router(
     view: watch::Receiver<ClusterView>,
     upstream_port: u16,
-    keys: Option<ApiKeys>,
+    gateway: Gateway,
     signals: &Signals,
     activity: Activity,
 ) -> anyhow::Result<Router> {
@@ -60,23 +60,18 @@ pub fn router(
         ending: signals.ending.clone(),
         activity,
     };
-    let keys = Arc::new(keys.filter(|k| !k.is_empty()));
+    let usage = gateway.clone();
+    // The gateway (keys, limits, fair admission, usage) guards everything but the probes.
     let protected = Router::new()
         .route("/v1/chat/completions", post(proxy))
         .route("/v1/completions", post(proxy))
         .route("/v1/models", get(proxy))
         .route("/api/v1/cluster", get(cluster))
-        .layer(middleware::from_fn(move |req: Request, next: Next| {
-            let keys = keys.clone();
-            async move {
-                match keys.as_ref() {
-                    Some(k) if !bearer(req.headers().get(header::AUTHORIZATION)).is_some_and(|t| k.allows(t)) => {
-                        openai_error(StatusCode::UNAUTHORIZED, "invalid_request_error", "invalid_api_key", "Incorrect or missing API key: send `Authorization: Bearer <key>` with a key from the cluster's API keys file.")
-                    }
-                    _ => next.run(req).await,
-                }
-            }
-        }));
+        .route(
+            "/api/v1/usage",
+            get(move || async move { Json(usage.usage_report()) }),
+        )
+        .layer(middleware::from_fn_with_state(gateway, gateway::guard));
     Ok(Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -89,6 +84,9 @@ pub fn router(
                 "No such route on this llm-cluster endpoint.",
             )
         })
+        // The gateway ends queue waits with it (a request extension: the gateway is built
+        // before the server that owns the signal).
+        .layer(axum::Extension(signals.ending.clone()))
         .with_state(state))
 }
 
@@ -98,13 +96,13 @@ pub async fn serve(
     addr: SocketAddr,
     view: watch::Receiver<ClusterView>,
     upstream_port: u16,
-    keys: Option<ApiKeys>,
+    gateway: Gateway,
     activity: Activity,
 ) -> anyhow::Result<Server> {
     let listening = server::listen(addr, "the API (api.listen)", "api").await?;
     tracing::info!(%addr, "API listening");
     let signals = Signals::default();
-    let app = router(view.clone(), upstream_port, keys, &signals, activity)?;
+    let app = router(view.clone(), upstream_port, gateway, &signals, activity)?;
     // A socket handed back means the previous agent was serving and its clients are queued:
     // they wait (in the backlog) for this coordinator to adopt the ring rather than get 503s.
     let open = async move {
@@ -143,7 +141,7 @@ async fn adopted(mut view: watch::Receiver<ClusterView>) {
     }
 }
 
-fn openai_error(status: StatusCode, kind: &str, code: &str, message: &str) -> Response {
+pub(crate) fn openai_error(status: StatusCode, kind: &str, code: &str, message: &str) -> Response {
     let body =
         json!({ "error": { "message": message, "type": kind, "param": null, "code": code } });
     (status, Json(body)).into_response()
@@ -389,6 +387,21 @@ mod tests {
         v
     }
 
+    fn settings() -> gateway::Settings {
+        gateway::Settings {
+            max_in_flight: 4,
+            queue_size: 8,
+            queue_timeout: std::time::Duration::from_secs(5),
+            global: Default::default(),
+            models: vec!["t".into()],
+            keys_file: None,
+        }
+    }
+
+    fn open_gateway() -> Gateway {
+        Gateway::new(settings(), None)
+    }
+
     async fn call(
         app: Router,
         path: &str,
@@ -423,7 +436,14 @@ mod tests {
     #[tokio::test]
     async fn not_serving_means_503_with_retry_after_and_an_openai_error() {
         let (_tx, rx) = watch::channel(view(Phase::BackingOff));
-        let app = router(rx, 1, None, &Signals::default(), Activity::default()).expect("router");
+        let app = router(
+            rx,
+            1,
+            open_gateway(),
+            &Signals::default(),
+            Activity::default(),
+        )
+        .expect("router");
         let (status, headers, body) = call(app.clone(), "/v1/chat/completions", None).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(
@@ -448,14 +468,10 @@ mod tests {
     #[tokio::test]
     async fn api_keys_guard_the_api_but_not_the_probes() {
         let (_tx, rx) = watch::channel(view(Phase::Serving));
-        let app = router(
-            rx,
-            1,
-            Some(ApiKeys::parse("sk-good\n")),
-            &Signals::default(),
-            Activity::default(),
-        )
-        .expect("router");
+        let keys =
+            gateway::keys::parse("sk-good\n", std::path::Path::new("keys"), &["t"]).expect("keys");
+        let gw = Gateway::new(settings(), Some(keys));
+        let app = router(rx, 1, gw, &Signals::default(), Activity::default()).expect("router");
         let (status, _, body) = call(app.clone(), "/v1/models", None).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         assert_eq!(body["error"]["code"], "invalid_api_key");
@@ -502,7 +518,14 @@ mod tests {
     async fn an_unreachable_rank_0_is_a_503_not_a_hang() {
         // Port 1 on loopback refuses connections: the engine is gone under a serving view.
         let (_tx, rx) = watch::channel(view(Phase::Serving));
-        let app = router(rx, 1, None, &Signals::default(), Activity::default()).expect("router");
+        let app = router(
+            rx,
+            1,
+            open_gateway(),
+            &Signals::default(),
+            Activity::default(),
+        )
+        .expect("router");
         let (status, headers, body) = call(app, "/v1/chat/completions", None).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(headers.contains_key("retry-after"));

@@ -3,7 +3,8 @@
 //!
 //! Decisions live in the pure [`state::Supervisor`] and [`check`]; [`driver`] performs their
 //! actions ([`actions`], through the [`client::Nodes`] trait) and publishes the [`view`] that the
-//! [`api`] serves and consults.
+//! [`api`] serves and consults. Requests pass the [`gateway`] (keys, rate limits, fair
+//! admission, usage) before the proxy.
 
 pub mod actions;
 pub mod api;
@@ -11,6 +12,7 @@ pub mod check;
 pub mod client;
 pub mod compat;
 pub mod driver;
+pub mod gateway;
 pub mod placement;
 pub mod progress;
 pub mod state;

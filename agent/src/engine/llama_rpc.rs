@@ -3,6 +3,12 @@
 //! Ranks >= 1 run the rpc server bound to the node's own address (it has no authentication, so
 //! never 0.0.0.0); rank 0 runs llama-server on loopback with `--rpc` listing the workers in rank
 //! order. `-ngl 99` is what sends layers to the rpc devices at all.
+//!
+//! Slots (`-np`) come from `model.slots`, so the gateway knows how many requests the engine
+//! decodes at once and queues the rest fairly itself. `--kv-unified` keeps what llama-server
+//! does with its automatic slot count (4 slots sharing one KV cache of ctx_size, so a single
+//! request may still use the whole context); an explicit `-np` alone would give each slot
+//! ctx_size / slots.
 
 use super::{CommandSpec, LocalEngine};
 use crate::plan::rpc_port;
@@ -34,6 +40,9 @@ pub fn command(spec: &RankSpec, local: &LocalEngine) -> CommandSpec {
         }
         if let Some(t) = spec.threads {
             args.extend(["-t".into(), t.to_string()]);
+        }
+        if let Some(n) = spec.slots {
+            args.extend(["-np".into(), n.to_string(), "--kv-unified".into()]);
         }
         args.extend([
             "--host".into(),
@@ -121,6 +130,7 @@ mod tests {
                 vec![]
             },
             peers: vec![],
+            slots: (rank == 0).then_some(4),
         }
     }
 
@@ -131,7 +141,7 @@ mod tests {
         assert_eq!(
             c.args.join(" "),
             "-m /models/m.gguf -c 2048 --rpc 10.0.0.2:50053,10.0.0.3:50054 -ngl 99 \
-             --tensor-split 1,3 -t 2 --host 127.0.0.1 --port 18080 --alias smol"
+             --tensor-split 1,3 -t 2 -np 4 --kv-unified --host 127.0.0.1 --port 18080 --alias smol"
         );
     }
 

@@ -142,6 +142,11 @@ pub fn command(spec: &RankSpec, local: &LocalEngine) -> CommandSpec {
         ]);
     }
     if spec.is_head() {
+        // prima's server divides ctx_size between its slots (no unified KV cache), and only
+        // the head runs slots: workers compute whatever sequences rank 0 sends them.
+        if let Some(n) = spec.slots {
+            args.extend(["-np".into(), n.to_string()]);
+        }
         args.extend([
             "--host".into(),
             "127.0.0.1".into(),
@@ -224,6 +229,7 @@ mod tests {
             gpu_layers: None,
             rpc_workers: vec![],
             peers: vec![],
+            slots: (rank == 0).then_some(2),
         }
     }
 
@@ -239,7 +245,7 @@ mod tests {
             c.args.join(" "),
             "-m /models/m.gguf -c 1024 --world 3 --rank 0 --master 10.0.0.1 --next 10.0.0.2 \
              --data-port 9000 --signal-port 10000 -lw 10,10,10 -t 4 \
-             --host 127.0.0.1 --port 18080 --alias m"
+             -np 2 --host 127.0.0.1 --port 18080 --alias m"
         );
         assert_eq!(c.cwd, PathBuf::from("/var/lib/llm-cluster/rank"));
     }
