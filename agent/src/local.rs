@@ -54,6 +54,18 @@ pub struct UpArgs {
     /// that is a symlink, another user's, or open to group or others is refused.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+    /// api.header_timeout_s: seconds a client may take to send a request head.
+    #[arg(long)]
+    pub header_timeout: Option<u64>,
+    /// api.body_timeout_s: seconds a client may take to send a request body.
+    #[arg(long)]
+    pub body_timeout: Option<u64>,
+    /// api.idle_timeout_s: seconds a kept-alive connection may wait for its next request.
+    #[arg(long)]
+    pub idle_timeout: Option<u64>,
+    /// api.max_connections_per_client: connections served at once from one address.
+    #[arg(long)]
+    pub max_connections_per_client: Option<u64>,
 }
 
 /// prima's upstream build names its binaries like llama.cpp's; the packages rename them.
@@ -104,6 +116,14 @@ struct LocalModel<'a> {
 #[derive(Serialize)]
 struct LocalApi {
     listen: SocketAddr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    header_timeout_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body_timeout_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idle_timeout_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_connections_per_client: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -208,6 +228,10 @@ pub fn local_config_text(args: &UpArgs, state_dir: &Path, token_file: &Path) -> 
         },
         api: LocalApi {
             listen: args.listen,
+            header_timeout_s: args.header_timeout,
+            body_timeout_s: args.body_timeout,
+            idle_timeout_s: args.idle_timeout,
+            max_connections_per_client: args.max_connections_per_client,
         },
         ports,
         binaries,

@@ -143,6 +143,7 @@ pub async fn start_coordinator(
         config.ports.server,
         keys,
         coordinator.activity(),
+        &config,
     )
     .await?;
     let shutdown = CancellationToken::new();

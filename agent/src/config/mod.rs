@@ -105,6 +105,16 @@ pub struct Api {
     pub listen: SocketAddr,
     /// One key per line; when absent the API is open (the agent warns if it listens beyond loopback).
     pub api_keys_file: Option<PathBuf>,
+    /// From accept (or a later request's first byte) to the end of the request head.
+    pub header_timeout_s: u64,
+    /// From the request head to the end of its body.
+    pub body_timeout_s: u64,
+    /// How long a kept-alive connection may wait for its next request.
+    pub idle_timeout_s: u64,
+    pub max_connections: usize,
+    pub max_connections_per_client: usize,
+    /// The largest request body read; by default derived from `model.ctx_size`.
+    pub max_body_bytes: u64,
 }
 
 /// Base ports. prima ranks bind `data + rank` and `signal + rank`; llama.cpp rpc servers listen on

@@ -11,6 +11,7 @@ pub mod check;
 pub mod client;
 pub mod compat;
 pub mod driver;
+pub mod gateway;
 pub mod progress;
 pub mod state;
 pub mod view;
