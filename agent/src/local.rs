@@ -70,6 +70,18 @@ pub struct UpArgs {
     /// Seconds a request may wait in the queue before a 503 (api.queue_timeout_s).
     #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
     pub queue_timeout: Option<u64>,
+    /// api.header_timeout_s: seconds a client may take to send a request head.
+    #[arg(long)]
+    pub header_timeout: Option<u64>,
+    /// api.body_timeout_s: seconds a client may take to send a request body.
+    #[arg(long)]
+    pub body_timeout: Option<u64>,
+    /// api.idle_timeout_s: seconds a kept-alive connection may wait for its next request.
+    #[arg(long)]
+    pub idle_timeout: Option<u64>,
+    /// api.max_connections_per_client: connections served at once from one address.
+    #[arg(long)]
+    pub max_connections_per_client: Option<u64>,
 }
 
 /// prima's upstream build names its binaries like llama.cpp's; the packages rename them.
@@ -130,6 +142,13 @@ struct LocalApi {
     queue_size: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     queue_timeout_s: Option<u64>,
+    header_timeout_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body_timeout_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idle_timeout_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_connections_per_client: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -239,6 +258,10 @@ pub fn local_config_text(args: &UpArgs, state_dir: &Path, token_file: &Path) -> 
             max_in_flight: args.max_in_flight,
             queue_size: args.queue_size,
             queue_timeout_s: args.queue_timeout,
+            header_timeout_s: args.header_timeout,
+            body_timeout_s: args.body_timeout,
+            idle_timeout_s: args.idle_timeout,
+            max_connections_per_client: args.max_connections_per_client,
         },
         ports,
         binaries,

@@ -21,6 +21,11 @@ def client(base):
     return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
+def model_name(cluster):
+    """The model's configured name: the gateway answers another name with a 404."""
+    return cluster.status()["model"]["name"]
+
+
 def test_cluster_status_and_probes(ring):
     cluster, _ = ring
     assert requests.get(f"{cluster.base}/healthz", timeout=5).status_code == 200
@@ -44,8 +49,8 @@ def test_cluster_status_and_probes(ring):
 
 def test_chat_completion_equals_single_process_answer(ring):
     cluster, reference = ring
-    ours = client(cluster.base).chat.completions.create(model="smollm2", messages=PROMPT, **DETERMINISTIC)
-    ref = client(reference.base).chat.completions.create(model="smollm2", messages=PROMPT, **DETERMINISTIC)
+    ours = client(cluster.base).chat.completions.create(model=model_name(cluster), messages=PROMPT, **DETERMINISTIC)
+    ref = client(reference.base).chat.completions.create(model=model_name(cluster), messages=PROMPT, **DETERMINISTIC)
     text = ours.choices[0].message.content
     assert text, "empty completion"
     assert text == ref.choices[0].message.content
@@ -55,7 +60,7 @@ def test_chat_completion_equals_single_process_answer(ring):
 def test_streaming_chat_arrives_in_pieces_and_equals_reference(ring):
     cluster, reference = ring
     stream = client(cluster.base).chat.completions.create(
-        model="smollm2", messages=PROMPT, stream=True, **DETERMINISTIC)
+        model=model_name(cluster), messages=PROMPT, stream=True, **DETERMINISTIC)
     pieces, arrivals = [], []
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
@@ -64,20 +69,20 @@ def test_streaming_chat_arrives_in_pieces_and_equals_reference(ring):
     assert len(pieces) > 5, f"expected a token stream, got {pieces}"
     # Not buffered: the first token arrives well before the last one.
     assert arrivals[-1] - arrivals[0] > 0.05
-    ref = client(reference.base).chat.completions.create(model="smollm2", messages=PROMPT, **DETERMINISTIC)
+    ref = client(reference.base).chat.completions.create(model=model_name(cluster), messages=PROMPT, **DETERMINISTIC)
     assert "".join(pieces) == ref.choices[0].message.content
 
 
 def test_text_completions_are_openai_shaped_plain_and_streamed(ring):
     cluster, _ = ring
     c = client(cluster.base)
-    plain = c.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=8, temperature=0)
+    plain = c.completions.create(model=model_name(cluster), prompt="The capital of France is", max_tokens=8, temperature=0)
     assert plain.object == "text_completion"
     assert plain.choices[0].text
     assert plain.choices[0].finish_reason in ("length", "stop")
     streamed = "".join(
         ch.choices[0].text for ch in c.completions.create(
-            model="smollm2", prompt="The capital of France is", max_tokens=8, temperature=0, stream=True)
+            model=model_name(cluster), prompt="The capital of France is", max_tokens=8, temperature=0, stream=True)
         if ch.choices)
     assert streamed == plain.choices[0].text
     # Whatever the engine calls its model, clients see the configured name.
@@ -88,7 +93,7 @@ def test_text_completions_are_openai_shaped_plain_and_streamed(ring):
 def test_client_disconnect_cancels_the_upstream_generation(ring):
     cluster, _ = ring
     body = {"messages": [{"role": "user", "content": "Write a very long story about a lighthouse."}],
-            "max_tokens": 1500, "temperature": 0, "stream": True}
+            "max_tokens": 1000, "temperature": 0, "stream": True}
     with requests.post(f"{cluster.base}/v1/chat/completions", json=body, stream=True, timeout=60) as r:
         assert r.status_code == 200
         events = sse_events(r)
@@ -115,7 +120,7 @@ def test_in_flight_stream_ends_with_an_error_when_a_rank_dies(ring):
     cluster, _ = ring
     generation = cluster.status()["generation"]
     body = {"messages": [{"role": "user", "content": "Write a very long story about a lighthouse."}],
-            "max_tokens": 1500, "temperature": 0, "stream": True}
+            "max_tokens": 1000, "temperature": 0, "stream": True}
     killed = threading.Event()
     started = time.monotonic()
     got_error = False

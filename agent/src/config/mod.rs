@@ -136,6 +136,16 @@ pub struct Api {
     /// Limits over all keys together (absent: none).
     pub requests_per_minute: Option<u32>,
     pub tokens_per_minute: Option<u32>,
+    /// From accept (or a later request's first byte) to the end of the request head.
+    pub header_timeout_s: u64,
+    /// From the request head to the end of its body.
+    pub body_timeout_s: u64,
+    /// How long a kept-alive connection may wait for its next request.
+    pub idle_timeout_s: u64,
+    pub max_connections: usize,
+    pub max_connections_per_client: usize,
+    /// The largest request body read; by default derived from `model.ctx_size`.
+    pub max_body_bytes: u64,
 }
 
 /// Base ports. prima ranks bind `data + rank` and `signal + rank`; llama.cpp rpc servers listen on

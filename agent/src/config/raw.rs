@@ -84,6 +84,18 @@ pub struct ApiSection {
     pub queue_timeout_s: Spanned<u64>,
     pub requests_per_minute: Option<Spanned<u32>>,
     pub tokens_per_minute: Option<Spanned<u32>>,
+    // --- connection and request limits (see the README's "The API under load") ---
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout_s: Spanned<u64>,
+    #[serde(default = "default_body_timeout")]
+    pub body_timeout_s: Spanned<u64>,
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_s: Spanned<u64>,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: Spanned<u64>,
+    #[serde(default = "default_max_connections_per_client")]
+    pub max_connections_per_client: Spanned<u64>,
+    pub max_body_bytes: Option<Spanned<u64>>,
 }
 
 impl Default for ApiSection {
@@ -96,6 +108,12 @@ impl Default for ApiSection {
             queue_timeout_s: default_queue_timeout(),
             requests_per_minute: None,
             tokens_per_minute: None,
+            header_timeout_s: default_header_timeout(),
+            body_timeout_s: default_body_timeout(),
+            idle_timeout_s: default_idle_timeout(),
+            max_connections: default_max_connections(),
+            max_connections_per_client: default_max_connections_per_client(),
+            max_body_bytes: None,
         }
     }
 }
@@ -106,6 +124,35 @@ fn default_queue_size() -> Spanned<u32> {
 
 fn default_queue_timeout() -> Spanned<u64> {
     Spanned::new(0..0, 30)
+}
+
+// A client on a home LAN sends a request head in milliseconds; 10 s leaves room for a slow
+// Wi-Fi link and still frees a slowloris connection quickly.
+fn default_header_timeout() -> Spanned<u64> {
+    Spanned::new(0..0, 10)
+}
+
+// The largest body the context allows (a few MiB) takes well under a second on a LAN.
+fn default_body_timeout() -> Spanned<u64> {
+    Spanned::new(0..0, 30)
+}
+
+// Longer than clients' usual pool idle times (30-60 s), so a client reuses its connection
+// rather than racing the server's close.
+fn default_idle_timeout() -> Spanned<u64> {
+    Spanned::new(0..0, 60)
+}
+
+// Far beyond what a household's clients open, and far below the unit's LimitNOFILE (65536): a
+// proxied request holds two descriptors.
+fn default_max_connections() -> Spanned<u64> {
+    Spanned::new(0..0, 4096)
+}
+
+// Above the connection pools of common HTTP clients (100 in httpx and aiohttp) and of a web UI
+// that proxies many users from one address.
+fn default_max_connections_per_client() -> Spanned<u64> {
+    Spanned::new(0..0, 256)
 }
 
 fn default_listen() -> Spanned<SocketAddr> {

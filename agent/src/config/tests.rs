@@ -346,3 +346,51 @@ fn admission_settings_of_zero_are_located() {
         );
     }
 }
+
+#[test]
+fn api_limits_default_from_the_context_and_zero_is_refused_where_it_is_written() {
+    let c = Config::parse(GOOD, Path::new("c.toml")).expect("valid");
+    assert_eq!(
+        (
+            c.api.header_timeout_s,
+            c.api.body_timeout_s,
+            c.api.idle_timeout_s
+        ),
+        (10, 30, 60)
+    );
+    assert_eq!(
+        (c.api.max_connections, c.api.max_connections_per_client),
+        (4096, 256)
+    );
+    // ctx_size 4096 by default: 4096 tokens of at most 128 bytes each is below the floor.
+    assert_eq!(c.api.max_body_bytes, 1 << 20);
+    let big = GOOD.replace(
+        "layer_windows",
+        "ctx_size = 32768
+layer_windows",
+    );
+    let c = Config::parse(&big, Path::new("c.toml")).expect("valid");
+    assert_eq!(c.api.max_body_bytes, 32768 * 128);
+    let text = GOOD.replace(
+        "[[node]]\nrank = 0",
+        "[api]\nheader_timeout_s = 0\nmax_body_bytes = 10\n\n[[node]]\nrank = 0",
+    );
+    let p = problems(&text);
+    assert_eq!(p.len(), 2, "{p:?}");
+    assert!(
+        p[0].starts_with("c.toml:11:20: api.header_timeout_s must be at least 1"),
+        "{}",
+        p[0]
+    );
+    assert!(
+        p[1].contains("api.max_body_bytes must be at least 1024"),
+        "{}",
+        p[1]
+    );
+    let text = GOOD.replace(
+        "[[node]]\nrank = 0",
+        "[api]\nmax_body_bytes = 4096\n\n[[node]]\nrank = 0",
+    );
+    let c = Config::parse(&text, Path::new("c.toml")).expect("valid");
+    assert_eq!(c.api.max_body_bytes, 4096);
+}

@@ -381,6 +381,30 @@ fn build(
             "queue_timeout_s must be at least 1 (set queue_size = 0 for no queue)",
         ));
     }
+    let a = &file.api;
+    for (name, v) in [
+        ("header_timeout_s", &a.header_timeout_s),
+        ("body_timeout_s", &a.body_timeout_s),
+        ("idle_timeout_s", &a.idle_timeout_s),
+        ("max_connections", &a.max_connections),
+        ("max_connections_per_client", &a.max_connections_per_client),
+    ] {
+        if *v.get_ref() == 0 {
+            problems.push(loc.at(v.span(), format!("api.{name} must be at least 1")));
+        }
+    }
+    let ctx_size = *m.ctx_size.get_ref();
+    let max_body_bytes = match &a.max_body_bytes {
+        Some(b) if *b.get_ref() < 1024 => {
+            problems.push(loc.at(
+                b.span(),
+                "api.max_body_bytes must be at least 1024 (a chat request is a few hundred bytes)",
+            ));
+            *b.get_ref()
+        }
+        Some(b) => *b.get_ref(),
+        None => crate::coordinator::gateway::request::Rules::default_max_body(ctx_size),
+    };
     let ports = Ports {
         data: *file.ports.data.get_ref(),
         signal: *file.ports.signal.get_ref(),
@@ -448,6 +472,16 @@ fn build(
             queue_timeout_s: file.api.queue_timeout_s.into_inner(),
             requests_per_minute: file.api.requests_per_minute.map(Spanned::into_inner),
             tokens_per_minute: file.api.tokens_per_minute.map(Spanned::into_inner),
+            header_timeout_s: *file.api.header_timeout_s.get_ref(),
+            body_timeout_s: *file.api.body_timeout_s.get_ref(),
+            idle_timeout_s: *file.api.idle_timeout_s.get_ref(),
+            max_connections: usize::try_from(*file.api.max_connections.get_ref())
+                .unwrap_or(usize::MAX),
+            max_connections_per_client: usize::try_from(
+                *file.api.max_connections_per_client.get_ref(),
+            )
+            .unwrap_or(usize::MAX),
+            max_body_bytes,
             api_keys_file: file.api.api_keys_file,
         },
         ports,

@@ -5,14 +5,20 @@
 //! streams reach the client token by token, and dropping the client's connection drops the
 //! upstream one (which makes the engine cancel the generation). While the ring is not serving,
 //! or when it fails under a request, clients get a 503 with Retry-After instead of a hang.
+//!
+//! Before a request is proxied, the gateway reads its body within a size and a time limit and
+//! checks it ([`gateway::request`]): a request the engine would refuse late, or misread, is
+//! refused here with an OpenAI-style error. Requests read only the few fields of the view they
+//! need: cloning the whole view (every node's facts) on each request cost more than the proxying.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -23,14 +29,13 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::compat::{Rewrite, SseFramer};
+use super::gateway::request::{self, Endpoint, Refusal, Rules};
 use super::gateway::{self, Gateway};
 use super::progress::{Activity, Work};
 use super::state::Phase;
 use super::ClusterView;
-use crate::server::{self, Server, Signals};
-
-/// Largest request body accepted (a long prompt is far smaller).
-pub(crate) const MAX_BODY: usize = 32 * 1024 * 1024;
+use crate::config::{Config, EngineKind};
+use crate::server::{self, ConnLimits, Server, Signals};
 
 #[derive(Clone)]
 struct ApiState {
@@ -40,6 +45,45 @@ struct ApiState {
     /// Cancelled when the server's drain grace is over: responses still streaming end then.
     ending: CancellationToken,
     activity: Activity,
+    // --- gateway checks (gateway/request.rs) ---
+    checks: Arc<Checks>,
+    /// Keys, limits, admission: `/readyz` says why it is not ready only to a client with a key.
+    gateway: Gateway,
+    /// The model names rank 0's engine reports, fetched once per ring generation.
+    engine_names: Arc<Mutex<Option<EngineNames>>>,
+}
+
+/// A ring generation and the model names its engine reports.
+type EngineNames = (u64, Arc<[String]>);
+
+/// What the API checks requests against, and how long their bodies may take to arrive.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checks {
+    pub rules: Rules,
+    pub body_timeout: Duration,
+}
+
+impl Checks {
+    pub fn from_config(c: &Config) -> Checks {
+        Checks {
+            rules: Rules {
+                model: c.model.name.clone(),
+                ctx_size: c.model.ctx_size,
+                max_body_bytes: c.api.max_body_bytes,
+            },
+            body_timeout: Duration::from_secs(c.api.body_timeout_s),
+        }
+    }
+}
+
+/// The public API's connection limits (`[api]`).
+pub fn conn_limits(c: &Config) -> ConnLimits {
+    ConnLimits {
+        header_timeout: Duration::from_secs(c.api.header_timeout_s),
+        idle_timeout: Duration::from_secs(c.api.idle_timeout_s),
+        max_connections: c.api.max_connections,
+        max_per_client: c.api.max_connections_per_client,
+    }
 }
 
 /// The API's routes. `signals.ending` ends responses still streaming at shutdown.
@@ -49,9 +93,14 @@ pub fn router(
     gateway: Gateway,
     signals: &Signals,
     activity: Activity,
+    checks: Checks,
 ) -> anyhow::Result<Router> {
+    // Rank 0's engine on loopback: never through a proxy, and a pool as large as the load
+    // (kept connections spare a connect per request).
     let http = reqwest::Client::builder()
         .connect_timeout(std::time::Duration::from_secs(5))
+        .no_proxy()
+        .tcp_nodelay(true)
         .build()?;
     let state = ApiState {
         view,
@@ -59,6 +108,9 @@ pub fn router(
         upstream: format!("http://127.0.0.1:{upstream_port}").into(),
         ending: signals.ending.clone(),
         activity,
+        checks: Arc::new(checks),
+        gateway: gateway.clone(),
+        engine_names: Arc::default(),
     };
     let usage = gateway.clone();
     // The gateway (keys, limits, fair admission, usage) guards everything but the probes.
@@ -98,11 +150,19 @@ pub async fn serve(
     upstream_port: u16,
     gateway: Gateway,
     activity: Activity,
+    config: &Config,
 ) -> anyhow::Result<Server> {
     let listening = server::listen(addr, "the API (api.listen)", "api").await?;
     tracing::info!(%addr, "API listening");
     let signals = Signals::default();
-    let app = router(view.clone(), upstream_port, gateway, &signals, activity)?;
+    let app = router(
+        view.clone(),
+        upstream_port,
+        gateway,
+        &signals,
+        activity,
+        Checks::from_config(config),
+    )?;
     // A socket handed back means the previous agent was serving and its clients are queued:
     // they wait (in the backlog) for this coordinator to adopt the ring rather than get 503s.
     let open = async move {
@@ -115,6 +175,7 @@ pub async fn serve(
         app,
         signals,
         "API",
+        conn_limits(config),
         open,
     ))
 }
@@ -175,17 +236,33 @@ fn not_serving_message(view: &ClusterView) -> String {
     )
 }
 
-async fn readyz(State(s): State<ApiState>) -> Response {
-    let v = s.view.borrow().clone();
-    let body = json!({ "phase": v.phase, "generation": v.generation, "reason": v.reason });
-    if v.serving() {
-        (StatusCode::OK, Json(body)).into_response()
-    } else {
-        with_retry_after(
-            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response(),
-            &v,
-        )
+/// Ready or not, for anyone; why not (which may name internal addresses) only for a client
+/// with an API key, when keys are configured. Without keys the whole story is at the open
+/// `/api/v1/cluster`.
+async fn readyz(State(s): State<ApiState>, headers: HeaderMap) -> Response {
+    let with_reason = s.gateway.knows_key(&headers);
+    let (serving, retry_after, mut body) = {
+        let v = s.view.borrow();
+        let body = json!({ "ready": v.serving(), "phase": v.phase, "generation": v.generation });
+        (v.serving(), v.retry_after_s(), (body, v.reason.clone()))
+    };
+    if with_reason {
+        body.0["reason"] = json!(body.1);
     }
+    let mut r = (
+        if serving {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        Json(body.0),
+    )
+        .into_response();
+    if !serving {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+    }
+    r
 }
 
 async fn cluster(State(s): State<ApiState>) -> Json<ClusterView> {
@@ -207,30 +284,203 @@ fn ring_lost(
     })
 }
 
+/// What a request needs of the view, read under the borrow instead of cloning the view.
+struct Gate {
+    serving: bool,
+    generation: u64,
+    engine: EngineKind,
+}
+
+impl Gate {
+    fn read(view: &watch::Receiver<ClusterView>) -> Gate {
+        let v = view.borrow();
+        Gate {
+            serving: v.serving(),
+            generation: v.generation,
+            engine: v.engine,
+        }
+    }
+}
+
+/// The 503 for a ring that is not serving, from the view as it is now.
+fn not_serving(view: &watch::Receiver<ClusterView>) -> Response {
+    let v = view.borrow().clone();
+    unavailable(&v, not_serving_message(&v))
+}
+
+// --- gateway checks (gateway/request.rs) -------------------------------------------------
+
+/// The error response for a refusal. `close`: the body was not read to its end, so the
+/// connection cannot carry another request.
+fn refusal(r: &Refusal, close: bool) -> Response {
+    let mut resp = (r.status, Json(r.body())).into_response();
+    if close {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+/// Reads a request body whole, within the size limit and by the deadline.
+pub(crate) async fn read_body(
+    checks: &Checks,
+    headers: &HeaderMap,
+    body: Body,
+    deadline: tokio::time::Instant,
+) -> Result<Bytes, Response> {
+    let rules = &checks.rules;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut stream = body.into_data_stream();
+    if let Err(r) = request::check_length(declared, rules) {
+        drain(stream, headers, deadline);
+        return Err(refusal(&r, true));
+    }
+    let limit = rules.max_body_bytes;
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut len = 0u64;
+    loop {
+        let next = match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(next) => next,
+            Err(_) => {
+                let r = request::body_timed_out(checks.body_timeout.as_secs());
+                return Err(refusal(&r, true));
+            }
+        };
+        match next {
+            None => break,
+            Some(Ok(chunk)) => {
+                len += chunk.len() as u64;
+                if len > limit {
+                    drop(chunks);
+                    drain(stream, headers, deadline);
+                    return Err(refusal(&request::too_large(declared, rules), true));
+                }
+                chunks.push(chunk);
+            }
+            Some(Err(e)) => {
+                return Err(openai_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    "bad_body",
+                    &format!("cannot read the request body: {e}"),
+                ))
+            }
+        }
+    }
+    // Mostly one chunk: no copy then.
+    Ok(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.remove(0),
+        _ => Bytes::from(chunks.concat()),
+    })
+}
+
+/// Reads and discards the rest of a refused body until the deadline, so the client, which
+/// sends its body before it reads the answer, gets the answer instead of a connection reset
+/// (closing with unread bytes resets the connection). Nothing is kept. A client that waits for
+/// `100 Continue` before sending is never sent one, so there is nothing to drain.
+fn drain(
+    mut stream: axum::body::BodyDataStream,
+    headers: &HeaderMap,
+    deadline: tokio::time::Instant,
+) {
+    let waits_to_send = headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if waits_to_send {
+        return;
+    }
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout_at(deadline, async {
+            while let Some(Ok(_)) = stream.next().await {}
+        })
+        .await;
+    });
+}
+
+/// Whether `requested` is the model served: its configured name, or a name the engine reports.
+async fn model_served(s: &ApiState, requested: &str, generation: u64) -> Result<(), Refusal> {
+    let rules = &s.checks.rules;
+    if requested == rules.model {
+        return Ok(());
+    }
+    request::check_model(requested, rules, &engine_names(s, generation).await)
+}
+
+/// The names rank 0's engine reports in `/v1/models`, fetched once per generation (only
+/// requests naming another model than the configured one ask).
+async fn engine_names(s: &ApiState, generation: u64) -> Arc<[String]> {
+    let cached = s
+        .engine_names
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    if let Some((g, names)) = cached {
+        if g == generation {
+            return names;
+        }
+    }
+    let fetched = async {
+        let r = s
+            .http
+            .get(format!("{}/v1/models", s.upstream))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await?
+            .error_for_status()?;
+        r.json::<serde_json::Value>().await
+    };
+    match fetched.await {
+        Ok(v) => {
+            let names: Arc<[String]> = request::engine_model_names(&v).into();
+            *s.engine_names.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((generation, names.clone()));
+            names
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the engine's model names; only the configured name is known");
+            Arc::from(Vec::new())
+        }
+    }
+}
+
+// --- end of gateway checks ----------------------------------------------------------------
+
 async fn proxy(State(s): State<ApiState>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let body = match axum::body::to_bytes(body, MAX_BODY).await {
-        Ok(b) => b,
-        Err(e) => {
-            return openai_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                "bad_body",
-                &format!("cannot read the request body: {e}"),
-            )
-        }
-    };
-    let view = s.view.borrow().clone();
-    if !view.serving() {
-        return unavailable(&view, not_serving_message(&view));
-    }
-    // In flight until the response ends or the client goes: what the stall check watches.
-    let work = s.activity.begin();
     let path = parts
         .uri
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/");
+    let deadline = tokio::time::Instant::now() + s.checks.body_timeout;
+    let (body, checked) = match (parts.method == Method::GET, Endpoint::of(path)) {
+        (true, _) | (false, None) => (Bytes::new(), None),
+        (false, Some(endpoint)) => {
+            let body = match read_body(&s.checks, &parts.headers, body, deadline).await {
+                Ok(b) => b,
+                Err(resp) => return resp,
+            };
+            match request::check_body(endpoint, &body, &s.checks.rules) {
+                Ok(c) => (body, Some(c)),
+                Err(r) => return refusal(&r, false),
+            }
+        }
+    };
+    let gate = Gate::read(&s.view);
+    if !gate.serving {
+        return not_serving(&s.view);
+    }
+    if let Some(model) = checked.as_ref().and_then(|c| c.model.as_deref()) {
+        if let Err(r) = model_served(&s, model, gate.generation).await {
+            return refusal(&r, false);
+        }
+    }
+    // In flight until the response ends or the client goes: what the stall check watches.
+    let work = s.activity.begin();
     let mut upstream = s
         .http
         .request(parts.method.clone(), format!("{}{path}", s.upstream))
@@ -240,7 +490,7 @@ async fn proxy(State(s): State<ApiState>, req: Request) -> Response {
             upstream = upstream.header(h, v);
         }
     }
-    let mut lost = ring_lost(s.view.clone(), view.generation, s.ending.clone());
+    let mut lost = ring_lost(s.view.clone(), gate.generation, s.ending.clone());
     let resp = tokio::select! {
         r = upstream.send() => r,
         _ = &mut lost => {
@@ -274,7 +524,7 @@ async fn proxy(State(s): State<ApiState>, req: Request) -> Response {
         // Proxies between here and the client must not buffer the stream either.
         headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     }
-    let rewrite = Rewrite::for_request(view.engine, path, &view.model.name);
+    let rewrite = Rewrite::for_request(gate.engine, path, &s.checks.rules.model);
     let stream = forward(resp.bytes_stream(), lost, sse, rewrite, work);
     let mut out = Response::new(Body::from_stream(stream));
     *out.status_mut() = status;
@@ -387,38 +637,74 @@ mod tests {
         v
     }
 
-    fn settings() -> gateway::Settings {
-        gateway::Settings {
-            max_in_flight: 4,
-            queue_size: 8,
-            queue_timeout: std::time::Duration::from_secs(5),
-            global: Default::default(),
-            models: vec!["t".into()],
-            keys_file: None,
+    fn checks() -> Checks {
+        Checks {
+            rules: Rules {
+                model: "m".into(),
+                ctx_size: 1024,
+                max_body_bytes: Rules::default_max_body(1024),
+            },
+            body_timeout: Duration::from_secs(30),
         }
     }
 
-    fn open_gateway() -> Gateway {
-        Gateway::new(settings(), None)
+    fn app(rx: watch::Receiver<ClusterView>, keys: Option<&str>) -> Router {
+        let settings = gateway::Settings {
+            max_in_flight: 4,
+            queue_size: 8,
+            queue_timeout: Duration::from_secs(5),
+            global: Default::default(),
+            models: vec!["m".into()],
+            keys_file: None,
+            checks: Arc::new(checks()),
+        };
+        let keys = keys
+            .map(|k| gateway::keys::parse(k, std::path::Path::new("keys"), &["m"]).expect("keys"));
+        router(
+            rx,
+            1,
+            Gateway::new(settings, keys),
+            &Signals::default(),
+            Activity::default(),
+            checks(),
+        )
+        .expect("router")
     }
+
+    const CHAT: &str = r#"{"messages": [{"role": "user", "content": "Hi"}]}"#;
 
     async fn call(
         app: Router,
         path: &str,
         key: Option<&str>,
     ) -> (StatusCode, HeaderMap, serde_json::Value) {
+        let body = if path.starts_with("/v1/chat") {
+            Some(Body::from(CHAT))
+        } else {
+            None
+        };
+        send(app, path, key, body, &[]).await
+    }
+
+    /// POSTs `body` when there is one, else GETs.
+    async fn send(
+        app: Router,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Body>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, HeaderMap, serde_json::Value) {
         let mut req = axum::http::Request::builder()
-            .method(if path.starts_with("/v1/chat") {
-                "POST"
-            } else {
-                "GET"
-            })
+            .method(if body.is_some() { "POST" } else { "GET" })
             .uri(path);
         if let Some(k) = key {
             req = req.header("authorization", format!("Bearer {k}"));
         }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
         let resp = app
-            .oneshot(req.body(Body::from("{}")).expect("request"))
+            .oneshot(req.body(body.unwrap_or_default()).expect("request"))
             .await
             .expect("response");
         let status = resp.status();
@@ -436,14 +722,7 @@ mod tests {
     #[tokio::test]
     async fn not_serving_means_503_with_retry_after_and_an_openai_error() {
         let (_tx, rx) = watch::channel(view(Phase::BackingOff));
-        let app = router(
-            rx,
-            1,
-            open_gateway(),
-            &Signals::default(),
-            Activity::default(),
-        )
-        .expect("router");
+        let app = app(rx, None);
         let (status, headers, body) = call(app.clone(), "/v1/chat/completions", None).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(
@@ -468,10 +747,7 @@ mod tests {
     #[tokio::test]
     async fn api_keys_guard_the_api_but_not_the_probes() {
         let (_tx, rx) = watch::channel(view(Phase::Serving));
-        let keys =
-            gateway::keys::parse("sk-good\n", std::path::Path::new("keys"), &["t"]).expect("keys");
-        let gw = Gateway::new(settings(), Some(keys));
-        let app = router(rx, 1, gw, &Signals::default(), Activity::default()).expect("router");
+        let app = app(rx, Some("sk-good\n"));
         let (status, _, body) = call(app.clone(), "/v1/models", None).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         assert_eq!(body["error"]["code"], "invalid_api_key");
@@ -518,17 +794,118 @@ mod tests {
     async fn an_unreachable_rank_0_is_a_503_not_a_hang() {
         // Port 1 on loopback refuses connections: the engine is gone under a serving view.
         let (_tx, rx) = watch::channel(view(Phase::Serving));
-        let app = router(
-            rx,
-            1,
-            open_gateway(),
-            &Signals::default(),
-            Activity::default(),
-        )
-        .expect("router");
+        let app = app(rx, None);
         let (status, headers, body) = call(app, "/v1/chat/completions", None).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(headers.contains_key("retry-after"));
         assert_eq!(body["error"]["type"], "server_error");
+    }
+
+    #[tokio::test]
+    async fn readyz_says_why_only_to_a_client_with_a_key() {
+        let (_tx, rx) = watch::channel(view(Phase::BackingOff));
+        let (status, headers, body) = call(app(rx.clone(), None), "/readyz", None).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(headers.contains_key("retry-after"));
+        assert_eq!(body["ready"], false);
+        assert_eq!(body["phase"], "backing_off");
+        assert!(body.get("reason").is_none(), "{body}");
+        let keyed = app(rx, Some("sk-good\n"));
+        let (_, _, body) = call(keyed.clone(), "/readyz", Some("sk-bad")).await;
+        assert!(body.get("reason").is_none(), "{body}");
+        let (_, _, body) = call(keyed, "/readyz", Some("sk-good")).await;
+        assert_eq!(body["reason"], "rank 1 exited with status 1");
+    }
+
+    /// Rank 0 is unreachable (port 1) under a serving view: whatever is not a 503 was answered
+    /// by the gateway before the engine was asked.
+    #[tokio::test]
+    async fn bad_requests_are_refused_before_the_engine_is_asked() {
+        let (_tx, rx) = watch::channel(view(Phase::Serving));
+        let post = |body: &'static str| Some(Body::from(body));
+        let chat = "/v1/chat/completions";
+        let (status, _, body) = send(
+            app(rx.clone(), None),
+            chat,
+            None,
+            post("{\"messages\": ["),
+            &[],
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_json"))
+        );
+        let wrong = r#"{"model": "gpt-5", "messages": []}"#;
+        let (status, _, body) = send(app(rx.clone(), None), chat, None, post(wrong), &[]).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::NOT_FOUND, Some("model_not_found"))
+        );
+        let budget = r#"{"model": "m", "messages": [], "max_tokens": 5000}"#;
+        let (status, _, body) = send(app(rx.clone(), None), chat, None, post(budget), &[]).await;
+        assert_eq!(
+            (status, body["error"]["param"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("max_tokens"))
+        );
+        // Too large by its declared length: refused without reading it.
+        let (status, headers, body) = send(
+            app(rx.clone(), None),
+            chat,
+            None,
+            post(CHAT),
+            &[("content-length", "33554432")],
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::PAYLOAD_TOO_LARGE, Some("request_too_large"))
+        );
+        assert_eq!(
+            headers.get("connection").and_then(|v| v.to_str().ok()),
+            Some("close")
+        );
+        // Too large as it arrives (no length declared).
+        let chunks = futures_util::stream::iter(
+            (0..3).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![b' '; 512 * 1024]))),
+        );
+        let (status, _, _) = send(
+            app(rx.clone(), None),
+            chat,
+            None,
+            Some(Body::from_stream(chunks)),
+            &[],
+        )
+        .await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        // The configured name and no name at all pass the gateway (and find no engine).
+        let named = r#"{"model": "m", "messages": []}"#;
+        let (status, _, _) = send(app(rx.clone(), None), chat, None, post(named), &[]).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        let (status, _, _) = send(app(rx, None), chat, None, post(CHAT), &[]).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stops_arriving_is_a_408() {
+        let (_tx, rx) = watch::channel(view(Phase::Serving));
+        let stalled = futures_util::stream::once(async {
+            Ok::<_, std::io::Error>(Bytes::from_static(b"{\"messages\""))
+        })
+        .chain(futures_util::stream::pending());
+        let started = tokio::time::Instant::now();
+        let (status, _, body) = send(
+            app(rx, None),
+            "/v1/chat/completions",
+            None,
+            Some(Body::from_stream(stalled)),
+            &[],
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::REQUEST_TIMEOUT, Some("request_timeout"))
+        );
+        assert_eq!(started.elapsed(), checks().body_timeout);
     }
 }

@@ -15,6 +15,7 @@
 pub mod admission;
 pub mod keys;
 pub mod limits;
+pub mod request;
 pub mod usage;
 
 use std::net::SocketAddr;
@@ -42,7 +43,7 @@ use keys::{KeyLimits, KeySet};
 use limits::{Kind, Limits, Rates, Report, Scope, Verdict};
 use usage::{Meter, Usage};
 
-use super::api::{openai_error, MAX_BODY};
+use super::api::{openai_error, read_body, Checks};
 
 /// How often the keys file is checked for a change (a stat, nothing more).
 const KEYS_POLL: Duration = Duration::from_secs(1);
@@ -65,6 +66,9 @@ pub struct Settings {
     /// The model names this cluster serves (what a key's `models` may list).
     pub models: Vec<String>,
     pub keys_file: Option<PathBuf>,
+    /// How a body is read (size bound from the context, timeout): the same rules as the proxy's,
+    /// since the guard reads the body first.
+    pub checks: Arc<Checks>,
 }
 
 impl Settings {
@@ -79,6 +83,7 @@ impl Settings {
             },
             models: vec![c.model.name.clone()],
             keys_file: c.api.api_keys_file.clone(),
+            checks: Arc::new(Checks::from_config(c)),
         }
     }
 }
@@ -215,6 +220,14 @@ impl Gateway {
     }
 
     /// `GET /api/v1/usage`: usage per key since the agent started, and the admission queue.
+    /// Whether `headers` carry one of the configured keys (false when the API has none): who may
+    /// read the details `/readyz` keeps from everyone else.
+    pub fn knows_key(&self, headers: &HeaderMap) -> bool {
+        self.keys().is_some_and(|set| {
+            bearer(headers.get(header::AUTHORIZATION)).is_some_and(|t| set.identify(t).is_some())
+        })
+    }
+
     pub fn usage_report(&self) -> serde_json::Value {
         let since = self
             .0
@@ -332,9 +345,12 @@ pub async fn guard(State(gw): State<Gateway>, req: Request, next: Next) -> Respo
         return resp;
     }
     let (parts, body) = req.into_parts();
-    let body = match axum::body::to_bytes(body, MAX_BODY).await {
+    // Bounded like the proxy's own read: by the context's size and the body timeout.
+    let checks = &gw.0.settings.checks;
+    let deadline = Instant::now() + checks.body_timeout;
+    let body = match read_body(checks, &parts.headers, body, deadline).await {
         Ok(b) => b,
-        Err(e) => return body_error(e),
+        Err(refused) => return refused,
     };
     if let Some(key) = caller.key.as_ref().filter(|k| k.models.is_some()) {
         let asked = requested_model(&body)
@@ -408,26 +424,6 @@ fn requested_model(body: &[u8]) -> Option<String> {
         model: Option<String>,
     }
     serde_json::from_slice::<Asked>(body).ok()?.model
-}
-
-fn body_error(e: axum::Error) -> Response {
-    let too_large =
-        std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-    if too_large {
-        openai_error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
-            "request_too_large",
-            &format!("The request body is larger than {MAX_BODY} bytes."),
-        )
-    } else {
-        openai_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "bad_body",
-            &format!("cannot read the request body: {e}"),
-        )
-    }
 }
 
 fn header_value(v: impl ToString) -> HeaderValue {
@@ -636,6 +632,7 @@ mod tests {
                 global: Rates::default(),
                 models: vec!["smol".into()],
                 keys_file: None,
+                checks: Arc::new(test_checks()),
             },
             Some(set),
         )
@@ -751,6 +748,7 @@ mod tests {
                 global: Rates::default(),
                 models: vec!["smol".into()],
                 keys_file: None,
+                checks: Arc::new(test_checks()),
             },
             None,
         );
@@ -808,5 +806,17 @@ mod tests {
         let (s, _, body) = send(&app, BOB, "/v1/chat/completions", "{}").await;
         assert_eq!(s, StatusCode::UNAUTHORIZED);
         assert!(body.contains("invalid_api_key"), "{body}");
+    }
+
+    /// Body rules for the tests: the model `smol`, a 1024-token context.
+    fn test_checks() -> Checks {
+        Checks {
+            rules: super::request::Rules {
+                model: "smol".into(),
+                ctx_size: 1024,
+                max_body_bytes: super::request::Rules::default_max_body(1024),
+            },
+            body_timeout: Duration::from_secs(30),
+        }
     }
 }
