@@ -6,7 +6,7 @@ from being served, and one address past its share of connections gets a 503.
 
 The cluster runs with 2 s header and body timeouts and 64 connections per client address, and
 starts with a soft open-files limit of 1,024 (systemd's default) to show the agent raises it.
-Timings are printed as [figure] lines; bench/gateway.py has the careful numbers."""
+Timings are printed as [figure] lines (figures, not pass/fail)."""
 
 import json
 import os
