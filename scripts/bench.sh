@@ -4,6 +4,10 @@
 #                             after a killed rank; one JSON line per engine (bench/bench_local.py)
 #   scripts/bench.sh bringup  `up --local 3` to the first token vs the same engines launched by
 #                             hand, alternating in one run; prints the ratio (bench/bringup.py)
+#   scripts/bench.sh gateway [speed|limits]
+#                             direct vs coordinator vs nginx latency and throughput, and what slow
+#                             and huge requests get, with the agent's memory (bench/gateway.py;
+#                             installs Debian's nginx and wrk with apt-get when missing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${LLM_CLUSTER_CACHE:-$HOME/.cache/llm-cluster}
@@ -16,5 +20,6 @@ VENV=$CACHE/venv-e2e
 case "${1:-local}" in
   local) exec "$VENV/bin/python" bench/bench_local.py ;;
   bringup) exec "$VENV/bin/python" bench/bringup.py ;;
-  *) echo "usage: scripts/bench.sh [local|bringup]" >&2; exit 2 ;;
+  gateway) shift; exec "$VENV/bin/python" bench/gateway.py "$@" ;;
+  *) echo "usage: scripts/bench.sh [local|bringup|gateway [speed|limits]]" >&2; exit 2 ;;
 esac
