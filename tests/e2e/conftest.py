@@ -8,6 +8,7 @@ Inputs come from the environment (scripts/test.sh sets them from scripts/fetch-d
   PRIMA_CPP_DIR   optional: directory with prima.cpp's server and worker binaries
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -79,6 +80,19 @@ class Cluster:
             assert self.proc.poll() is None, f"llm-agent exited early:\n{self.log_path.read_text()[-3000:]}"
             return requests.get(f"{self.base}/readyz", timeout=2).status_code == 200
         wait_until(ready, timeout, "the ring to serve")
+
+    @contextlib.contextmanager
+    def serving(self, timeout=180):
+        """This cluster once it serves, for a fixture to yield; its log is printed when starting
+        it fails, and it is stopped in any case."""
+        try:
+            self.wait_serving(timeout)
+            yield self
+        except Exception:
+            print(self.log_tail())
+            raise
+        finally:
+            self.stop()
 
     def status(self):
         return requests.get(f"{self.base}/api/v1/cluster", timeout=5).json()

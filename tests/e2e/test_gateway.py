@@ -67,15 +67,8 @@ def engine_pid(base, headers=None):
     return st["nodes"][0]["status"]["pid"]
 
 
-def start(tmp, offset, extra):
-    cluster = Cluster("llama-rpc", _env_path("LLAMA_CPP_DIR"), _env_path("SMOLLM2_GGUF"), offset, tmp, extra)
-    try:
-        cluster.wait_serving()
-    except Exception:
-        print(cluster.log_tail())
-        cluster.stop()
-        raise
-    return cluster
+def gateway_ring(tmp, offset, extra):
+    return Cluster("llama-rpc", _env_path("LLAMA_CPP_DIR"), _env_path("SMOLLM2_GGUF"), offset, tmp, extra)
 
 
 @pytest.fixture(scope="module")
@@ -84,29 +77,18 @@ def gw(tmp_path_factory):
     model = Path(_env_path("SMOLLM2_GGUF")).stem
     keys = tmp / "keys.toml"
     keys.write_text(keys_toml(model))
-    cluster = start(tmp, 1800, ("--api-keys", str(keys), "--max-in-flight", "1",
-                                "--queue-size", "16", "--queue-timeout", "120"))
+    cluster = gateway_ring(tmp, 1800, ("--api-keys", str(keys), "--max-in-flight", "1",
+                                       "--queue-size", "16", "--queue-timeout", "120"))
     cluster.keys, cluster.model = keys, model
-    try:
+    with cluster.serving():
         yield cluster
-    except Exception:
-        print(cluster.log_tail())
-        raise
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture(scope="module")
 def tight(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gateway-tight")
-    cluster = start(tmp, 1830, ("--max-in-flight", "1", "--queue-size", "2", "--queue-timeout", "2"))
-    try:
+    with gateway_ring(tmp, 1830, ("--max-in-flight", "1", "--queue-size", "2", "--queue-timeout", "2")).serving() as cluster:
         yield cluster
-    except Exception:
-        print(cluster.log_tail())
-        raise
-    finally:
-        cluster.stop()
 
 
 def test_check_config_checks_the_api_keys_file_with_every_problems_place(tmp_path):

@@ -39,14 +39,8 @@ def gw(tmp_path_factory):
                            "--max-connections-per-client", str(PER_CLIENT)))
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    try:
-        cluster.wait_serving()
+    with cluster.serving():
         yield cluster
-    except Exception:
-        print(cluster.log_tail())
-        raise
-    finally:
-        cluster.stop()
     for port in (cluster.api_port, cluster.engine_port):
         assert port_free(port), f"port {port} still open after the cluster stopped"
 

@@ -90,15 +90,8 @@ def stall_ring(request, tmp_path_factory):
         engine_dir, offset, extra = _env_path("LLAMA_CPP_DIR"), 1600, ()
     else:
         engine_dir, offset, extra = _env_path("PRIMA_CPP_DIR"), 2600, ("--layer-windows", "10,10,10")
-    cluster = Cluster(engine, engine_dir, _env_path("SMOLLM2_GGUF"), offset, tmp, extra)
-    try:
-        cluster.wait_serving()
+    with Cluster(engine, engine_dir, _env_path("SMOLLM2_GGUF"), offset, tmp, extra).serving() as cluster:
         yield cluster
-    except Exception:
-        print(cluster.log_tail())
-        raise
-    finally:
-        cluster.stop()
 
 
 def freeze_under_a_stream(cluster, rank):
