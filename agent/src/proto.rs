@@ -475,3 +475,73 @@ mod tests {
         assert!(err.to_string().contains("unknown field `wait`"), "{err}");
     }
 }
+
+/// `GET /api/v1/events`: one thing that happened to the ring, as the coordinator's event
+/// stream (SSE) carries it. `seq` counts from 1 per coordinator run; `kind` and its fields come
+/// from [`EventDetail`], flattened into the same object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterEvent {
+    pub seq: u64,
+    /// RFC 3339, UTC.
+    pub at: String,
+    pub generation: Option<u64>,
+    pub rank: Option<u32>,
+    /// For people.
+    pub message: String,
+    #[serde(flatten)]
+    pub detail: EventDetail,
+}
+
+/// What kind of event, with the fields each kind adds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EventDetail {
+    /// The supervisor's phase changed (phase names as `/api/v1/cluster` shows them).
+    Phase { from: String, to: String },
+    /// The ring failed or was refused. `cause` is a short, fixed name for the class of failure
+    /// (rank_exited, start_failed, not_ready, node_lost, stalled, refused).
+    Failure { reason: String, cause: String },
+    /// A new generation starts after a failure.
+    Restart { reason: String, cause: String },
+    /// The ring's layer placement was planned or found.
+    Placement {
+        source: Option<PlacementSource>,
+        windows: Option<Vec<u32>>,
+    },
+    /// Kinds whose producers are still to come (model switches, transfers, upgrades): their
+    /// fields are free-form until then.
+    Switch {
+        #[serde(flatten)]
+        fields: serde_json::Map<String, serde_json::Value>,
+    },
+    Transfer {
+        #[serde(flatten)]
+        fields: serde_json::Map<String, serde_json::Value>,
+    },
+    Upgrade {
+        #[serde(flatten)]
+        fields: serde_json::Map<String, serde_json::Value>,
+    },
+}
+
+impl EventDetail {
+    /// The SSE event name: the `kind` field's value.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EventDetail::Phase { .. } => "phase",
+            EventDetail::Failure { .. } => "failure",
+            EventDetail::Restart { .. } => "restart",
+            EventDetail::Placement { .. } => "placement",
+            EventDetail::Switch { .. } => "switch",
+            EventDetail::Transfer { .. } => "transfer",
+            EventDetail::Upgrade { .. } => "upgrade",
+        }
+    }
+}
+
+/// The data of the SSE `lagged` event: this client fell behind the coordinator's buffer and
+/// `missed` events are gone; the stream goes on with the next one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventsLagged {
+    pub missed: u64,
+}

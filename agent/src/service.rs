@@ -141,6 +141,7 @@ pub async fn start_coordinator(
         config.ports.server,
         gateway,
         coordinator.activity(),
+        coordinator.events(),
         &config,
     )
     .await?;

@@ -29,6 +29,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::compat::{Rewrite, SseFramer};
+use super::events::{self, Events};
 use super::gateway::request::{self, Endpoint, Refusal, Rules};
 use super::gateway::{self, Gateway};
 use super::progress::{Activity, Work};
@@ -94,6 +95,7 @@ pub fn router(
     signals: &Signals,
     activity: Activity,
     checks: Checks,
+    events: Events,
 ) -> anyhow::Result<Router> {
     // Rank 0's engine on loopback: never through a proxy, and a pool as large as the load
     // (kept connections spare a connect per request).
@@ -119,6 +121,10 @@ pub fn router(
         .route("/v1/completions", post(proxy))
         .route("/v1/models", get(proxy))
         .route("/api/v1/cluster", get(cluster))
+        .route(
+            "/api/v1/events",
+            events::route(events, signals.stopping.clone()),
+        )
         .route(
             "/api/v1/usage",
             get(move || async move { Json(usage.usage_report()) }),
@@ -152,6 +158,7 @@ pub async fn serve(
     upstream_port: u16,
     gateway: Gateway,
     activity: Activity,
+    events: Events,
     config: &Config,
 ) -> anyhow::Result<Server> {
     let listening = server::listen(addr, "the API (api.listen)", "api").await?;
@@ -164,6 +171,7 @@ pub async fn serve(
         &signals,
         activity,
         Checks::from_config(config),
+        events,
     )?;
     // A socket handed back means the previous agent was serving and its clients are queued:
     // they wait (in the backlog) for this coordinator to adopt the ring rather than get 503s.
@@ -669,6 +677,7 @@ mod tests {
             &Signals::default(),
             Activity::default(),
             checks(),
+            Events::default(),
         )
         .expect("router")
     }

@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 use super::actions;
 use super::check::{running_generation, NodeReport};
 use super::client::Nodes;
+use super::events::{self, Events, Narrator};
 use super::placement;
 use super::progress::{Activity, CpuSample, StallJudge};
 use super::state::{Action, Event, Phase, Supervisor};
@@ -72,6 +73,8 @@ pub struct Driver {
     pub heartbeat: Heartbeat,
     /// Work in flight at rank 0, shared with the API.
     pub activity: Activity,
+    /// What happened to the ring, for `/api/v1/events`.
+    pub events: Events,
 }
 
 /// The driver's mutable state within one run.
@@ -92,6 +95,7 @@ struct Run {
     sampling: bool,
     /// A probe is out.
     probing: bool,
+    narrator: Narrator,
 }
 
 impl Driver {
@@ -121,6 +125,7 @@ impl Driver {
             ),
             sampling: false,
             probing: false,
+            narrator: Narrator::default(),
         };
         for (rank, node) in self.config.nodes.iter().enumerate() {
             let (nodes, tx, stop) = (self.nodes.clone(), run.tx.clone(), shutdown.clone());
@@ -167,17 +172,22 @@ impl Driver {
                         }
                     }
                     Msg::ProbeDone => run.probing = false,
-                    Msg::Placement(p) => self.view.send_modify(|v| v.placement = p),
+                    Msg::Placement(p) => self.set_placement(&run, p),
                     Msg::PlacementFound(generation, found) => {
                         if generation == run.sup.generation {
-                            self.remember(found);
+                            self.remember(&run, found);
                         }
                     }
                 },
             }
             for e in events {
                 let before = run.sup.phase;
-                let actions = run.sup.handle(e, tokio::time::Instant::now().into_std());
+                let actions = run
+                    .sup
+                    .handle(e.clone(), tokio::time::Instant::now().into_std());
+                for draft in run.narrator.transition(&e, before, &run.sup) {
+                    self.events.emit(draft);
+                }
                 if run.sup.phase != before {
                     log_phase(&run.sup, &mut run.restarts);
                     if run.sup.phase == Phase::Serving {
@@ -289,7 +299,19 @@ impl Driver {
         });
     }
 
-    fn remember(&self, found: Placement) {
+    /// Shows the ring's placement, telling the events when it changed.
+    fn set_placement(&self, run: &Run, p: Option<PlacementView>) {
+        let mut changed = None;
+        self.view.send_modify(|v| {
+            changed = events::placement(v.placement.as_ref(), p.as_ref(), run.sup.generation);
+            v.placement = p;
+        });
+        if let Some(draft) = changed {
+            self.events.emit(draft);
+        }
+    }
+
+    fn remember(&self, run: &Run, found: Placement) {
         match placement::save(&self.config, &found) {
             Ok(()) => {
                 tracing::info!(windows = ?found.windows, "remembered Halda's placement for later starts")
@@ -298,13 +320,14 @@ impl Driver {
                 tracing::warn!(error = %e, "cannot keep Halda's placement; the next start profiles again")
             }
         }
-        self.view.send_modify(|v| {
-            v.placement = Some(PlacementView {
+        self.set_placement(
+            run,
+            Some(PlacementView {
                 source: PlacementSource::Halda,
                 windows: Some(found.windows.clone()),
                 gpu_layers: found.gpu_layers.clone(),
-            })
-        });
+            }),
+        );
     }
 
     fn publish(&self, run: &Run) {

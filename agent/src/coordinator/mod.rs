@@ -13,6 +13,7 @@ pub mod client;
 pub mod compat;
 pub mod dashboard;
 pub mod driver;
+pub mod events;
 pub mod gateway;
 pub mod placement;
 pub mod progress;
@@ -43,6 +44,7 @@ impl Coordinator {
                 view,
                 heartbeat: Heartbeat::default(),
                 activity: progress::Activity::default(),
+                events: events::Events::default(),
             },
         }
     }
@@ -50,6 +52,11 @@ impl Coordinator {
     /// Work in flight at rank 0: the API registers its requests here.
     pub fn activity(&self) -> progress::Activity {
         self.driver.activity.clone()
+    }
+
+    /// What happened to the ring: the driver emits, the API streams.
+    pub fn events(&self) -> events::Events {
+        self.driver.events.clone()
     }
 
     pub fn view(&self) -> watch::Receiver<ClusterView> {

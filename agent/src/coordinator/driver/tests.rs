@@ -289,6 +289,7 @@ fn start(fake: &Arc<FakeCluster>) -> Running {
         view,
         heartbeat: Heartbeat::default(),
         activity: activity.clone(),
+        events: Default::default(),
     };
     let stop = CancellationToken::new();
     let task = tokio::spawn(driver.run(stop.clone(), true));
