@@ -377,7 +377,10 @@ function addEvent(ev) {
   const where = [e.generation !== undefined && e.generation !== null ? `gen ${e.generation}` : '',
     e.rank !== undefined && e.rank !== null ? `rank ${e.rank}` : ''].filter(Boolean).join(' ');
   if (where) li.append(el('span', 'muted', where + ' '));
-  li.append(el('span', '', e.message ?? (e.from && e.to ? `${e.from} → ${e.to}` : e.reason ?? '')));
+  const text = kind === 'lagged' && e.message === undefined
+    ? `${e.missed ?? 'some'} events were missed (this page was too slow); going on from the oldest held`
+    : e.message ?? (e.from && e.to ? `${e.from} → ${e.to}` : e.reason ?? '');
+  li.append(el('span', '', text));
   const list = $('events');
   list.prepend(li);
   while (list.children.length > MAX_EVENTS) list.lastChild.remove();
