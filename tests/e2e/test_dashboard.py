@@ -199,7 +199,7 @@ def test_chat_box_streams_the_answer(ring, browser, shots):
     box = by_id(browser, "chat-max")
     box.clear()
     box.send_keys("100")
-    by_id(browser, "chat-input").send_keys("Write three sentences about the sea.")
+    by_id(browser, "chat-input").send_keys("Tell me a long story about a lighthouse keeper and the sea.")
     by_id(browser, "chat-send").click()
     read = """const m = [...document.querySelectorAll('#chat-log .msg.assistant')].pop();
               return m ? [m.dataset.state, m.textContent,

@@ -360,13 +360,19 @@ async function pollUsage() {
 
 let lastSeq = -1;
 
-function addEvent(ev) {
+/** Shows one event; `conn.first` marks the first of a connection. The server replays only what
+ *  follows `since`, so an older number on a new connection is a restarted coordinator's. */
+function addEvent(ev, conn) {
   let e;
   try { e = JSON.parse(ev.data); } catch { return; }
   const seq = Number(e.seq ?? ev.id);
+  const list = $('events');
   if (Number.isFinite(seq)) {
-    if (seq <= lastSeq) return;
+    if (conn.first && seq <= lastSeq) {
+      list.prepend(el('li', 'muted', '— the coordinator restarted; its events follow —'));
+    }
     lastSeq = seq;
+    conn.first = false;
   }
   const kind = e.kind || ev.event;
   const li = el('li');
@@ -381,7 +387,6 @@ function addEvent(ev) {
     ? `${e.missed ?? 'some'} events were missed (this page was too slow); going on from the oldest held`
     : e.message ?? (e.from && e.to ? `${e.from} → ${e.to}` : e.reason ?? '');
   li.append(el('span', '', text));
-  const list = $('events');
   list.prepend(li);
   while (list.children.length > MAX_EVENTS) list.lastChild.remove();
 }
@@ -414,7 +419,8 @@ async function followEvents() {
     state.textContent = 'live';
     state.dataset.state = 'live';
     try {
-      await readSse(r.body, addEvent);
+      const conn = { first: true };
+      await readSse(r.body, (ev) => addEvent(ev, conn));
     } catch (e) {
       // The connection broke (the coordinator restarted): reconnect from the last event.
     }
