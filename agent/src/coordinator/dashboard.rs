@@ -205,6 +205,24 @@ mod tests {
         }
     }
 
+    /// The script finds its elements by id: each one it names is in the page.
+    #[test]
+    fn every_element_the_script_uses_is_in_the_page() {
+        let script = std::str::from_utf8(ASSETS[1].body).expect("app.js is UTF-8");
+        let ids: Vec<&str> = script
+            .split("$('")
+            .skip(1)
+            .filter_map(|rest| rest.split('\'').next())
+            .collect();
+        assert!(ids.len() > 20, "{ids:?}");
+        for id in ids {
+            assert!(
+                html().contains(&format!("id=\"{id}\"")),
+                "app.js uses #{id}, which index.html lacks"
+            );
+        }
+    }
+
     #[test]
     fn if_none_match_lists_and_wildcards() {
         let tag = etag(b"x");
