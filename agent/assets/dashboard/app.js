@@ -18,6 +18,7 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 let apiKey = localStorage.getItem(KEY_STORE) || '';
 let asking = null;
+let keyGiven = null;
 
 /** Shows the key form once, however many requests were refused; resolves when a key is given. */
 function askKey(refused) {
@@ -33,7 +34,6 @@ function askKey(refused) {
   }
   return asking;
 }
-let keyGiven = null;
 
 $('key-form').addEventListener('submit', (e) => {
   e.preventDefault();
@@ -129,54 +129,74 @@ const mib = (b) => (b / 2 ** 20).toFixed(0) + ' MiB';
 
 let model = '';
 
-/** Layer windows per node as "first–last" text, from the placement (prima) or rank 0's spec. */
+/** Layers per node in config order: the placement's (prima), else rank 0's spec when it names
+ *  every node; null when the engine places them (llama.cpp RPC) or they are not known yet. */
+function layerCounts(view) {
+  const w = view.placement?.windows;
+  if (w) return w;
+  const spec = view.nodes.find((n) => n.status?.spec?.layer_windows)?.status.spec.layer_windows;
+  return spec && spec.length === view.nodes.length ? spec : null;
+}
+
+/** Each node's layer window as text ("layers 0–9"); layers run in ring order. */
 function layerWindows(view) {
-  let windows = view.placement?.windows;
-  if (!windows) windows = view.nodes.find((n) => n.status?.spec?.layer_windows)?.status.spec.layer_windows;
-  if (!windows) {
-    return view.nodes.map(() => (view.engine === 'llama-rpc' ? 'layers split by llama.cpp' : 'layers: not placed yet'));
+  const counts = layerCounts(view);
+  if (!counts) {
+    const why = view.engine === 'llama-rpc' ? 'layers split by llama.cpp' : 'layers: not placed yet';
+    return view.nodes.map(() => why);
   }
   let first = 0;
   return view.nodes.map((_, i) => {
-    const n = windows[i] ?? 0;
-    const text = n === 0 ? 'no layers' : `layers ${first}–${first + n - 1}`;
+    const n = counts[i] ?? 0;
+    const text = n === 0 ? 'not in the ring' : `layers ${first}–${first + n - 1}`;
     first += n;
     return text;
   });
 }
 
+/** The ring in rank order (a node's place in the ring is its spec's rank: a placement may leave
+ *  nodes out), with the nodes left out drawn apart. */
 function drawRing(view, windows) {
   const links = $('ring-links');
   const nodes = $('ring-nodes');
   links.replaceChildren();
   nodes.replaceChildren();
-  const n = view.nodes.length;
-  const cx = 180, cy = 165, r = n > 1 ? 100 : 0, nodeR = 26;
-  const at = (i) => {
-    const a = -Math.PI / 2 + (2 * Math.PI * i) / Math.max(n, 1);
+  const counts = layerCounts(view);
+  const all = view.nodes.map((node, i) => ({ node, i, rank: node.status?.spec?.rank ?? node.rank }));
+  const members = all.filter(({ i }) => !counts || counts[i] > 0).sort((a, b) => a.rank - b.rank);
+  const outside = all.filter(({ i }) => counts && !(counts[i] > 0));
+  const n = members.length;
+  const cx = 180, cy = outside.length ? 150 : 165, r = n > 1 ? (outside.length ? 85 : 100) : 0, nodeR = 26;
+  const at = (k) => {
+    const a = -Math.PI / 2 + (2 * Math.PI * k) / Math.max(n, 1);
     return [cx + r * Math.cos(a), cy + r * Math.sin(a)];
   };
-  for (let i = 0; n > 1 && i < n; i++) {
-    const [x1, y1] = at(i);
-    const [x2, y2] = at((i + 1) % n);
+  for (let k = 0; n > 1 && k < n; k++) {
+    const [x1, y1] = at(k);
+    const [x2, y2] = at((k + 1) % n);
     const d = Math.hypot(x2 - x1, y2 - y1);
     const ux = (x2 - x1) / d, uy = (y2 - y1) / d;
+    // Two ranks link both ways: side by side, not on top of each other.
+    const ox = n === 2 ? -uy * 7 : 0, oy = n === 2 ? ux * 7 : 0;
     links.append(svg('line', {
-      x1: x1 + ux * nodeR, y1: y1 + uy * nodeR, x2: x2 - ux * (nodeR + 2), y2: y2 - uy * (nodeR + 2),
+      x1: x1 + ux * nodeR + ox, y1: y1 + uy * nodeR + oy,
+      x2: x2 - ux * (nodeR + 2) + ox, y2: y2 - uy * (nodeR + 2) + oy,
       class: 'link', 'marker-end': 'url(#arrow)',
     }));
   }
-  view.nodes.forEach((node, i) => {
-    const [x, y] = at(i);
+  const place = ({ node, i, rank }, x, y, radius, label) => {
     const g = svg('g', { class: 'ring-node', 'data-rank': node.rank, 'data-state': node.state });
-    g.append(svg('circle', { cx: x, cy: y, r: nodeR, class: `node-circle st-${node.state}` }));
-    g.append(svg('text', { x, y: y + 4 }, `rank ${node.rank}`));
-    const below = y >= cy ? y + nodeR + 14 : y - nodeR - 22;
+    g.append(svg('circle', { cx: x, cy: y, r: radius, class: `node-circle st-${node.state}` }));
+    g.append(svg('text', { x, y: y + 4 }, label));
+    const below = y >= cy ? y + radius + 14 : y - radius - 22;
     g.append(svg('text', { x, y: below }, `${node.facts?.hostname ?? node.address} · ${node.state}`));
     g.append(svg('text', { x, y: below + 13, class: 'window' }, windows[i]));
-    g.append(svg('title', {}, `rank ${node.rank} at ${node.address} (agent ${node.agent}): ${node.state}`));
+    const where = rank === node.rank ? '' : ` (node ${node.rank} of the config)`;
+    g.append(svg('title', {}, `rank ${rank}${where} at ${node.address} (agent ${node.agent}): ${node.state}`));
     nodes.append(g);
-  });
+  };
+  members.forEach((m, k) => place(m, ...at(k), nodeR, m.rank === m.node.rank ? `rank ${m.rank}` : `rank ${m.rank}*`));
+  outside.forEach((o, k) => place(o, 70 + k * 110, 270, 14, `node ${o.node.rank}`));
 }
 
 function fact(dl, name, value, cls) {
@@ -215,7 +235,11 @@ function drawNodes(view, windows) {
     const card = el('div', `node st-${node.state}`);
     card.dataset.rank = node.rank;
     card.dataset.state = node.state;
-    card.append(el('h3', '', `rank ${node.rank} · ${f?.hostname ?? node.address} · ${node.state}`));
+    const rank = st?.spec?.rank ?? node.rank;
+    const counts = layerCounts(view);
+    const name = counts && !(counts[i] > 0) ? `node ${node.rank} (not in the ring)`
+      : rank === node.rank ? `rank ${rank}` : `rank ${rank} (node ${node.rank})`;
+    card.append(el('h3', '', `${name} · ${f?.hostname ?? node.address} · ${node.state}`));
     const dl = el('dl');
     fact(dl, 'address', `${node.address} (agent ${node.agent})`);
     fact(dl, 'process', st?.pid ? `pid ${st.pid}${st.unit ? ' · ' + st.unit : ''}` : st?.unit);
