@@ -169,6 +169,10 @@ def test_page_asks_for_the_key_then_shows_the_ring_serving(ring, browser, shots)
     assert s["ring"] == [["0", "running"], ["1", "running"], ["2", "running"]], s
     assert s["model"] == Path(_env_path("SMOLLM2_GGUF")).stem, s
     assert browser.execute_script("return localStorage.getItem('llm-cluster.api-key')") == KEY
+    # The stylesheet applies under the page's CSP: running ranks are drawn green.
+    fills = browser.execute_script(
+        "return [...document.querySelectorAll('#ring circle')].map((c) => getComputedStyle(c).fill)")
+    assert fills == ["rgb(47, 158, 107)"] * 3, fills
     facts = browser.execute_script("return document.querySelector('#nodes').textContent")
     for shown in ("engine", "model", "memory", "cpu", "network", "sha256"):
         assert shown in facts, f"node facts lack {shown}: {facts}"
