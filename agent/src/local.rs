@@ -374,6 +374,7 @@ fn print_ready(args: &UpArgs, config: &Config, secs: f64) {
         "llm-cluster is serving `{}` on a {}-rank {} ring (ready {secs:.1} s after start)\n\
          \x20 endpoint: {base}/v1\n\
          \x20 status:   {base}/api/v1/cluster\n\
+         \x20 dashboard: {base}/\n\
          \x20 try:      curl {base}/v1/chat/completions -H 'Content-Type: application/json' \
          -d '{{\"model\": \"{}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n\
          Press Ctrl-C to stop every rank.",

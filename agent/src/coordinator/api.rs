@@ -133,6 +133,8 @@ pub fn router(
     Ok(Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        // The page holds no data: outside the gateway (no key, no admission).
+        .merge(super::dashboard::routes())
         .merge(protected)
         .fallback(|| async {
             openai_error(
@@ -767,6 +769,18 @@ mod tests {
         assert_eq!(body["phase"], "serving");
         let (status, _, _) = call(app, "/readyz", None).await;
         assert_eq!(status, StatusCode::OK);
+    }
+
+    /// The dashboard holds no data: served without a key, and not counted as a request.
+    #[tokio::test]
+    async fn the_dashboard_needs_no_key_and_is_not_counted() {
+        let (_tx, rx) = watch::channel(view(Phase::Serving));
+        let app = app(rx, Some("sk-good\n"));
+        let (status, headers, _) = call(app.clone(), "/", None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(headers.contains_key("content-security-policy"));
+        let (_, _, usage) = call(app, "/api/v1/usage", Some("sk-good")).await;
+        assert_eq!(usage["keys"], json!({}), "{usage}");
     }
 
     #[tokio::test(start_paused = true)]

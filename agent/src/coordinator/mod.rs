@@ -11,6 +11,7 @@ pub mod api;
 pub mod check;
 pub mod client;
 pub mod compat;
+pub mod dashboard;
 pub mod driver;
 pub mod events;
 pub mod gateway;
