@@ -139,7 +139,7 @@ pub async fn start_coordinator(
     }
     // Ends by itself once the API (which holds the gateway) is gone.
     gateway.spawn_reload();
-    let tls = crate::tls::client_config_for(&config)
+    let tls = crate::tls::client_config_for(&config, 0)
         .context("rank 0: cannot set up TLS for the coordinator's connections to the nodes")?;
     let coordinator = Coordinator::new(config.clone(), Arc::new(NodeClient::new(token_text, tls)?));
     let view = coordinator.view();

@@ -422,13 +422,14 @@ pub fn acceptor_for(config: &Config, rank: u32) -> Result<Option<(Acceptor, Opti
     Ok(Some((Acceptor::new(&identity)?, fact)))
 }
 
-/// The coordinator's client TLS: rank 0's certificate as its identity, the cluster CA as the
-/// only trust anchor. `None` without `[tls]`.
-pub fn client_config_for(config: &Config) -> Result<Option<rustls::ClientConfig>> {
+/// The client TLS of a program on node `rank` that talks to node agents: that node's
+/// certificate as its identity, the cluster CA as the only trust anchor. The coordinator is
+/// rank 0's. `None` without `[tls]` (then `http://`).
+pub fn client_config_for(config: &Config, rank: u32) -> Result<Option<rustls::ClientConfig>> {
     let Some(tls) = &config.tls else {
         return Ok(None);
     };
-    Ok(Some(Identity::load(tls, 0)?.client_config()?))
+    Ok(Some(Identity::load(tls, rank)?.client_config()?))
 }
 
 /// The warning for a config without `[tls]`, said at start and by check-config.
