@@ -82,6 +82,9 @@ pub struct UpArgs {
     /// api.max_connections_per_client: connections served at once from one address.
     #[arg(long)]
     pub max_connections_per_client: Option<u64>,
+    /// api.metrics_listen: also serve `/metrics` here, without API keys.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// prima's upstream build names its binaries like llama.cpp's; the packages rename them.
@@ -149,6 +152,8 @@ struct LocalApi {
     idle_timeout_s: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_connections_per_client: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Serialize)]
@@ -262,6 +267,7 @@ pub fn local_config_text(args: &UpArgs, state_dir: &Path, token_file: &Path) -> 
             body_timeout_s: args.body_timeout,
             idle_timeout_s: args.idle_timeout,
             max_connections_per_client: args.max_connections_per_client,
+            metrics_listen: args.metrics_listen,
         },
         ports,
         binaries,

@@ -107,6 +107,8 @@ pub struct RunningCoordinator {
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     api: Server,
+    /// `/metrics` alone, without keys (`api.metrics_listen`).
+    metrics: Option<Server>,
 }
 
 impl RunningCoordinator {
@@ -114,6 +116,9 @@ impl RunningCoordinator {
     /// would not outlive it).
     pub async fn shutdown(self) {
         self.api.shutdown(API_DRAIN).await;
+        if let Some(m) = self.metrics {
+            m.shutdown(API_DRAIN).await;
+        }
         self.shutdown.cancel();
         if let Err(e) = self.task.await {
             tracing::error!(error = %e, "the coordinator task failed");
@@ -132,9 +137,22 @@ pub async fn start_coordinator(
     }
     // Ends by itself once the API (which holds the gateway) is gone.
     gateway.spawn_reload();
-    let coordinator = Coordinator::new(config.clone(), Arc::new(NodeClient::new(token_text)?));
+    let coordinator = Coordinator::new(config.clone(), Arc::new(NodeClient::new(token_text)?))
+        .with_metrics(gateway.metrics());
     let view = coordinator.view();
     let heartbeat = coordinator.heartbeat();
+    let metrics = match config.api.metrics_listen {
+        Some(addr) => Some(
+            crate::coordinator::metrics::serve(
+                addr,
+                gateway.clone(),
+                view.clone(),
+                config.ports.server,
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let api = api::serve(
         config.api.listen,
         view.clone(),
@@ -153,6 +171,7 @@ pub async fn start_coordinator(
         shutdown,
         task,
         api,
+        metrics,
     })
 }
 

@@ -1,22 +1,29 @@
 """Seeing the cluster on a real ring over real HTTP: the event stream (`/api/v1/events`, SSE)
-with its replay, resume and a real rank crash.
+with its replay, resume and a real rank crash; Prometheus `/metrics` parsed with the
+`prometheus_client` parsers (OpenMetrics, strict, and the Prometheus text one), counters that
+move after real requests, the engine's own metrics re-exported, and `api.metrics_listen`.
 
 One local llama-rpc ring behind API keys (what is observed does not depend on the engine).
-Port offset 3300."""
+Port offset 3300; the key-less metrics listener on 21900."""
 
 import json
 import os
+import re
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import requests
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families as parse_prometheus
 
 from conftest import Cluster, _env_path, wait_until
 
 OFFSET = 3300
 KEY = "sk-observer-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+METRICS_PORT = 21900
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +32,7 @@ def ring(tmp_path_factory):
     keys = tmp / "keys.toml"
     keys.write_text(f'[[key]]\nname = "observer"\nkey = "{KEY}"\n')
     cluster = Cluster("llama-rpc", _env_path("LLAMA_CPP_DIR"), _env_path("SMOLLM2_GGUF"), OFFSET, tmp,
-                      ("--api-keys", str(keys)))
+                      ("--api-keys", str(keys), "--metrics-listen", f"127.0.0.1:{METRICS_PORT}"))
     cluster.tmp = tmp
     with cluster.serving():
         yield cluster
@@ -109,3 +116,102 @@ def test_the_stream_replays_then_carries_a_crash_and_the_restart(ring):
     restart = next(e for e in seen if e["kind"] == "restart")
     assert restart["generation"] == generation + 1 and restart["reason"] == failure["reason"], restart
     assert [e["to"] for e in seen if e["kind"] == "phase"][0] == "stopping", seen
+
+
+def scrape(url, headers=AUTH):
+    r = requests.get(url, headers=headers, timeout=10)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/openmetrics-text"), r.headers
+    families = list(parse_openmetrics(r.text))
+    # The Prometheus text parser reads the same exposition.
+    assert {f.name for f in parse_prometheus(r.text)} >= {"llm_cluster_requests", "llm_cluster_ring_phase"}
+    samples = {}
+    for f in families:
+        for s in f.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return {f.name: f for f in families}, samples
+
+
+def value(samples, name, **labels):
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_need_the_key_and_move_after_real_requests(ring):
+    url = f"{ring.base}/metrics"
+    r = requests.get(url, timeout=5)
+    assert r.status_code == 401, r.text
+    r = requests.get(url, headers={"Authorization": "Bearer sk-wrong-0123456789abcdef"}, timeout=5)
+    assert r.status_code == 401, r.text
+    _, before = scrape(url)
+    chat = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8, "temperature": 0}
+    r = requests.post(f"{ring.base}/v1/chat/completions", headers=AUTH, json=chat, timeout=60)
+    assert r.status_code == 200, r.text
+    with requests.post(f"{ring.base}/v1/chat/completions", headers=AUTH, json={**chat, "stream": True},
+                       stream=True, timeout=60) as s:
+        assert s.status_code == 200
+        body = b"".join(s.iter_content(None))
+    assert b"[DONE]" in body
+    families, after = scrape(url)
+    route = "/v1/chat/completions"
+    ok = dict(route=route, status="200", key="observer")
+    moved = {
+        "requests": value(after, "llm_cluster_requests_total", **ok) - value(before, "llm_cluster_requests_total", **ok),
+        "prompt_tokens": value(after, "llm_cluster_prompt_tokens_total", key="observer")
+        - value(before, "llm_cluster_prompt_tokens_total", key="observer"),
+        "completion_tokens": value(after, "llm_cluster_completion_tokens_total", key="observer")
+        - value(before, "llm_cluster_completion_tokens_total", key="observer"),
+        "durations": value(after, "llm_cluster_request_duration_seconds_count", route=route)
+        - value(before, "llm_cluster_request_duration_seconds_count", route=route),
+        "ttfts": value(after, "llm_cluster_time_to_first_token_seconds_count", route=route)
+        - value(before, "llm_cluster_time_to_first_token_seconds_count", route=route),
+        "engine_prompt_tokens": value(after, "llm_engine_prompt_tokens_total")
+        - value(before, "llm_engine_prompt_tokens_total"),
+    }
+    print(f"[figure] after 2 chat completions (1 streamed): {moved}")
+    assert moved["requests"] == 2, moved
+    assert moved["prompt_tokens"] > 0 and moved["completion_tokens"] > 0, moved
+    assert moved["durations"] == 2 and moved["ttfts"] == 1, moved
+    assert moved["engine_prompt_tokens"] > 0, moved
+    unauth = dict(route="/metrics", status="401", key="unauthenticated")
+    assert value(after, "llm_cluster_requests_total", **unauth) >= 2, "refusals are counted"
+    assert value(after, "llm_cluster_ring_phase", phase="serving") == 1
+    assert value(after, "llm_cluster_ring_phase", phase="refused") == 0
+    assert value(after, "llm_cluster_ring_generation") >= 1
+    assert value(after, "llm_cluster_in_flight") == 0 and value(after, "llm_cluster_queued") == 0
+    for rank in range(3):
+        assert value(after, "llm_cluster_node_up", rank=str(rank), address="127.0.0.1") == 1
+        assert value(after, "llm_cluster_node_state", rank=str(rank), state="running") == 1
+    assert value(after, "llm_cluster_model_switches_total") == 0
+    assert value(after, "llm_cluster_model_transfers_total") == 0
+    assert families["llm_engine_prompt_tokens"].type == "counter"
+    assert value(after, "llm_cluster_engine_metrics_up") == 1
+
+
+def test_metrics_count_the_crash_and_sample_every_rank(ring):
+    # Sampled every 10 s by the driver.
+    def sampled():
+        _, s = scrape(f"{ring.base}/metrics")
+        return all(value(s, "llm_cluster_rank_memory_bytes", rank=str(r)) > 0 for r in range(3)) and all(
+            value(s, "llm_cluster_rank_cpu_seconds_total", rank=str(r)) > 0 for r in range(3))
+    wait_until(sampled, 30, "every rank's CPU and memory in /metrics")
+    _, s = scrape(f"{ring.base}/metrics")
+    print("[figure] rank memory MiB: " + ", ".join(
+        f"{value(s, 'llm_cluster_rank_memory_bytes', rank=str(r)) / 2**20:.0f}" for r in range(3)))
+    # The kill -9 of the event test above.
+    assert value(s, "llm_cluster_ring_restarts_total", cause="rank_exited") >= 1, \
+        {k: v for k, v in s.items() if "restarts" in k[0]}
+
+
+def test_the_metrics_listener_needs_no_key(ring):
+    families, samples = scrape(f"http://127.0.0.1:{METRICS_PORT}/metrics", headers={})
+    print("[figure] metric families: " + " ".join(f"{n}({f.type})" for n, f in sorted(families.items())))
+    # Every metric the shipped Grafana dashboard queries exists.
+    dashboard = (Path(__file__).resolve().parents[2] / "config" / "grafana-dashboard.json").read_text()
+    queried = set(re.findall(r"llm_(?:cluster|engine)_[a-z_]+", dashboard))
+    exposed = {name for (name, _) in samples}
+    missing = sorted(q for q in queried if q not in exposed)
+    assert not missing, f"the dashboard queries metrics /metrics does not have: {missing}"
+    assert "llm_cluster_requests" in families and "llm_engine_prompt_tokens" in families
+    assert value(samples, "llm_cluster_ring_phase", phase="serving") == 1
+    r = requests.get(f"http://127.0.0.1:{METRICS_PORT}/api/v1/cluster", timeout=5)
+    assert r.status_code == 404, "only /metrics there"

@@ -217,6 +217,7 @@ impl Nodes for FakeCluster {
             generation: st.generation,
             cpu_usec: Some(n.cpu_ms_per_s.load(Ordering::SeqCst) * elapsed_ms),
             error: None,
+            memory_bytes: None,
         })
     }
 
@@ -290,6 +291,7 @@ fn start(fake: &Arc<FakeCluster>) -> Running {
         heartbeat: Heartbeat::default(),
         activity: activity.clone(),
         events: Default::default(),
+        metrics: Default::default(),
     };
     let stop = CancellationToken::new();
     let task = tokio::spawn(driver.run(stop.clone(), true));
