@@ -18,6 +18,7 @@ mod proto;
 mod runner;
 mod server;
 mod service;
+mod status;
 mod tune;
 
 use std::path::PathBuf;
@@ -104,6 +105,13 @@ enum Command {
         #[arg(long, default_value = "5ms")]
         delay: String,
     },
+    /// Show the cluster like `systemctl status`: the ring's phase, generation, model and uptime,
+    /// every node (rank, host, state, process, engine build, model hash, network tuning, last
+    /// error) and the recent events, from rank 0's API.
+    ///
+    /// Exits 0 when the ring serves, 3 when it does not, 1 when the coordinator cannot be
+    /// reached, 2 on a usage error (a config that does not load, a missing API key).
+    Status(status::StatusArgs),
     /// Print a shell completion script (for packages).
     Completions {
         #[arg(value_enum)]
@@ -181,6 +189,7 @@ fn main() -> ExitCode {
             }
         },
         Command::CheckConfig { path } => check_config::run(&path),
+        Command::Status(args) => status::run(args),
         Command::ForgetPlacement { config } => forget_placement(&config),
         Command::Tune {
             check: _,

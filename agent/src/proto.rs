@@ -333,6 +333,9 @@ pub struct ModelFact {
     /// The configured sha256, if any, and whether the file matches it.
     pub expected_sha256: Option<String>,
     pub matches_expected: Option<bool>,
+    /// While hashing: the bytes hashed so far (of `size`), for progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hashed_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

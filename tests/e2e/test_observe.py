@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -31,11 +32,25 @@ def ring(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("observe")
     keys = tmp / "keys.toml"
     keys.write_text(f'[[key]]\nname = "observer"\nkey = "{KEY}"\n')
-    cluster = Cluster("llama-rpc", _env_path("LLAMA_CPP_DIR"), _env_path("SMOLLM2_GGUF"), OFFSET, tmp,
+    # A link of its own, so that the last test can take the model away and get a refused ring.
+    model = tmp / "model.gguf"
+    os.link(_env_path("SMOLLM2_GGUF"), model)
+    cluster = Cluster("llama-rpc", _env_path("LLAMA_CPP_DIR"), model, OFFSET, tmp,
                       ("--api-keys", str(keys), "--metrics-listen", f"127.0.0.1:{METRICS_PORT}"))
-    cluster.tmp = tmp
-    with cluster.serving():
-        yield cluster
+    cluster.tmp, cluster.model = tmp, model
+    # `status --watch` follows the ring forming from the moment the agent starts.
+    cluster.watch_out = tmp / "watch.out"
+    cluster.watch = subprocess.Popen(
+        [str(_env_path("LLM_AGENT_BIN")), "status", "--watch", "--timeout", "170", "--url", cluster.base],
+        stdout=open(cluster.watch_out, "w"), stderr=subprocess.STDOUT,
+        env={**os.environ, "LLM_CLUSTER_API_KEY": KEY})
+    try:
+        with cluster.serving():
+            yield cluster
+    finally:
+        if cluster.watch.poll() is None:
+            cluster.watch.kill()
+            cluster.watch.wait()
 
 
 def status(ring):
@@ -215,3 +230,68 @@ def test_the_metrics_listener_needs_no_key(ring):
     assert value(samples, "llm_cluster_ring_phase", phase="serving") == 1
     r = requests.get(f"http://127.0.0.1:{METRICS_PORT}/api/v1/cluster", timeout=5)
     assert r.status_code == 404, "only /metrics there"
+
+
+def agent_status(*args, key=KEY):
+    env = {k: v for k, v in os.environ.items() if k != "LLM_CLUSTER_API_KEY"}
+    if key:
+        env["LLM_CLUSTER_API_KEY"] = key
+    return subprocess.run([str(_env_path("LLM_AGENT_BIN")), "status", *args], capture_output=True, text=True,
+                          timeout=60, env=env)
+
+
+def test_status_watch_followed_the_ring_forming_to_serving(ring):
+    assert ring.watch.wait(timeout=60) == 0, ring.watch_out.read_text()
+    out = ring.watch_out.read_text()
+    print(f"[figure] status --watch while the ring formed:\n{out}")
+    # Not a terminal: plain lines, one per stage, then the report.
+    assert "\x1b[" not in out, "no escape codes when not on a terminal"
+    stages = [line for line in out.splitlines() if line.startswith("… ")]
+    assert any("loading the model" in s or "starting ranks" in s for s in stages), stages
+    assert "● local (llama-rpc): serving" in out, out
+
+
+def test_status_of_a_serving_ring(ring):
+    r = agent_status("--url", ring.base)
+    assert r.returncode == 0, r
+    print(f"[figure] llm-agent status:\n{r.stdout}")
+    for want in ["● local (llama-rpc): serving", "Phase: serving generation", "rank 0  ", "rank 2  ",
+                 "engine: llama-server", "model: sha256 ", "Recent events:", "failure", "restart"]:
+        assert want in r.stdout, f"{want!r} not in:\n{r.stdout}"
+    # From the config: rank 0's api.listen.
+    r = agent_status("--config", str(ring.tmp / "state-llama-rpc" / "cluster.toml"), "--json")
+    assert r.returncode == 0, r
+    doc = json.loads(r.stdout)
+    assert doc["cluster"]["phase"] == "serving" and doc["cluster"]["serving_since"], doc["cluster"]
+    assert [n["state"] for n in doc["cluster"]["nodes"]] == ["running"] * 3
+    assert doc["events"] and doc["events"][-1]["kind"] in ("phase", "placement"), doc["events"]
+    # The API has keys: without one it is a usage error that says what to do.
+    r = agent_status("--url", ring.base, key=None)
+    assert r.returncode == 2 and "--api-key" in r.stderr, r
+
+
+def test_status_of_an_unreachable_coordinator_is_1():
+    # Nothing listens on port 9 in this test's network namespace.
+    for extra in ((), ("--json",), ("--watch", "--timeout", "2")):
+        r = agent_status("--url", "http://127.0.0.1:9", *extra)
+        assert r.returncode == 1, r
+        assert "127.0.0.1:9" in r.stderr, r
+
+
+def test_status_of_a_refused_ring_is_3(ring):
+    # The model goes away, then rank 0 dies: the ring restarts and is refused.
+    ring.model.unlink()
+    head = status(ring)["nodes"][0]["status"]["pid"]
+    os.kill(head, signal.SIGKILL)
+    wait_until(lambda: status(ring)["phase"] == "refused", 60, "the ring to be refused")
+    r = agent_status("--url", ring.base)
+    print(f"[figure] llm-agent status of a refused ring:\n{r.stdout}")
+    assert r.returncode == 3, r
+    assert ": refused" in r.stdout and "not found" in r.stdout, r.stdout
+    r = agent_status("--url", ring.base, "--json")
+    assert r.returncode == 3 and json.loads(r.stdout)["cluster"]["phase"] == "refused", r
+    r = agent_status("--url", ring.base, "--watch", "--timeout", "2")
+    assert r.returncode == 3, r
+    assert "refused" in r.stdout, r.stdout
+    _, s = scrape(f"{ring.base}/metrics")
+    assert value(s, "llm_cluster_ring_phase", phase="refused") == 1

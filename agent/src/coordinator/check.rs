@@ -284,6 +284,7 @@ mod tests {
                 hash,
                 expected_sha256: None,
                 matches_expected: None,
+                hashed_bytes: None,
             },
             memory: None,
             cpu: None,

@@ -138,6 +138,7 @@ impl Nodes for FakeCluster {
                 hash: n.hash.lock().expect("hash").clone(),
                 expected_sha256: None,
                 matches_expected: None,
+                hashed_bytes: None,
             },
             memory: None,
             cpu: None,
