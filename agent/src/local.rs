@@ -355,8 +355,35 @@ pub async fn up(args: UpArgs) -> Result<()> {
     tracing::info!(ranks = args.local, engine = %args.engine, state_dir = %state_dir.display(), "local cluster starting");
 
     let mut view = coordinator.view.clone();
+    // What the ring waits for (checking nodes, hashing NN %, starting ranks, loading), on a
+    // terminal only: a log or a test reading the output gets the lines it had.
+    let progress = {
+        use std::io::IsTerminal;
+        std::io::stderr()
+            .is_terminal()
+            .then(|| crate::status::Progress::new(true))
+    };
     let announce = async {
-        if view.wait_for(|v| v.serving()).await.is_ok() {
+        loop {
+            let (what, pct, serving) = {
+                let v = view.borrow_and_update();
+                let (what, pct) = crate::status::stage(&v);
+                (what, pct, v.serving())
+            };
+            if serving {
+                break;
+            }
+            if let Some(p) = &progress {
+                p.stage(&what, pct);
+            }
+            if view.changed().await.is_err() {
+                break;
+            }
+        }
+        if let Some(p) = &progress {
+            p.done();
+        }
+        if view.borrow().serving() {
             print_ready(&args, &config, started.elapsed().as_secs_f64());
         }
         std::future::pending::<()>().await

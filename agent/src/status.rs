@@ -533,14 +533,15 @@ async fn follow(c: &Client, show: &Progress, last_seq: &mut Option<u64>, wait: D
     let _ = tokio::time::timeout(wait, read).await;
 }
 
-/// The watch's display: indicatif on a terminal, plain lines (each stage once) otherwise.
-struct Progress {
+/// The display of a wait (`status --watch`, `up --local`): indicatif on a terminal, plain lines
+/// (each stage once) otherwise.
+pub struct Progress {
     bar: Option<indicatif::ProgressBar>,
     last: std::sync::Mutex<String>,
 }
 
 impl Progress {
-    fn new(terminal: bool) -> Progress {
+    pub fn new(terminal: bool) -> Progress {
         let bar = terminal.then(|| {
             let b = indicatif::ProgressBar::new_spinner();
             b.enable_steady_tick(Duration::from_millis(120));
@@ -559,7 +560,7 @@ impl Progress {
         }
     }
 
-    fn stage(&self, what: &str, pct: Option<u64>) {
+    pub fn stage(&self, what: &str, pct: Option<u64>) {
         match &self.bar {
             Some(b) => {
                 match pct.filter(|p| *p < 100) {
@@ -591,7 +592,7 @@ impl Progress {
         }
     }
 
-    fn done(&self) {
+    pub fn done(&self) {
         if let Some(b) = &self.bar {
             b.finish_and_clear();
         }

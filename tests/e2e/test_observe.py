@@ -295,3 +295,40 @@ def test_status_of_a_refused_ring_is_3(ring):
     assert "refused" in r.stdout, r.stdout
     _, s = scrape(f"{ring.base}/metrics")
     assert value(s, "llm_cluster_ring_phase", phase="refused") == 1
+
+
+def test_up_local_shows_the_ring_forming_on_a_terminal_only(ring, tmp_path):
+    # The module's ring runs with its output in files: no progress there.
+    assert "checking nodes" not in ring.log_tail(100000) and "loading the model" not in ring.stdout()
+    # On a terminal (a pseudo-terminal here): a spinner with what the ring waits for.
+    import pty
+    import select
+    primary, secondary = pty.openpty()
+    cmd = [str(_env_path("LLM_AGENT_BIN")), "up", "--local", "2", "--engine", "llama-rpc",
+           "--model", str(_env_path("SMOLLM2_GGUF")), "--engine-dir", str(_env_path("LLAMA_CPP_DIR")),
+           "--listen", "127.0.0.1:21850", "--port-offset", "3350", "--ctx-size", "1024",
+           "--state-dir", str(tmp_path / "state")]
+    proc = subprocess.Popen(cmd, stdin=secondary, stdout=secondary, stderr=secondary, start_new_session=True,
+                            env={**os.environ, "RUST_LOG": "warn"})
+    os.close(secondary)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 120
+        while b"llm-cluster is serving" not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([primary], [], [], 1)
+            if ready:
+                try:
+                    seen += os.read(primary, 65536)
+                except OSError:
+                    break
+        text = seen.decode("utf-8", "replace")
+        assert "llm-cluster is serving" in text, text[-3000:]
+        shown = [s for s in ("checking nodes", "starting ranks", "loading the model") if s in text]
+        print(f"[figure] up --local on a terminal showed: {shown}")
+        assert shown, text[-3000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=40)
+        finally:
+            os.close(primary)
