@@ -776,6 +776,17 @@ mod tests {
         let (status, _, body) = call(app.clone(), "/api/v1/cluster", Some("sk-good")).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(body["phase"], "serving");
+        for path in ["/api/v1/events", "/api/v1/events?follow=false", "/metrics"] {
+            let (status, _, _) = call(app.clone(), path, None).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+        }
+        let (status, _, body) =
+            call(app.clone(), "/api/v1/events?follow=false", Some("sk-good")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["events"], serde_json::json!([]));
+        let (status, headers, _) = call(app.clone(), "/metrics", Some("sk-good")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers[header::CONTENT_TYPE], metrics::CONTENT_TYPE);
         let (status, _, _) = call(app, "/readyz", None).await;
         assert_eq!(status, StatusCode::OK);
     }

@@ -275,6 +275,16 @@ impl Metrics {
         }
     }
 
+    #[cfg(test)]
+    pub fn restarts_of(&self, cause: &str) -> u64 {
+        self.0
+            .restarts
+            .get(&CauseLabels {
+                cause: cause.into(),
+            })
+            .map_or(0, |c| c.get())
+    }
+
     /// The driver's latest samples of every rank.
     pub fn set_ranks(&self, samples: BTreeMap<u32, RankSample>) {
         *self.0.ranks.lock().unwrap_or_else(|e| e.into_inner()) = samples;
