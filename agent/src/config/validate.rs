@@ -600,7 +600,12 @@ fn check_ports(
                     problems,
                 );
             }
-            if let Some(m) = config.api.metrics_listen {
+            // The same port as api.listen is reported with the [api] checks.
+            if let Some(m) = config
+                .api
+                .metrics_listen
+                .filter(|m| m.port() != listen.port())
+            {
                 if m.ip().is_unspecified() || m.ip() == node.address {
                     claim(
                         node.address,
