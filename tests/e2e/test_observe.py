@@ -166,8 +166,13 @@ def test_metrics_need_the_key_and_move_after_real_requests(ring):
         assert s.status_code == 200
         body = b"".join(s.iter_content(None))
     assert b"[DONE]" in body
-    families, after = scrape(url)
     route = "/v1/chat/completions"
+    # A stream is accounted when the server sees its body end, which may be just after the
+    # client read its last bytes.
+    wait_until(lambda: value(scrape(url)[1], "llm_cluster_request_duration_seconds_count", route=route)
+               - value(before, "llm_cluster_request_duration_seconds_count", route=route) >= 2,
+               10, "both requests to be accounted")
+    families, after = scrape(url)
     ok = dict(route=route, status="200", key="observer")
     moved = {
         "requests": value(after, "llm_cluster_requests_total", **ok) - value(before, "llm_cluster_requests_total", **ok),
