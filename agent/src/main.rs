@@ -19,6 +19,7 @@ mod proto;
 mod runner;
 mod server;
 mod service;
+mod status;
 mod tls;
 mod tune;
 
@@ -70,7 +71,7 @@ enum Command {
         config: PathBuf,
     },
     /// Run a whole cluster on this machine: N node agents and the coordinator over loopback.
-    Up(local::UpArgs),
+    Up(Box<local::UpArgs>),
     /// Make the cluster's CA and node certificates for mutual TLS on the control plane.
     Pki(pki::PkiArgs),
     /// Report the network tuning for ring traffic, key by key; --apply sets what is not in effect.
@@ -108,6 +109,13 @@ enum Command {
         #[arg(long, default_value = "5ms")]
         delay: String,
     },
+    /// Show the cluster like `systemctl status`: the ring's phase, generation, model and uptime,
+    /// every node (rank, host, state, process, engine build, model hash, network tuning, last
+    /// error) and the recent events, from rank 0's API.
+    ///
+    /// Exits 0 when the ring serves, 3 when it does not, 1 when the coordinator cannot be
+    /// reached, 2 on a usage error (a config that does not load, a missing API key).
+    Status(status::StatusArgs),
     /// Print a shell completion script (for packages).
     Completions {
         #[arg(value_enum)]
@@ -185,6 +193,7 @@ fn main() -> ExitCode {
             }
         },
         Command::CheckConfig { path } => check_config::run(&path),
+        Command::Status(args) => status::run(args),
         Command::ForgetPlacement { config } => forget_placement(&config),
         Command::Pki(args) => pki::run(args),
         Command::Tune {
@@ -217,7 +226,7 @@ fn main() -> ExitCode {
         }
         Command::Up(args) => {
             init_logging("info,engine=warn");
-            run_async(local::up(args))
+            run_async(local::up(*args))
         }
     }
 }

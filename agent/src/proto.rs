@@ -157,7 +157,7 @@ pub enum RankPhase {
 
 impl RankPhase {
     /// The name the APIs show (the serde name).
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             RankPhase::Idle => "idle",
             RankPhase::Running => "running",
@@ -241,6 +241,10 @@ pub struct RankUsage {
     pub cpu_usec: Option<u64>,
     /// Why `cpu_usec` is missing.
     pub error: Option<String>,
+    /// Bytes of memory the rank uses (the unit's cgroup under systemd, else its resident set);
+    /// absent from agents that predate it.
+    #[serde(default)]
+    pub memory_bytes: Option<u64>,
 }
 
 /// `GET /v1/links`: whether this node reaches every rank its engine will connect to (planned by
@@ -360,6 +364,9 @@ pub struct ModelFact {
     /// The configured sha256, if any, and whether the file matches it.
     pub expected_sha256: Option<String>,
     pub matches_expected: Option<bool>,
+    /// While hashing: the bytes hashed so far (of `size`), for progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hashed_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

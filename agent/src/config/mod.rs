@@ -195,6 +195,9 @@ pub struct Api {
     pub max_connections_per_client: usize,
     /// The largest request body read; by default derived from `model.ctx_size`.
     pub max_body_bytes: u64,
+    /// A second listener that serves only `/metrics`, without API keys (for a Prometheus on a
+    /// trusted network); `/metrics` on `listen` stays behind the keys either way.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Base ports. prima ranks bind `data + rank` and `signal + rank`; llama.cpp rpc servers listen on

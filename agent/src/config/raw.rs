@@ -109,6 +109,7 @@ pub struct ApiSection {
     #[serde(default = "default_max_connections_per_client")]
     pub max_connections_per_client: Spanned<u64>,
     pub max_body_bytes: Option<Spanned<u64>>,
+    pub metrics_listen: Option<Spanned<SocketAddr>>,
 }
 
 impl Default for ApiSection {
@@ -127,6 +128,7 @@ impl Default for ApiSection {
             max_connections: default_max_connections(),
             max_connections_per_client: default_max_connections_per_client(),
             max_body_bytes: None,
+            metrics_listen: None,
         }
     }
 }

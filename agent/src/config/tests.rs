@@ -436,3 +436,27 @@ fn tls_paths_must_be_absolute_and_the_ca_is_one_for_all() {
         "{p:?}"
     );
 }
+
+#[test]
+fn metrics_listen_is_optional_and_needs_its_own_port() {
+    let c = Config::parse(GOOD, Path::new("c.toml")).expect("valid");
+    assert_eq!(c.api.metrics_listen, None);
+    let with = |m: &str| {
+        GOOD.replacen(
+            "[model]",
+            &format!("[api]\nmetrics_listen = \"{m}\"\n\n[model]"),
+            1,
+        )
+    };
+    let c = Config::parse(&with("127.0.0.1:9464"), Path::new("c.toml")).expect("valid");
+    assert_eq!(
+        c.api.metrics_listen,
+        Some("127.0.0.1:9464".parse().expect("addr"))
+    );
+    let p = problems(&with("127.0.0.1:8080"));
+    assert!(
+        p.iter().any(|l| l.contains("c.toml:")
+            && l.contains("api.metrics_listen (127.0.0.1:8080) uses the port of api.listen")),
+        "{p:?}"
+    );
+}

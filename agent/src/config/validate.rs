@@ -375,6 +375,17 @@ fn build(
             ));
         }
     }
+    if let Some(m) = &api.metrics_listen {
+        let (m_addr, l) = (*m.get_ref(), listen);
+        let overlap =
+            m_addr.ip() == l.ip() || m_addr.ip().is_unspecified() || l.ip().is_unspecified();
+        if overlap && m_addr.port() == l.port() {
+            problems.push(loc.at(
+                m.span(),
+                format!("api.metrics_listen ({m_addr}) uses the port of api.listen ({l}): give the metrics their own port, or leave metrics_listen out to scrape /metrics on the API port with a key"),
+            ));
+        }
+    }
     if *api.queue_timeout_s.get_ref() == 0 {
         problems.push(loc.at(
             api.queue_timeout_s.span(),
@@ -483,6 +494,7 @@ fn build(
             )
             .unwrap_or(usize::MAX),
             max_body_bytes,
+            metrics_listen: file.api.metrics_listen.map(Spanned::into_inner),
             api_keys_file: file.api.api_keys_file,
         },
         ports,
@@ -630,6 +642,22 @@ fn check_ports(
                     span.clone(),
                     problems,
                 );
+            }
+            // The same port as api.listen is reported with the [api] checks.
+            if let Some(m) = config
+                .api
+                .metrics_listen
+                .filter(|m| m.port() != listen.port())
+            {
+                if m.ip().is_unspecified() || m.ip() == node.address {
+                    claim(
+                        node.address,
+                        m.port().into(),
+                        "the metrics listen port (api.metrics_listen)".into(),
+                        span.clone(),
+                        problems,
+                    );
+                }
             }
         }
     }

@@ -295,6 +295,7 @@ mod tests {
                 hash,
                 expected_sha256: None,
                 matches_expected: None,
+                hashed_bytes: None,
             },
             memory: None,
             cpu: None,

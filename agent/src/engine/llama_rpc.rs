@@ -51,6 +51,8 @@ pub fn command(spec: &RankSpec, local: &LocalEngine) -> CommandSpec {
             spec.ports.server.to_string(),
             "--alias".into(),
             spec.model_name.clone(),
+            // Its Prometheus metrics, which the head's /metrics re-exports (llm_engine_*).
+            "--metrics".into(),
         ]);
         local.resolve(server)
     } else {
@@ -141,7 +143,7 @@ mod tests {
         assert_eq!(
             c.args.join(" "),
             "-m /models/m.gguf -c 2048 --rpc 10.0.0.2:50053,10.0.0.3:50054 -ngl 99 \
-             --tensor-split 1,3 -t 2 -np 4 --kv-unified --host 127.0.0.1 --port 18080 --alias smol"
+             --tensor-split 1,3 -t 2 -np 4 --kv-unified --host 127.0.0.1 --port 18080 --alias smol --metrics"
         );
     }
 

@@ -227,10 +227,15 @@ impl NodeAgent {
             (RankPhase::Running, None) => Err("the running rank has no known pid".to_string()),
             (phase, _) => Err(format!("no rank running ({})", phase.as_str())),
         };
+        let memory = match (st.phase, st.pid) {
+            (RankPhase::Running, Some(pid)) => self.runner.memory_bytes(pid).ok(),
+            _ => None,
+        };
         RankUsage {
             generation: st.generation,
             cpu_usec: cpu.as_ref().ok().copied(),
             error: cpu.err(),
+            memory_bytes: memory,
         }
     }
 

@@ -486,6 +486,10 @@ impl Runner for SystemdRunner {
         super::cgroup_cpu_usec(pid)
     }
 
+    fn memory_bytes(&self, pid: u32) -> Result<u64, String> {
+        super::cgroup_memory_bytes(pid)
+    }
+
     async fn output_lines(&self, name: &str, containing: &[&str]) -> Vec<String> {
         let mut lines = journal(&unit_name(name), &[], Duration::from_secs(10)).await;
         lines.retain(|l| containing.iter().any(|c| l.contains(c)));
