@@ -174,20 +174,27 @@ pub fn cgroup_cpu_usec(pid: u32) -> Result<u64, String> {
 mod tests {
     use super::*;
 
-    fn spin(d: std::time::Duration) {
+    /// Works until `counter` has risen by `by` µs, or 30 s of wall time have passed: on a loaded
+    /// machine a fixed wall-clock spin may get little CPU, so the wait follows the counter itself.
+    fn spin_until_rises(counter: impl Fn() -> u64, by: u64) -> (u64, u64) {
+        let start = counter();
         let t = std::time::Instant::now();
         let mut x = 0u64;
-        while t.elapsed() < d {
-            x = std::hint::black_box(x.wrapping_add(1));
+        let mut now = start;
+        while now < start + by && t.elapsed() < std::time::Duration::from_secs(30) {
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+            now = counter();
         }
+        (start, now)
     }
 
     #[test]
     fn cpu_time_of_a_working_process_rises() {
         let me = std::process::id();
-        let before = process_cpu_usec(me).expect("own /proc stat");
-        spin(std::time::Duration::from_millis(200));
-        let after = process_cpu_usec(me).expect("own /proc stat");
+        let (before, after) =
+            spin_until_rises(|| process_cpu_usec(me).expect("own /proc stat"), 100_000);
         assert!(after >= before + 100_000, "{before} -> {after}");
         assert!(process_cpu_usec(u32::MAX).is_err(), "no such process");
         let rss = process_memory_bytes(me).expect("own /proc status");
@@ -195,9 +202,8 @@ mod tests {
         assert!(process_memory_bytes(u32::MAX).is_err(), "no such process");
         // The cgroup counter exists wherever cgroup v2 is mounted (CI and the systemd hosts).
         if std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-            let a = cgroup_cpu_usec(me).expect("cgroup cpu.stat");
-            spin(std::time::Duration::from_millis(100));
-            assert!(cgroup_cpu_usec(me).expect("cgroup cpu.stat") > a);
+            let (a, b) = spin_until_rises(|| cgroup_cpu_usec(me).expect("cgroup cpu.stat"), 10_000);
+            assert!(b > a, "{a} -> {b}");
         }
     }
 }
