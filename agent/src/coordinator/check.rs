@@ -223,7 +223,8 @@ pub fn running_generation(
 ) -> Option<u64> {
     let first = statuses.first()?.as_ref()?;
     let generation = first.generation;
-    if generation == 0 || statuses.len() != config.world() {
+    // Only a generation a coordinator can have issued is adopted (a node's absurd one is not).
+    if !crate::node::verify::plausible_generation(generation) || statuses.len() != config.world() {
         return None;
     }
     let runs = |plan: crate::plan::RingPlan| {
