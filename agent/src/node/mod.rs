@@ -355,7 +355,7 @@ impl NodeAgent {
         verify::verify(&self.config, self.rank, spec, layers).map_err(|r| {
             tracing::warn!(rank = self.rank, generation = spec.generation, fields = ?r.fields(), refusal = %r, "refused a rank spec that differs from this node's plan");
             ApplyError::Invalid(format!(
-                "the spec differs from what this node plans from {}: {r}",
+                "the spec differs from what this node plans from its config ({}): {r}",
                 self.config.source.display()
             ))
         })
