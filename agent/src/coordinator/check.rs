@@ -141,14 +141,27 @@ pub fn check_nodes(config: &Config, facts: &[NodeReport]) -> (NodeCheck, Vec<Str
         }
     }
     // On Arch, the engine package's version is the build's identity (GPU variants of one version
-    // may differ in name: prima-cpp-cuda on one node, prima-cpp on another).
+    // may differ in name: prima-cpp-cuda on one node, prima-cpp on another); two packagings of
+    // one engine (Arch's llama-cpp, the AUR's llama.cpp) are different builds.
     let packages: Vec<(usize, &InstalledPackage)> = ok
         .iter()
         .filter_map(|(r, f)| f.engine_package.as_ref().map(|p| (*r, p)))
         .collect();
     if let Some((r0, p0)) = packages.first() {
+        let family0 = crate::pacman::engine_family(&p0.name);
         for (r, p) in &packages[1..] {
-            if p.version != p0.version {
+            let family = crate::pacman::engine_family(&p.name);
+            if family != family0 {
+                refused.push(format!(
+                    "{} runs the engine from package {} ({}) but {} from {} ({}): install the same engine package on every node (GPU variants may differ)",
+                    who(*r),
+                    p.name,
+                    crate::pacman::family_origin(family),
+                    who(*r0),
+                    p0.name,
+                    crate::pacman::family_origin(family0)
+                ));
+            } else if p.version != p0.version {
                 refused.push(format!(
                     "{} has engine package {} {} but {} has {} {}: install the same version on every node",
                     who(*r),
@@ -397,6 +410,44 @@ mod tests {
         };
         assert!(
             msg.contains("engine package prima-cpp 0.0.0.r20250801.1234567-1"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn official_llama_cpp_variants_agree_but_an_aur_build_beside_them_is_refused() {
+        let pkg = |name: &str| {
+            Some(InstalledPackage {
+                name: name.into(),
+                version: "b9859-1".into(),
+            })
+        };
+        let with = |rank: u32, name: &str| {
+            let mut f = facts(rank, "b9859", done("aa"));
+            if let Ok(f) = &mut f {
+                f.engine_package = pkg(name);
+            }
+            f
+        };
+        assert_eq!(
+            check_nodes(
+                &config(),
+                &[with(0, "llama-cpp-vulkan"), with(1, "llama-cpp-rocm")]
+            )
+            .0,
+            NodeCheck::Ready
+        );
+        let NodeCheck::Refused(msg) = check_nodes(
+            &config(),
+            &[with(0, "llama-cpp"), with(1, "llama.cpp-vulkan")],
+        )
+        .0
+        else {
+            panic!("not refused")
+        };
+        assert!(
+            msg.contains("llama.cpp-vulkan (the AUR's llama.cpp")
+                && msg.contains("llama-cpp (Arch's official llama.cpp"),
             "{msg}"
         );
     }
