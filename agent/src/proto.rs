@@ -28,6 +28,13 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// reads exactly.
 pub const MAX_GENERATION: u64 = (1 << 53) - 1;
 
+/// Whether `generation` is one a coordinator can have issued: generations start at 1 and grow
+/// by one per ring start, so anything past [`MAX_GENERATION`] only comes from someone else (and
+/// would make the next generation overflow).
+pub fn plausible_generation(generation: u64) -> bool {
+    (1..=MAX_GENERATION).contains(&generation)
+}
+
 /// How long a rank gets to exit after SIGTERM before SIGKILL.
 /// Both engines may ignore SIGTERM (prima once serving, llama-server with a dead rpc worker),
 /// and a ring being torn down holds no state worth waiting for: this bounds every restart.

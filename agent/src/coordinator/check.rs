@@ -237,7 +237,7 @@ pub fn running_generation(
     let first = statuses.first()?.as_ref()?;
     let generation = first.generation;
     // Only a generation a coordinator can have issued is adopted (a node's absurd one is not).
-    if !crate::node::verify::plausible_generation(generation) || statuses.len() != config.world() {
+    if !crate::proto::plausible_generation(generation) || statuses.len() != config.world() {
         return None;
     }
     let runs = |plan: crate::plan::RingPlan| {

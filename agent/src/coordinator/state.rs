@@ -257,8 +257,9 @@ impl Supervisor {
                             self.phase = Phase::Refused;
                             self.reason = Some(format!(
                                 "a node reports generation {highest_generation}, beyond any a \
-                                 coordinator issues (at most {MAX_GENERATION}): stop that \
-                                 node's rank and restart its agent"
+                                 coordinator issues (at most {MAX_GENERATION}): on that node \
+                                 stop its rank (systemctl stop 'llm-rank*') and restart its \
+                                 agent, which then reports no generation"
                             ));
                             return vec![Action::CheckNodes {
                                 after: RECHECK_REFUSED,

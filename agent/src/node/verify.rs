@@ -13,7 +13,7 @@ use std::fmt;
 use std::net::IpAddr;
 
 use crate::config::Config;
-use crate::proto::{Placement, RankSpec, MAX_GENERATION};
+use crate::proto::{plausible_generation, Placement, RankSpec, MAX_GENERATION};
 
 /// One field of a spec that is not what this node plans.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,13 +62,6 @@ impl fmt::Display for Refusal {
         let parts: Vec<String> = self.mismatches.iter().map(|m| m.to_string()).collect();
         write!(f, "{}", parts.join("; "))
     }
-}
-
-/// Whether `generation` is one a coordinator can have issued: generations start at 1 and grow
-/// by one per ring start, so anything past [`MAX_GENERATION`] only comes from someone else (and
-/// would make the next generation overflow).
-pub fn plausible_generation(generation: u64) -> bool {
-    (1..=MAX_GENERATION).contains(&generation)
 }
 
 /// Checks `spec` against the plan of node `node` in `config`. `model_layers` is the model's
