@@ -80,15 +80,29 @@ pub fn check_nodes(config: &Config, facts: &[NodeReport]) -> (NodeCheck, Vec<Str
             refused.push(format!("{} {why}", who(r)));
         }
         match f.rank_binary() {
-            Some(b) if b.path.is_none() => refused.push(format!(
-                "{}: engine binary `{}` not found ({})",
-                who(r),
-                b.name,
-                match &config.nodes[r].engine_dir {
-                    Some(d) => format!("looked in engine_dir {}", d.display()),
-                    None => "looked on PATH; set engine_dir for this node".into(),
-                }
-            )),
+            Some(b) if b.path.is_none() => {
+                let aliases = crate::engine::binary_aliases(&b.name);
+                refused.push(format!(
+                    "{}: engine binary `{}`{} not found ({}){}",
+                    who(r),
+                    b.name,
+                    if aliases.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (nor {})", aliases.join(", "))
+                    },
+                    match &config.nodes[r].engine_dir {
+                        Some(d) => format!("looked in engine_dir {}", d.display()),
+                        None => "looked on PATH; set engine_dir for this node".into(),
+                    },
+                    if !aliases.is_empty() && f.engine == crate::config::EngineKind::LlamaRpc {
+                        "; Arch's official llama-cpp packages ship no rpc server: install an AUR \
+                         llama.cpp build (llama.cpp, llama.cpp-vulkan, -cuda, -hip) on every node"
+                    } else {
+                        ""
+                    }
+                ))
+            }
             _ => {}
         }
         match &f.model.hash {
@@ -488,6 +502,31 @@ mod tests {
         };
         assert!(
             msg.contains("`prima-cli` not found") && msg.contains("model file /m.gguf not found"),
+            "{msg}"
+        );
+    }
+
+    /// A llama.cpp worker where only Arch's official llama-cpp is installed has no rpc server:
+    /// the refusal names every name looked for and the package that has one.
+    #[test]
+    fn a_missing_rpc_server_names_its_other_names_and_the_aur_build() {
+        let mut worker = facts(1, "b1", HashState::NotRequired);
+        if let Ok(f) = &mut worker {
+            f.engine = EngineKind::LlamaRpc;
+            f.binaries[0] = BinaryFact {
+                name: "ggml-rpc-server".into(),
+                path: None,
+                used_by_this_rank: true,
+            };
+        }
+        let NodeCheck::Refused(msg) =
+            check_nodes(&config(), &[facts(0, "b1", done("aa")), worker]).0
+        else {
+            panic!("not refused")
+        };
+        assert!(
+            msg.contains("`ggml-rpc-server` (nor rpc-server, llama-rpc-server) not found")
+                && msg.contains("AUR llama.cpp build"),
             "{msg}"
         );
     }
