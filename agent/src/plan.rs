@@ -38,9 +38,7 @@ pub fn plan(
     generation: u64,
     remembered: Option<&Placement>,
 ) -> Result<RingPlan, String> {
-    let remembered = remembered.filter(|_| {
-        config.cluster.engine == EngineKind::Prima && config.model.layer_windows.is_none()
-    });
+    let remembered = remembered.filter(|_| halda_places(config));
     if let Some(p) = remembered {
         if p.windows.len() != config.world() || p.windows.first().is_none_or(|w| *w == 0) {
             return Err(format!(
@@ -130,6 +128,12 @@ pub fn plan(
         ranks,
         idle,
     })
+}
+
+/// Whether this config places layers with Halda (prima without configured windows), so the
+/// ring's membership and windows are chosen at run time rather than read from the config.
+pub fn halda_places(config: &Config) -> bool {
+    config.cluster.engine == EngineKind::Prima && config.model.layer_windows.is_none()
 }
 
 /// The rpc server of rank `rank` listens on `base + rank`, so ranks sharing an address never clash.

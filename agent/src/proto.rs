@@ -22,6 +22,19 @@ pub const PROTOCOL_VERSION: u32 = 2;
 /// This build's agent version.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// The highest generation a coordinator issues or a node accepts. Generations start at 1 and
+/// grow by one per ring start, so nothing legitimate comes near it; a spec beyond it is refused
+/// (the next generation must never overflow). 2^53 - 1: the largest integer every JSON client
+/// reads exactly.
+pub const MAX_GENERATION: u64 = (1 << 53) - 1;
+
+/// Whether `generation` is one a coordinator can have issued: generations start at 1 and grow
+/// by one per ring start, so anything past [`MAX_GENERATION`] only comes from someone else (and
+/// would make the next generation overflow).
+pub fn plausible_generation(generation: u64) -> bool {
+    (1..=MAX_GENERATION).contains(&generation)
+}
+
 /// How long a rank gets to exit after SIGTERM before SIGKILL.
 /// Both engines may ignore SIGTERM (prima once serving, llama-server with a dead rpc worker),
 /// and a ring being torn down holds no state worth waiting for: this bounds every restart.

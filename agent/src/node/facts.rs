@@ -227,13 +227,13 @@ pub async fn collect(
     let rank_bin = if rank == 0 { server } else { worker };
     let mut binaries = vec![BinaryFact {
         name: rank_bin.to_string(),
-        path: find_binary(rank_bin, local.engine_dir.as_deref()),
+        path: local.find(rank_bin),
         used_by_this_rank: true,
     }];
     if rank_bin != server {
         binaries.push(BinaryFact {
             name: server.to_string(),
-            path: find_binary(server, local.engine_dir.as_deref()),
+            path: local.find(server),
             used_by_this_rank: false,
         });
     }

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod facts;
 mod listen;
+pub mod verify;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -307,18 +308,7 @@ impl NodeAgent {
 
     /// Makes `spec` the running rank.
     pub async fn apply(self: &Arc<Self>, spec: RankSpec) -> Result<RankStatus, ApplyError> {
-        if spec.node != self.rank {
-            return Err(ApplyError::Invalid(format!(
-                "this agent is node rank{}, not rank{}",
-                self.rank, spec.node
-            )));
-        }
-        if spec.engine != self.config.cluster.engine {
-            return Err(ApplyError::Invalid(format!(
-                "this node is configured for engine {}, not {}",
-                self.config.cluster.engine, spec.engine
-            )));
-        }
+        self.verify(&spec)?;
         let _guard = self.reconcile.lock().await;
         let current = self.status();
         match decide(&current, &spec) {
@@ -370,6 +360,23 @@ impl NodeAgent {
             }
         }
         Ok(self.status())
+    }
+
+    /// Refuses a spec that is not what this node plans from its own config ([`verify`]).
+    fn verify(&self, spec: &RankSpec) -> Result<(), ApplyError> {
+        // The layer count, only where Halda's windows or GPU layers are to be checked against it.
+        let layers = (crate::plan::halda_places(&self.config)
+            && (spec.layer_windows.is_some() || spec.gpu_layers.is_some()))
+        .then(|| crate::gguf::read_info(&self.config.model.path).ok())
+        .flatten()
+        .map(|i| i.block_count);
+        verify::verify(&self.config, self.rank, spec, layers).map_err(|r| {
+            tracing::warn!(rank = self.rank, generation = spec.generation, fields = ?r.fields(), refusal = %r, "refused a rank spec that differs from this node's plan");
+            ApplyError::Invalid(format!(
+                "the spec differs from what this node plans from its config ({}): {r}",
+                self.config.source.display()
+            ))
+        })
     }
 
     /// Where the applied spec is kept, so a restarted agent knows what its running unit is.
