@@ -289,6 +289,7 @@ mod tests {
             cpu: None,
             gpus: vec![],
             network: vec![],
+            rpc_cache: None,
         })
     }
 

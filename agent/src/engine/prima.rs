@@ -168,6 +168,7 @@ pub fn command(spec: &RankSpec, local: &LocalEngine) -> CommandSpec {
         } else {
             Vec::new()
         },
+        writable: None,
     }
 }
 
@@ -197,6 +198,7 @@ mod tests {
             },
             engine_dir: Some(PathBuf::from("/opt/prima/bin")),
             workdir: PathBuf::from("/var/lib/llm-cluster/rank"),
+            rpc_cache: None,
         }
     }
 

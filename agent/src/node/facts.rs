@@ -260,6 +260,7 @@ pub async fn collect(
         cpu: cpu(),
         gpus: gpus().await,
         network: Vec::new(),
+        rpc_cache: None,
     }
 }
 

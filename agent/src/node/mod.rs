@@ -5,6 +5,7 @@
 pub mod api;
 pub mod facts;
 mod listen;
+pub mod rpc_cache;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,6 +74,10 @@ pub struct NodeAgent {
     status: watch::Sender<RankStatus>,
     reconcile: tokio::sync::Mutex<()>,
     network: std::sync::Mutex<Vec<KeyReport>>,
+    /// llama-rpc workers with `model.rpc_cache`: the rpc server's tensor cache, and what its
+    /// cleanup before the last start did.
+    rpc_cache: Option<rpc_cache::RpcCache>,
+    last_prune: std::sync::Mutex<Option<proto::RpcCachePrune>>,
 }
 
 impl NodeAgent {
@@ -89,10 +94,21 @@ impl NodeAgent {
                 config.source.display()
             )
         })?;
+        let rpc_cache =
+            (config.cluster.engine == EngineKind::LlamaRpc && rank != 0 && config.model.rpc_cache)
+                .then(|| {
+                    let max = config.model.rpc_cache_max_bytes.unwrap_or_else(|| {
+                        rpc_cache::default_max_bytes(
+                            std::fs::metadata(&config.model.path).ok().map(|m| m.len()),
+                        )
+                    });
+                    rpc_cache::RpcCache::new(&config.cluster.state_dir, rank, max)
+                });
         let local = LocalEngine {
             binaries: config.binaries.clone(),
             engine_dir: node.engine_dir.clone(),
             workdir: config.cluster.state_dir.join(format!("rank{rank}")),
+            rpc_cache: rpc_cache.as_ref().map(|c| c.root.clone()),
         };
         let (status, _) = watch::channel(RankStatus::idle(rank, rand::random()));
         let hasher = ModelHasher::with_store(
@@ -110,6 +126,8 @@ impl NodeAgent {
             status,
             reconcile: tokio::sync::Mutex::new(()),
             network: std::sync::Mutex::new(Vec::new()),
+            rpc_cache,
+            last_prune: std::sync::Mutex::new(None),
         });
         let weak = Arc::downgrade(&agent);
         tokio::spawn(async move {
@@ -280,7 +298,57 @@ impl NodeAgent {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        if let Some(cache) = self.rpc_cache.clone() {
+            let last = self
+                .last_prune
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            f.rpc_cache = tokio::task::spawn_blocking(move || cache.fact(last))
+                .await
+                .ok();
+        }
         f
+    }
+
+    /// Cleans and bounds the rpc tensor cache before this node's rpc server starts (no rank
+    /// runs here now, so nothing writes the cache meanwhile). A failure is logged and the rank
+    /// starts anyway: the cache only saves transfer time.
+    async fn prune_rpc_cache(&self, spec: &RankSpec) {
+        let Some(cache) = self.rpc_cache.clone() else {
+            return;
+        };
+        let current = spec.model_name.clone();
+        // Every model of the config (one per config today).
+        let configured = [self.config.model.name.clone()];
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let res = tokio::task::spawn_blocking(move || {
+            let configured: Vec<&str> = configured.iter().map(String::as_str).collect();
+            cache.prune(&current, &configured, now)
+        })
+        .await;
+        match res {
+            Ok(Ok(r)) => {
+                tracing::info!(
+                    rank = self.rank,
+                    verified = r.verified_entries,
+                    corrupt = r.corrupt_entries,
+                    removed = r.removed_entries,
+                    removed_bytes = r.removed_bytes,
+                    millis = r.millis,
+                    "rpc cache cleaned before the start"
+                );
+                *self.last_prune.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(rank = self.rank, error = %format!("{e:#}"), "cannot clean the rpc cache; starting anyway")
+            }
+            Err(e) => {
+                tracing::warn!(rank = self.rank, error = %e, "the rpc cache cleanup panicked; starting anyway")
+            }
+        }
     }
 
     fn process_name(&self, generation: u64) -> String {
@@ -317,6 +385,7 @@ impl NodeAgent {
         if current.phase == RankPhase::Running {
             self.stop_current(&current).await;
         }
+        self.prune_rpc_cache(&spec).await;
         let cmd = engine::command(&spec, &self.local);
         let name = self.process_name(spec.generation);
         tracing::info!(rank = self.rank, generation = spec.generation, command = %cmd.display(), "starting rank");

@@ -143,6 +143,7 @@ impl Nodes for FakeCluster {
             cpu: None,
             gpus: vec![],
             network: vec![],
+            rpc_cache: None,
         })
     }
 
