@@ -18,7 +18,11 @@ from it with the gguf package: 2 layers with feed_forward_length 10240 in F16 (r
 weights, so its answers are nonsense but deterministic), every FFN tensor 11.8 MB, so nearly all
 weights are cacheable, as in a real multi-GB model.
 
-  scripts/bench.sh rpc-cache [--rate 100mbit] [--runs 3] [--models smollm2,wide]
+The restart backoff is constant (BACKOFF_MS) so that runs are alike. tbf's queue (`--latency`,
+400 ms by default) delays every request that needs an answer behind the bytes queued before it:
+the head's hash query per cacheable tensor waits that long on a cold cache.
+
+  scripts/bench.sh rpc-cache [--rate 100mbit] [--latency 400ms] [--runs 3] [--models smollm2,wide]
 """
 
 import argparse
@@ -37,6 +41,11 @@ import os  # noqa: E402
 
 import hosts  # noqa: E402
 import rpc_ring  # noqa: E402
+
+
+# A constant backoff before each restart: every restart here is a failure to the coordinator, and
+# its doubling backoff (0.5 s up to 5 s in the test config) would slow the later runs.
+BACKOFF_MS = 200
 
 
 def make_wide(src: Path, dst: Path, n_ff=10240, layers=2):
@@ -75,10 +84,10 @@ def make_wide(src: Path, dst: Path, n_ff=10240, layers=2):
     w.close()
 
 
-def shape(lab, rate):
+def shape(lab, rate, latency):
     for h in lab.hosts[1:]:
         subprocess.run(["tc", "qdisc", "replace", "dev", h.veth, "root", "tbf", "rate", rate,
-                        "burst", "64kb", "latency", "400ms"], check=True)
+                        "burst", "64kb", "latency", latency], check=True)
 
 
 def clear_cache(lab):
@@ -94,18 +103,19 @@ def restart(lab):
     return time.monotonic() - t0, rpc_ring.tx_bytes(lab) - before, answer
 
 
-def bench_model(model: Path, rate: str, runs: int):
+def bench_model(model: Path, rate: str, latency: str, runs: int):
     llama = Path(os.environ["LLAMA_CPP_DIR"])
     agent = Path(os.environ["LLM_AGENT_BIN"])
     binds = [(agent, "/opt/llm-agent/llm-agent", True), (llama, "/opt/llama", True),
              (model.parent, "/opt/models", True)]
-    res = {"model": model.name, "model_bytes": model.stat().st_size, "rate": rate}
+    res = {"model": model.name, "model_bytes": model.stat().st_size, "rate": rate,
+           "tbf_latency": latency, "backoff_ms": BACKOFF_MS}
     with hosts.Lab(3, binds=binds) as lab:
-        shape(lab, rate)
+        shape(lab, rate, latency)
         rows = {"no-cache": [], "cold": [], "warm": []}
         answers = set()
         # Without the cache.
-        rpc_ring.install(lab, model, rpc_cache=False)
+        rpc_ring.install(lab, model, rpc_cache=False, backoff_ms=BACKOFF_MS)
         rpc_ring.start_agents(lab)
         rpc_ring.wait_serving(lab, timeout=600)
         for _ in range(runs):
@@ -114,7 +124,7 @@ def bench_model(model: Path, rate: str, runs: int):
             answers.add(a)
         rpc_ring.stop_agents(lab)
         # With it: the first start fills it; then cold (emptied) and warm restarts alternate.
-        rpc_ring.install(lab, model, rpc_cache=True)
+        rpc_ring.install(lab, model, rpc_cache=True, backoff_ms=BACKOFF_MS)
         clear_cache(lab)
         rpc_ring.start_agents(lab)
         rpc_ring.wait_serving(lab, timeout=600)
@@ -142,6 +152,7 @@ def bench_model(model: Path, rate: str, runs: int):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rate", default="100mbit")
+    ap.add_argument("--latency", default="400ms", help="tbf queue bound")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--models", default="smollm2,wide")
     args = ap.parse_args()
@@ -159,7 +170,7 @@ def main():
                 make_wide(smol, model)
             else:
                 sys.exit(f"unknown model {name}: smollm2 or wide")
-            print(json.dumps(bench_model(model, args.rate, args.runs)), flush=True)
+            print(json.dumps(bench_model(model, args.rate, args.latency, args.runs)), flush=True)
 
 
 if __name__ == "__main__":
