@@ -75,6 +75,11 @@ def test_restart_reads_the_weights_from_the_rpc_hosts_cache(lab):
         assert (fact["entries"], fact["bytes"]) == (len(cold[h.index]), sum(cold[h.index].values()))
         assert fact["max_bytes"] >= 20 * 2**20
     assert rpc_ring.facts(lab.hosts[0]).get("rpc_cache") is None, "the head has no rpc cache"
+    # The coordinator's view carries each node's cache with its facts.
+    view = rpc_ring.status(lab)["nodes"]
+    assert "rpc_cache" not in (view[0]["facts"] or {}), view[0]["facts"]
+    for n, h in zip(view[1:], workers):
+        assert n["facts"]["rpc_cache"]["dir"] == f"{cache_root(h.index)}/rpc", n["facts"]
     saved_journal = [h.journal(f"llm-rank{h.index}-g{g1}.service", 2000).count("saved to '")
                      for h in workers]
     assert sum(saved_journal) == sum(len(e) for e in cold.values()), saved_journal
