@@ -8,6 +8,10 @@
 #                             direct vs coordinator vs nginx latency and throughput, and what slow
 #                             and huge requests get, with the agent's memory (bench/gateway.py;
 #                             installs Debian's nginx and wrk with apt-get when missing)
+#   scripts/bench.sh rpc-cache [--rate 100mbit] [--runs 3] [--models smollm2,wide]
+#                             llama-rpc ring restart without the rpc tensor cache, with it emptied
+#                             and with it filled, on systemd hosts over a tbf-shaped link; root
+#                             (bench/rpc_cache.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${LLM_CLUSTER_CACHE:-$HOME/.cache/llm-cluster}
@@ -21,5 +25,6 @@ case "${1:-local}" in
   local) exec "$VENV/bin/python" bench/bench_local.py ;;
   bringup) exec "$VENV/bin/python" bench/bringup.py ;;
   gateway) shift; exec "$VENV/bin/python" bench/gateway.py "$@" ;;
-  *) echo "usage: scripts/bench.sh [local|bringup|gateway [speed|limits]]" >&2; exit 2 ;;
+  rpc-cache) shift; exec "$VENV/bin/python" bench/rpc_cache.py "$@" ;;
+  *) echo "usage: scripts/bench.sh [local|bringup|gateway [speed|limits]|rpc-cache [...]]" >&2; exit 2 ;;
 esac

@@ -299,6 +299,9 @@ pub struct NodeFacts {
     pub gpus: Vec<GpuFact>,
     /// Network tuning for ring traffic, per key, as applied (or checked) at agent start.
     pub network: Vec<KeyReport>,
+    /// llama-rpc workers with `model.rpc_cache`: the rpc server's tensor cache on this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpc_cache: Option<RpcCacheFact>,
     /// Under `[tls]`: the certificate this node's control API presents, and the CA's, as loaded
     /// at agent start. Absent without `[tls]`; defaulted so that adding it changed no version.
     #[serde(default)]
@@ -330,6 +333,36 @@ impl TlsFact {
         }
         self
     }
+}
+
+/// A node's llama.cpp rpc tensor cache (see `node::rpc_cache`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RpcCacheFact {
+    /// Where the entries are (`$LLAMA_CACHE/rpc`).
+    pub dir: PathBuf,
+    pub bytes: u64,
+    pub entries: u64,
+    /// The bound the agent prunes to before each start.
+    pub max_bytes: u64,
+    /// Why the directory could not be read, when it could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// What the cleanup before the last start did (none yet since the agent started: absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_prune: Option<RpcCachePrune>,
+}
+
+/// One cleanup of an rpc cache before a start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RpcCachePrune {
+    pub at_unix: u64,
+    /// New entries hashed to check they are whole.
+    pub verified_entries: u64,
+    /// Of those, the ones whose content did not match (removed).
+    pub corrupt_entries: u64,
+    pub removed_entries: u64,
+    pub removed_bytes: u64,
+    pub millis: u64,
 }
 
 impl NodeFacts {

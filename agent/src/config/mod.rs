@@ -165,6 +165,12 @@ pub struct Model {
     /// Requests the engine decodes at once (its `-np` slots). Defaults per engine, see
     /// [`EngineKind::default_slots`].
     pub slots: u32,
+    /// llama-rpc only: the rpc servers keep a tensor cache under the state dir (`-c`), so a
+    /// restart does not resend the weights they already hold. See [`crate::node::rpc_cache`].
+    pub rpc_cache: bool,
+    /// The most bytes one node's rpc cache may hold; `None`: the default of
+    /// [`crate::node::rpc_cache::default_max_bytes`].
+    pub rpc_cache_max_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -78,6 +78,8 @@ pub struct ModelSection {
     pub prefetch: Option<Spanned<bool>>,
     pub remember_placement: Option<Spanned<bool>>,
     pub slots: Option<Spanned<u32>>,
+    pub rpc_cache: Option<Spanned<bool>>,
+    pub rpc_cache_max_bytes: Option<Spanned<u64>>,
 }
 
 fn default_ctx() -> Spanned<u32> {

@@ -353,6 +353,35 @@ fn build(
         Some(s) => s.into_inner(),
         None => engine.default_slots(),
     };
+    let rpc_cache = match m.rpc_cache {
+        Some(c) if engine != EngineKind::LlamaRpc && *c.get_ref() => {
+            problems.push(loc.at(
+                c.span(),
+                "rpc_cache applies to engine = \"llama-rpc\" only (the rpc servers' tensor cache)",
+            ));
+            false
+        }
+        Some(c) => c.into_inner(),
+        None => engine == EngineKind::LlamaRpc,
+    };
+    let rpc_cache_max_bytes = m.rpc_cache_max_bytes.map(|b| {
+        if engine != EngineKind::LlamaRpc || !rpc_cache {
+            problems.push(loc.at(
+                b.span(),
+                "rpc_cache_max_bytes applies only with engine = \"llama-rpc\" and rpc_cache = true",
+            ));
+        } else if *b.get_ref() < crate::node::rpc_cache::MIN_MAX_BYTES {
+            problems.push(loc.at(
+                b.span(),
+                format!(
+                    "rpc_cache_max_bytes must be at least {} (one cached tensor is over 10 MiB); \
+                     set rpc_cache = false for no cache",
+                    crate::node::rpc_cache::MIN_MAX_BYTES
+                ),
+            ));
+        }
+        b.into_inner()
+    });
     let path = m.path.into_inner();
     let name = m.name.unwrap_or_else(|| {
         path.file_stem()
@@ -473,6 +502,8 @@ fn build(
             prefetch,
             remember_placement,
             slots,
+            rpc_cache,
+            rpc_cache_max_bytes,
         },
         api: Api {
             listen,

@@ -330,6 +330,7 @@ mod tests {
             gpus: vec![],
             network: vec![],
             tls: None,
+            rpc_cache: None,
         })
     }
 

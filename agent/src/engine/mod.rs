@@ -30,6 +30,11 @@ pub struct CommandSpec {
     /// Output lines containing one of these are kept whole for the agent to read back (see
     /// [`crate::runner::Runner::output_lines`]): prima's head prints its placement this way.
     pub keep_lines: Vec<String>,
+    /// `Some`: the process may write these paths and nothing else of the file system, where
+    /// the runner can enforce it (systemd: ProtectSystem=strict, PrivateTmp, ReadWritePaths;
+    /// the runner creates them for the rank user). `None`: no file system fence (prima's
+    /// profiler writes in `cwd`, llama-server may write slot files there).
+    pub writable: Option<Vec<PathBuf>>,
 }
 
 impl CommandSpec {
@@ -54,6 +59,9 @@ pub struct LocalEngine {
     pub binaries: Binaries,
     pub engine_dir: Option<PathBuf>,
     pub workdir: PathBuf,
+    /// llama-rpc workers with `model.rpc_cache`: the rpc server's cache directory (its
+    /// `LLAMA_CACHE`, see [`crate::node::rpc_cache`]).
+    pub rpc_cache: Option<PathBuf>,
 }
 
 impl LocalEngine {
@@ -180,6 +188,7 @@ mod tests {
             },
             engine_dir: Some(dir.to_path_buf()),
             workdir: dir.to_path_buf(),
+            rpc_cache: None,
         }
     }
 

@@ -170,6 +170,7 @@ pub fn command(spec: &RankSpec, local: &LocalEngine) -> CommandSpec {
         } else {
             Vec::new()
         },
+        writable: None,
     }
 }
 
@@ -199,6 +200,7 @@ mod tests {
             },
             engine_dir: Some(PathBuf::from("/opt/prima/bin")),
             workdir: PathBuf::from("/var/lib/llm-cluster/rank"),
+            rpc_cache: None,
         }
     }
 

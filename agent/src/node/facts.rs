@@ -302,6 +302,7 @@ pub async fn collect(
         gpus: gpus().await,
         network: Vec::new(),
         tls: None,
+        rpc_cache: None,
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod facts;
 mod listen;
+pub mod rpc_cache;
 pub mod verify;
 
 use std::sync::Arc;
@@ -75,6 +76,10 @@ pub struct NodeAgent {
     reconcile: tokio::sync::Mutex<()>,
     network: std::sync::Mutex<Vec<KeyReport>>,
     tls: std::sync::OnceLock<Option<proto::TlsFact>>,
+    /// llama-rpc workers with `model.rpc_cache`: the rpc server's tensor cache, and what its
+    /// cleanup before the last start did.
+    rpc_cache: Option<rpc_cache::RpcCache>,
+    last_prune: std::sync::Mutex<Option<proto::RpcCachePrune>>,
 }
 
 impl NodeAgent {
@@ -91,10 +96,21 @@ impl NodeAgent {
                 config.source.display()
             )
         })?;
+        let rpc_cache =
+            (config.cluster.engine == EngineKind::LlamaRpc && rank != 0 && config.model.rpc_cache)
+                .then(|| {
+                    let max = config.model.rpc_cache_max_bytes.unwrap_or_else(|| {
+                        rpc_cache::default_max_bytes(
+                            std::fs::metadata(&config.model.path).ok().map(|m| m.len()),
+                        )
+                    });
+                    rpc_cache::RpcCache::new(&config.cluster.state_dir, rank, max)
+                });
         let local = LocalEngine {
             binaries: config.binaries.clone(),
             engine_dir: node.engine_dir.clone(),
             workdir: config.cluster.state_dir.join(format!("rank{rank}")),
+            rpc_cache: rpc_cache.as_ref().map(|c| c.root.clone()),
         };
         let (status, _) = watch::channel(RankStatus::idle(rank, rand::random()));
         let hasher = ModelHasher::with_store(
@@ -113,6 +129,8 @@ impl NodeAgent {
             reconcile: tokio::sync::Mutex::new(()),
             network: std::sync::Mutex::new(Vec::new()),
             tls: std::sync::OnceLock::new(),
+            rpc_cache,
+            last_prune: std::sync::Mutex::new(None),
         });
         let weak = Arc::downgrade(&agent);
         tokio::spawn(async move {
@@ -294,12 +312,62 @@ impl NodeAgent {
             .cloned()
             .flatten()
             .map(|t| t.at(crate::tls::now_unix()));
+        if let Some(cache) = self.rpc_cache.clone() {
+            let last = self
+                .last_prune
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            f.rpc_cache = tokio::task::spawn_blocking(move || cache.fact(last))
+                .await
+                .ok();
+        }
         f
     }
 
     /// The certificates the control API presents, for the facts (set once, at start).
     pub fn set_tls_fact(&self, fact: Option<proto::TlsFact>) {
         let _ = self.tls.set(fact);
+    }
+
+    /// Cleans and bounds the rpc tensor cache before this node's rpc server starts (no rank
+    /// runs here now, so nothing writes the cache meanwhile). A failure is logged and the rank
+    /// starts anyway: the cache only saves transfer time.
+    async fn prune_rpc_cache(&self, spec: &RankSpec) {
+        let Some(cache) = self.rpc_cache.clone() else {
+            return;
+        };
+        let current = spec.model_name.clone();
+        // Every model of the config (one per config today).
+        let configured = [self.config.model.name.clone()];
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let res = tokio::task::spawn_blocking(move || {
+            let configured: Vec<&str> = configured.iter().map(String::as_str).collect();
+            cache.prune(&current, &configured, now)
+        })
+        .await;
+        match res {
+            Ok(Ok(r)) => {
+                tracing::info!(
+                    rank = self.rank,
+                    verified = r.verified_entries,
+                    corrupt = r.corrupt_entries,
+                    removed = r.removed_entries,
+                    removed_bytes = r.removed_bytes,
+                    millis = r.millis,
+                    "rpc cache cleaned before the start"
+                );
+                *self.last_prune.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(rank = self.rank, error = %format!("{e:#}"), "cannot clean the rpc cache; starting anyway")
+            }
+            Err(e) => {
+                tracing::warn!(rank = self.rank, error = %e, "the rpc cache cleanup panicked; starting anyway")
+            }
+        }
     }
 
     fn process_name(&self, generation: u64) -> String {
@@ -325,6 +393,7 @@ impl NodeAgent {
         if current.phase == RankPhase::Running {
             self.stop_current(&current).await;
         }
+        self.prune_rpc_cache(&spec).await;
         let cmd = engine::command(&spec, &self.local);
         let name = self.process_name(spec.generation);
         tracing::info!(rank = self.rank, generation = spec.generation, command = %cmd.display(), "starting rank");

@@ -146,6 +146,7 @@ impl Nodes for FakeCluster {
             gpus: vec![],
             network: vec![],
             tls: None,
+            rpc_cache: None,
         })
     }
 
