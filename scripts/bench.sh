@@ -8,6 +8,9 @@
 #                             direct vs coordinator vs nginx latency and throughput, and what slow
 #                             and huge requests get, with the agent's memory (bench/gateway.py;
 #                             installs Debian's nginx and wrk with apt-get when missing)
+#   scripts/bench.sh slots    llama-server's slot settings (idle-slot caching, prompt cache, KV
+#                             layout): 4 concurrent chats a round through the coordinator, per
+#                             variant (bench/slots.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${LLM_CLUSTER_CACHE:-$HOME/.cache/llm-cluster}
@@ -21,5 +24,6 @@ case "${1:-local}" in
   local) exec "$VENV/bin/python" bench/bench_local.py ;;
   bringup) exec "$VENV/bin/python" bench/bringup.py ;;
   gateway) shift; exec "$VENV/bin/python" bench/gateway.py "$@" ;;
-  *) echo "usage: scripts/bench.sh [local|bringup|gateway [speed|limits]]" >&2; exit 2 ;;
+  slots) exec "$VENV/bin/python" bench/slots.py ;;
+  *) echo "usage: scripts/bench.sh [local|bringup|gateway [speed|limits]|slots]" >&2; exit 2 ;;
 esac

@@ -116,6 +116,10 @@ pub struct Model {
     /// Requests the engine decodes at once (its `-np` slots). Defaults per engine, see
     /// [`EngineKind::default_slots`].
     pub slots: u32,
+    /// llama-rpc only: whether llama-server saves an idle slot's state to its prompt cache when
+    /// another request arrives (its `--cache-idle-slots`). Off by default: see the llama-rpc
+    /// adapter for the figures.
+    pub cache_idle_slots: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]

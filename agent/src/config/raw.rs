@@ -65,6 +65,7 @@ pub struct ModelSection {
     pub prefetch: Option<Spanned<bool>>,
     pub remember_placement: Option<Spanned<bool>>,
     pub slots: Option<Spanned<u32>>,
+    pub cache_idle_slots: Option<Spanned<bool>>,
 }
 
 fn default_ctx() -> Spanned<u32> {
