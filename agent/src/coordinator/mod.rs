@@ -16,6 +16,7 @@ pub mod gateway;
 pub mod placement;
 pub mod progress;
 pub mod state;
+pub mod upstream;
 pub mod view;
 
 use std::sync::Arc;
