@@ -739,6 +739,11 @@ mod tests {
     }
 
     fn app(rx: watch::Receiver<ClusterView>, keys: Option<&str>) -> Router {
+        // Port 1 on loopback refuses connections: no engine.
+        app_to(rx, keys, Upstream::new(1, 4).expect("upstream"))
+    }
+
+    fn app_to(rx: watch::Receiver<ClusterView>, keys: Option<&str>, up: Upstream) -> Router {
         let settings = gateway::Settings {
             max_in_flight: 4,
             queue_size: 8,
@@ -752,7 +757,7 @@ mod tests {
             .map(|k| gateway::keys::parse(k, std::path::Path::new("keys"), &["m"]).expect("keys"));
         router(
             rx,
-            Upstream::new(1, 4).expect("upstream"),
+            up,
             Gateway::new(settings, keys),
             &Signals::default(),
             Activity::default(),
@@ -878,6 +883,73 @@ mod tests {
         let started = tokio::time::Instant::now();
         waiting(&tx).await.await.expect("bounded");
         assert_eq!(started.elapsed(), ADOPT_WAIT);
+    }
+
+    const MODELS: &str = r#"{"object":"list","data":[]}"#;
+
+    /// A narrow stand-in for rank 0's server on a loopback port: `/v1/models` answers
+    /// [`MODELS`] after a pause; returns the port and the most requests it held at once.
+    async fn stub_engine() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let seen = most.clone();
+        let models = move || {
+            let (now, most) = (now.clone(), most.clone());
+            async move {
+                most.fetch_max(now.fetch_add(1, SeqCst) + 1, SeqCst);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                now.fetch_sub(1, SeqCst);
+                ([(header::CONTENT_TYPE, "application/json")], MODELS)
+            }
+        };
+        let engine = Router::new().route("/v1/models", get(models));
+        tokio::spawn(async move { axum::serve(listener, engine).await });
+        (port, seen)
+    }
+
+    #[tokio::test]
+    async fn a_response_passes_with_its_length_and_the_engines_connections_are_bounded() {
+        let (port, most) = stub_engine().await;
+        let (_tx, rx) = watch::channel(view(Phase::Serving));
+        let app = app_to(rx, None, Upstream::new(port, 2).expect("upstream"));
+        let get = || {
+            axum::http::Request::get("/v1/models")
+                .body(Body::empty())
+                .expect("request")
+        };
+        // Passed through, not re-chunked: the client gets the engine's Content-Length.
+        let resp = app.clone().oneshot(get()).await.expect("response");
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(
+            http_body::Body::size_hint(resp.body()).exact(),
+            Some(MODELS.len() as u64)
+        );
+        // An unread response holds its connection.
+        drop(resp);
+        // Six clients at once reach the engine over at most two connections at a time (each
+        // in use until its response's body is read).
+        let calls = (0..6).map(|_| {
+            let app = app.clone();
+            async move {
+                let resp = app.oneshot(get()).await.expect("response");
+                assert_eq!(resp.status(), StatusCode::OK);
+                axum::body::to_bytes(resp.into_body(), 1 << 16)
+                    .await
+                    .expect("body")
+            }
+        });
+        let bodies = tokio::time::timeout(
+            Duration::from_secs(30),
+            futures_util::future::join_all(calls),
+        )
+        .await
+        .expect("every client answered");
+        assert!(bodies.iter().all(|b| b == MODELS.as_bytes()));
+        assert_eq!(most.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
