@@ -17,10 +17,11 @@
 //! makes that save and restore cross the network (cause not confirmed). Four concurrent chats
 //! a round, warm p50 per round, 16 / 4 tokens, 3-rank local ring, SmolLM2: a first
 //! measurement had defaults 1044 / 353 ms, `--no-cache-idle-slots` 715 / 205, `--cache-ram 0`
-//! 749 / 246, `-np 4 --no-kv-unified` 819 / 236; bench/slots.py (two passes, a machine at
-//! load ~20, bench/results/slots-2026-12-01.txt) had defaults 4157, 2877 / 1434, 518 ms and
-//! `--no-cache-idle-slots` 3463, 2406 / 886, 464. `--cache-ram 0` does as well but drops the
-//! prompt cache altogether, and `--no-kv-unified` cuts each slot's context to ctx_size / slots.
+//! 749 / 246, `-np 4 --no-kv-unified` 819 / 236; bench/slots.py (two runs of two passes on a
+//! machine at load 13-20, bench/results/slots-2026-12-01.txt) had defaults 4157, 2877, 2878,
+//! 2409 / 1434, 518, 1271, 737 ms and `--no-cache-idle-slots` 3463, 2406, 2362, 1499 / 886,
+//! 464, 810, 510: faster in every pass. `--cache-ram 0` comes close but drops the prompt cache
+//! altogether, and `--no-kv-unified` cuts each slot's context to ctx_size / slots.
 
 use super::{CommandSpec, LocalEngine};
 use crate::plan::rpc_port;
