@@ -100,6 +100,14 @@ class Ring:
         status, body = get("127.0.0.1", self.engine_port, "/slots")
         return [s["id"] for s in json.loads(body) if s.get("is_processing")]
 
+    def wait_idle(self, timeout=60):
+        """Until rank 0 has no request in hand: a load run's clients are gone when wrk ends, but
+        the engine finishes (or notices) their requests later, and a measurement started
+        meanwhile would time that leftover work, not its own."""
+        deadline = time.monotonic() + timeout
+        while self.slots_busy() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
 
 def get(host, port, path, timeout=10):
     c = http.client.HTTPConnection(host, port, timeout=timeout)
@@ -288,6 +296,7 @@ def speed(tmp, ring):
                 r[t]["chat_seq"] += sequential(port, 40, "POST", "/v1/chat/completions", CHAT1)
                 r[t]["chat_16"].append(wrk(tmp, port, "/v1/chat/completions", WRK_S, CHAT1,
                                            pids=proxies[t]))
+                ring.wait_idle()
                 f, g = stream_timings(port, 4)
                 r[t]["first"] += f
                 r[t]["gap"] += g

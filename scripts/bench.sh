@@ -12,6 +12,9 @@
 #                             llama-rpc ring restart without the rpc tensor cache, with it emptied
 #                             and with it filled, on systemd hosts over a tbf-shaped link; root
 #                             (bench/rpc_cache.py)
+#   scripts/bench.sh slots    llama-server's slot settings (idle-slot caching, prompt cache, KV
+#                             layout): 4 concurrent chats a round through the coordinator, per
+#                             variant (bench/slots.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${LLM_CLUSTER_CACHE:-$HOME/.cache/llm-cluster}
@@ -26,5 +29,6 @@ case "${1:-local}" in
   bringup) exec "$VENV/bin/python" bench/bringup.py ;;
   gateway) shift; exec "$VENV/bin/python" bench/gateway.py "$@" ;;
   rpc-cache) shift; exec "$VENV/bin/python" bench/rpc_cache.py "$@" ;;
-  *) echo "usage: scripts/bench.sh [local|bringup|gateway [speed|limits]|rpc-cache [...]]" >&2; exit 2 ;;
+  slots) exec "$VENV/bin/python" bench/slots.py ;;
+  *) echo "usage: scripts/bench.sh [local|bringup|gateway [speed|limits]|slots|rpc-cache [...]]" >&2; exit 2 ;;
 esac

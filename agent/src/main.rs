@@ -286,7 +286,12 @@ fn tune_command(apply: bool, persist: bool, json: bool) -> ExitCode {
 }
 
 fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+    // One event loop, as nginx runs one per worker: the agent waits on sockets and processes,
+    // and its CPU work (model hashes) runs on the blocking pool. With two worker threads the
+    // API proxy spent about a quarter of its CPU time waking the other thread: 61 µs of CPU
+    // per proxied request against 45 µs with one (same build, 2 cores, bench/gateway.py's
+    // measure).
+    let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

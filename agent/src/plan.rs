@@ -119,6 +119,8 @@ pub fn plan(
                 rpc_workers,
                 peers: peers.clone(),
                 slots: is_head.then_some(config.model.slots),
+                cache_idle_slots: (is_head && config.cluster.engine == EngineKind::LlamaRpc)
+                    .then_some(config.model.cache_idle_slots),
             }
         })
         .collect();

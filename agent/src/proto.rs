@@ -106,6 +106,10 @@ pub struct RankSpec {
     /// the previous protocol still accept a worker's spec.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slots: Option<u32>,
+    /// llama-rpc rank 0 only: `model.cache_idle_slots`. Absent (an older coordinator): the
+    /// engine's own default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_idle_slots: Option<bool>,
 }
 
 impl RankSpec {
@@ -545,6 +549,7 @@ mod tests {
             rpc_workers: vec![],
             peers: vec![],
             slots: None,
+            cache_idle_slots: None,
         };
         let mut v = serde_json::to_value(&spec).expect("json");
         assert_eq!(

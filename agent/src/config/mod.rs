@@ -171,6 +171,10 @@ pub struct Model {
     /// The most bytes one node's rpc cache may hold; `None`: the default of
     /// [`crate::node::rpc_cache::default_max_bytes`].
     pub rpc_cache_max_bytes: Option<u64>,
+    /// llama-rpc only: whether llama-server saves an idle slot's state to its prompt cache when
+    /// another request arrives (its `--cache-idle-slots`). Off by default: see the llama-rpc
+    /// adapter for the figures.
+    pub cache_idle_slots: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -80,6 +80,7 @@ pub struct ModelSection {
     pub slots: Option<Spanned<u32>>,
     pub rpc_cache: Option<Spanned<bool>>,
     pub rpc_cache_max_bytes: Option<Spanned<u64>>,
+    pub cache_idle_slots: Option<Spanned<bool>>,
 }
 
 fn default_ctx() -> Spanned<u32> {

@@ -328,6 +328,26 @@ fn admission_defaults_follow_the_engines_slots() {
 }
 
 #[test]
+fn idle_slots_are_not_cached_unless_asked_and_only_on_llama_rpc() {
+    let rpc = "[cluster]\nname = \"l\"\nengine = \"llama-rpc\"\n[model]\npath = \"/m.gguf\"\n\
+               [[node]]\nrank = 0\naddress = \"10.0.0.1\"\n";
+    let c = Config::parse(rpc, Path::new("c.toml")).expect("valid");
+    assert!(!c.model.cache_idle_slots);
+    let asked = rpc.replace("[[node]]", "cache_idle_slots = true\n[[node]]");
+    let c = Config::parse(&asked, Path::new("c.toml")).expect("valid");
+    assert!(c.model.cache_idle_slots);
+    let p = problems(&GOOD.replace(
+        "layer_windows = [10, 10, 10]",
+        "layer_windows = [10, 10, 10]\ncache_idle_slots = true",
+    ));
+    assert!(
+        p.iter().any(|l| l
+            .starts_with("c.toml:9:20: cache_idle_slots applies to engine = \"llama-rpc\" only")),
+        "{p:?}"
+    );
+}
+
+#[test]
 fn admission_settings_of_zero_are_located() {
     let text = GOOD.replace(
         "layer_windows = [10, 10, 10]",

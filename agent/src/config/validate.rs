@@ -340,6 +340,17 @@ fn build(
         Some(p) => p.into_inner(),
         None => true,
     };
+    let cache_idle_slots = match m.cache_idle_slots {
+        Some(c) if engine != EngineKind::LlamaRpc => {
+            problems.push(loc.at(
+                c.span(),
+                "cache_idle_slots applies to engine = \"llama-rpc\" only",
+            ));
+            false
+        }
+        Some(c) => c.into_inner(),
+        None => false,
+    };
     let slots = match m.slots {
         Some(s) if !(1..=MAX_SLOTS).contains(s.get_ref()) => {
             problems.push(loc.at(
@@ -504,6 +515,7 @@ fn build(
             slots,
             rpc_cache,
             rpc_cache_max_bytes,
+            cache_idle_slots,
         },
         api: Api {
             listen,

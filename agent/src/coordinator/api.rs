@@ -14,18 +14,23 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
+use axum::http::uri::PathAndQuery;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::{Stream, StreamExt};
+use http_body::Frame;
+use http_body_util::{BodyDataStream, Full};
+use hyper::body::Incoming;
 use serde_json::json;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 use super::compat::{Rewrite, SseFramer};
@@ -35,17 +40,29 @@ use super::gateway::{self, Gateway};
 use super::metrics;
 use super::progress::{Activity, Work};
 use super::state::Phase;
+use super::upstream::{engine_connections, Upstream};
 use super::ClusterView;
 use crate::config::{Config, EngineKind};
 use crate::server::{self, ConnLimits, Server, Signals};
 
+/// What every request shares. axum clones the state for each request: one `Arc`, where a
+/// struct of eight handles (each a reference count, the cancellation token's a mutex) showed
+/// in the proxy's profile.
 #[derive(Clone)]
-struct ApiState {
+struct ApiState(Arc<Shared>);
+
+impl std::ops::Deref for ApiState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+struct Shared {
     view: watch::Receiver<ClusterView>,
-    http: reqwest::Client,
-    upstream: Arc<str>,
+    upstream: Upstream,
     /// Cancelled when the server's drain grace is over: responses still streaming end then.
-    ending: CancellationToken,
+    ending: Arc<CancellationToken>,
     activity: Activity,
     // --- gateway checks (gateway/request.rs) ---
     checks: Arc<Checks>,
@@ -91,30 +108,23 @@ pub fn conn_limits(c: &Config) -> ConnLimits {
 /// The API's routes. `signals.ending` ends responses still streaming at shutdown.
 pub fn router(
     view: watch::Receiver<ClusterView>,
-    upstream_port: u16,
+    upstream: Upstream,
     gateway: Gateway,
     signals: &Signals,
     activity: Activity,
     checks: Checks,
     events: Events,
 ) -> anyhow::Result<Router> {
-    // Rank 0's engine on loopback: never through a proxy, and a pool as large as the load
-    // (kept connections spare a connect per request).
-    let http = reqwest::Client::builder()
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .no_proxy()
-        .tcp_nodelay(true)
-        .build()?;
-    let state = ApiState {
+    let ending = Arc::new(signals.ending.clone());
+    let state = ApiState(Arc::new(Shared {
         view,
-        http,
-        upstream: format!("http://127.0.0.1:{upstream_port}").into(),
-        ending: signals.ending.clone(),
+        upstream,
+        ending: ending.clone(),
         activity,
         checks: Arc::new(checks),
         gateway: gateway.clone(),
         engine_names: Arc::default(),
-    };
+    }));
     let usage = gateway.clone();
     // The gateway (keys, limits, fair admission, usage) guards everything but the probes.
     let protected = Router::new()
@@ -152,7 +162,7 @@ pub fn router(
         })
         // The gateway ends queue waits with it (a request extension: the gateway is built
         // before the server that owns the signal).
-        .layer(axum::Extension(signals.ending.clone()))
+        .layer(axum::Extension(ending))
         .with_state(state))
 }
 
@@ -170,9 +180,10 @@ pub async fn serve(
     let listening = server::listen(addr, "the API (api.listen)", "api").await?;
     tracing::info!(%addr, "API listening");
     let signals = Signals::default();
+    let upstream = Upstream::new(upstream_port, engine_connections(config.model.slots))?;
     let app = router(
         view.clone(),
-        upstream_port,
+        upstream,
         gateway,
         &signals,
         activity,
@@ -283,7 +294,7 @@ async fn readyz(State(s): State<ApiState>, headers: HeaderMap) -> Response {
 
 async fn prometheus(State(s): State<ApiState>) -> Response {
     let view = s.view.borrow().clone();
-    metrics::scrape(&s.gateway, &view, &s.http, &s.upstream).await
+    metrics::scrape(&s.gateway, &view, &s.upstream).await
 }
 
 async fn cluster(State(s): State<ApiState>) -> Json<ClusterView> {
@@ -295,12 +306,12 @@ async fn cluster(State(s): State<ApiState>) -> Json<ClusterView> {
 fn ring_lost(
     mut view: watch::Receiver<ClusterView>,
     generation: u64,
-    ending: CancellationToken,
+    ending: Arc<CancellationToken>,
 ) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
     Box::pin(async move {
         tokio::select! {
             _ = view.wait_for(|v| v.generation != generation || !v.serving()) => {}
-            _ = ending.cancelled_owned() => {}
+            _ = ending.cancelled() => {}
         }
     })
 }
@@ -444,17 +455,11 @@ async fn engine_names(s: &ApiState, generation: u64) -> Arc<[String]> {
             return names;
         }
     }
-    let fetched = async {
-        let r = s
-            .http
-            .get(format!("{}/v1/models", s.upstream))
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await?
-            .error_for_status()?;
-        r.json::<serde_json::Value>().await
-    };
-    match fetched.await {
+    match s
+        .upstream
+        .get_json("/v1/models", Duration::from_secs(2))
+        .await
+    {
         Ok(v) => {
             let names: Arc<[String]> = request::engine_model_names(&v).into();
             *s.engine_names.lock().unwrap_or_else(|e| e.into_inner()) =
@@ -462,7 +467,7 @@ async fn engine_names(s: &ApiState, generation: u64) -> Arc<[String]> {
             names
         }
         Err(e) => {
-            tracing::warn!(error = %e, "cannot read the engine's model names; only the configured name is known");
+            tracing::warn!(error = %format!("{e:#}"), "cannot read the engine's model names; only the configured name is known");
             Arc::from(Vec::new())
         }
     }
@@ -502,38 +507,42 @@ async fn proxy(State(s): State<ApiState>, req: Request) -> Response {
     }
     // In flight until the response ends or the client goes: what the stall check watches.
     let work = s.activity.begin();
-    let mut upstream = s
-        .http
-        .request(parts.method.clone(), format!("{}{path}", s.upstream))
-        .body(body);
+    let mut upstream = axum::http::Request::new(Full::new(body));
+    *upstream.method_mut() = parts.method;
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    *upstream.uri_mut() = s.upstream.uri(path_and_query);
     for h in [header::CONTENT_TYPE, header::ACCEPT] {
         if let Some(v) = parts.headers.get(&h) {
-            upstream = upstream.header(h, v);
+            upstream.headers_mut().insert(h, v.clone());
         }
     }
     let mut lost = ring_lost(s.view.clone(), gate.generation, s.ending.clone());
     let resp = tokio::select! {
-        r = upstream.send() => r,
+        r = s.upstream.send(upstream) => r,
         _ = &mut lost => {
             let v = s.view.borrow().clone();
             return unavailable(&v, "The ring failed while this request was waiting; it is being restarted. Retry shortly.".into());
         }
     };
-    let resp = match resp {
+    let (resp, connection) = match resp {
         Ok(r) => r,
         Err(e) => {
             let v = s.view.borrow().clone();
-            tracing::warn!(error = %e, "rank 0 did not answer a proxied request");
+            tracing::warn!(error = %format!("{e:#}"), "rank 0 did not answer a proxied request");
             return unavailable(
                 &v,
                 "Rank 0's engine did not answer; the ring is being checked. Retry shortly.".into(),
             );
         }
     };
-    let status = resp.status();
+    let (up, incoming) = resp.into_parts();
     let mut headers = HeaderMap::new();
     for h in [header::CONTENT_TYPE, header::CACHE_CONTROL] {
-        if let Some(v) = resp.headers().get(&h) {
+        if let Some(v) = up.headers.get(&h) {
             headers.insert(h, v.clone());
         }
     }
@@ -545,47 +554,130 @@ async fn proxy(State(s): State<ApiState>, req: Request) -> Response {
         // Proxies between here and the client must not buffer the stream either.
         headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     }
-    let rewrite = Rewrite::for_request(gate.engine, path, &s.checks.rules.model);
-    let stream = forward(resp.bytes_stream(), lost, sse, rewrite, work);
-    let mut out = Response::new(Body::from_stream(stream));
-    *out.status_mut() = status;
+    let path = parts.uri.path();
+    let body = match Rewrite::for_request(gate.engine, path, &s.checks.rules.model) {
+        None => Body::new(Passed {
+            upstream: incoming,
+            lost,
+            sse,
+            done: false,
+            work,
+            _connection: connection,
+        }),
+        Some(rw) => Body::from_stream(rewritten(
+            BodyDataStream::new(incoming),
+            lost,
+            sse,
+            rw,
+            (work, connection),
+        )),
+    };
+    let mut out = Response::new(body);
+    *out.status_mut() = up.status;
     *out.headers_mut() = headers;
     out
 }
 
-/// Forwards upstream chunks until the upstream ends or the ring is lost. An SSE stream that is
-/// cut short ends with an OpenAI-style error event so clients fail instead of waiting; any other
-/// body ends with a transport error. With a [`Rewrite`], SSE events are re-framed and rewritten
-/// one by one (still streamed), and other bodies are rewritten whole once they end.
-fn forward(
-    upstream: impl Stream<Item = reqwest::Result<Bytes>> + Send + 'static,
+/// The event that ends an SSE stream the ring cut short: clients fail instead of waiting.
+fn error_event() -> Bytes {
+    let e = json!({ "error": { "message": "The ring failed during this response; it is being restarted. Retry shortly.", "type": "server_error", "param": null, "code": "ring_unavailable" } });
+    Bytes::from(format!("data: {e}\n\n"))
+}
+
+/// An upstream body passed on frame by frame as it arrives, its size (and so the client's
+/// `Content-Length`) as the engine declared it, until the upstream ends or the ring is lost.
+/// Cut short, an SSE stream ends with [`error_event`], any other body with a transport error.
+struct Passed {
+    upstream: Incoming,
     lost: Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
     sse: bool,
-    rewrite: Option<Rewrite>,
+    done: bool,
+    /// Dropped with the body: the request is then no longer in flight.
     work: Work,
+    /// The engine's connection this body comes on.
+    _connection: OwnedSemaphorePermit,
+}
+
+impl Passed {
+    fn cut(&mut self, why: &str) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        self.done = true;
+        tracing::warn!(error = why, "response cut short");
+        if self.sse {
+            return Poll::Ready(Some(Ok(Frame::data(error_event()))));
+        }
+        Poll::Ready(Some(Err(std::io::Error::other(why.to_string()))))
+    }
+}
+
+impl http_body::Body for Passed {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.upstream).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.work.progressed();
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            Poll::Ready(Some(Err(e))) => return this.cut(&e.to_string()),
+            Poll::Ready(None) => {
+                this.done = true;
+                return Poll::Ready(None);
+            }
+            Poll::Pending => {}
+        }
+        if this.lost.as_mut().poll(cx).is_ready() {
+            return this.cut("ring lost");
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.upstream.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.upstream.size_hint()
+    }
+}
+
+/// As [`Passed`], for an engine whose answers are rewritten ([`Rewrite`]): SSE events are
+/// re-framed and rewritten one by one (still streamed), other bodies whole once they end.
+fn rewritten(
+    upstream: impl Stream<Item = Result<Bytes, hyper::Error>> + Send + 'static,
+    lost: Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    sse: bool,
+    rw: Rewrite,
+    (work, connection): (Work, OwnedSemaphorePermit),
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
     struct St<S> {
         upstream: Pin<Box<S>>,
         lost: Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
         done: bool,
-        rewrite: Option<Rewrite>,
+        rw: Rewrite,
         framer: SseFramer,
         whole: Vec<u8>,
         /// Dropped with the stream: the request is then no longer in flight.
         work: Work,
+        /// The engine's connection the stream comes on.
+        _connection: OwnedSemaphorePermit,
     }
-    let error_event = || {
-        let e = json!({ "error": { "message": "The ring failed during this response; it is being restarted. Retry shortly.", "type": "server_error", "param": null, "code": "ring_unavailable" } });
-        Bytes::from(format!("data: {e}\n\n"))
-    };
     let st = St {
         upstream: Box::pin(upstream),
         lost,
         done: false,
-        rewrite,
+        rw,
         framer: SseFramer::default(),
         whole: Vec::new(),
         work,
+        _connection: connection,
     };
     futures_util::stream::unfold(st, move |mut st| async move {
         loop {
@@ -600,37 +692,35 @@ fn forward(
             if let Some(Ok(_)) = &next {
                 st.work.progressed();
             }
-            match (next, &st.rewrite) {
-                (Some(Ok(chunk)), None) => return Some((Ok(chunk), st)),
-                (Some(Ok(chunk)), Some(rw)) if sse => {
+            match next {
+                Some(Ok(chunk)) if sse => {
                     let events = st.framer.push(&chunk);
                     if events.is_empty() {
                         continue;
                     }
                     let out: String = events
                         .iter()
-                        .map(|e| format!("{}\n\n", rw.event(e)))
+                        .map(|e| format!("{}\n\n", st.rw.event(e)))
                         .collect();
                     return Some((Ok(Bytes::from(out)), st));
                 }
-                (Some(Ok(chunk)), Some(_)) => st.whole.extend_from_slice(&chunk),
-                (None, None) => return None,
-                (None, Some(rw)) => {
+                Some(Ok(chunk)) => st.whole.extend_from_slice(&chunk),
+                None => {
                     st.done = true;
                     let out = if sse {
                         st.framer
                             .finish()
-                            .map(|e| format!("{}\n\n", rw.event(&e)).into_bytes())
+                            .map(|e| format!("{}\n\n", st.rw.event(&e)).into_bytes())
                             .unwrap_or_default()
                     } else {
-                        rw.body(&st.whole)
+                        st.rw.body(&st.whole)
                     };
                     if out.is_empty() {
                         return None;
                     }
                     return Some((Ok(Bytes::from(out)), st));
                 }
-                (Some(Err(e)), _) => {
+                Some(Err(e)) => {
                     st.done = true;
                     tracing::warn!(error = %e, "response cut short");
                     if sse {
@@ -670,6 +760,11 @@ mod tests {
     }
 
     fn app(rx: watch::Receiver<ClusterView>, keys: Option<&str>) -> Router {
+        // Port 1 on loopback refuses connections: no engine.
+        app_to(rx, keys, Upstream::new(1, 4).expect("upstream"))
+    }
+
+    fn app_to(rx: watch::Receiver<ClusterView>, keys: Option<&str>, up: Upstream) -> Router {
         let settings = gateway::Settings {
             max_in_flight: 4,
             queue_size: 8,
@@ -683,7 +778,7 @@ mod tests {
             .map(|k| gateway::keys::parse(k, std::path::Path::new("keys"), &["m"]).expect("keys"));
         router(
             rx,
-            1,
+            up,
             Gateway::new(settings, keys),
             &Signals::default(),
             Activity::default(),
@@ -833,6 +928,73 @@ mod tests {
         let started = tokio::time::Instant::now();
         waiting(&tx).await.await.expect("bounded");
         assert_eq!(started.elapsed(), ADOPT_WAIT);
+    }
+
+    const MODELS: &str = r#"{"object":"list","data":[]}"#;
+
+    /// A narrow stand-in for rank 0's server on a loopback port: `/v1/models` answers
+    /// [`MODELS`] after a pause; returns the port and the most requests it held at once.
+    async fn stub_engine() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let seen = most.clone();
+        let models = move || {
+            let (now, most) = (now.clone(), most.clone());
+            async move {
+                most.fetch_max(now.fetch_add(1, SeqCst) + 1, SeqCst);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                now.fetch_sub(1, SeqCst);
+                ([(header::CONTENT_TYPE, "application/json")], MODELS)
+            }
+        };
+        let engine = Router::new().route("/v1/models", get(models));
+        tokio::spawn(async move { axum::serve(listener, engine).await });
+        (port, seen)
+    }
+
+    #[tokio::test]
+    async fn a_response_passes_with_its_length_and_the_engines_connections_are_bounded() {
+        let (port, most) = stub_engine().await;
+        let (_tx, rx) = watch::channel(view(Phase::Serving));
+        let app = app_to(rx, None, Upstream::new(port, 2).expect("upstream"));
+        let get = || {
+            axum::http::Request::get("/v1/models")
+                .body(Body::empty())
+                .expect("request")
+        };
+        // Passed through, not re-chunked: the client gets the engine's Content-Length.
+        let resp = app.clone().oneshot(get()).await.expect("response");
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(
+            http_body::Body::size_hint(resp.body()).exact(),
+            Some(MODELS.len() as u64)
+        );
+        // An unread response holds its connection.
+        drop(resp);
+        // Six clients at once reach the engine over at most two connections at a time (each
+        // in use until its response's body is read).
+        let calls = (0..6).map(|_| {
+            let app = app.clone();
+            async move {
+                let resp = app.oneshot(get()).await.expect("response");
+                assert_eq!(resp.status(), StatusCode::OK);
+                axum::body::to_bytes(resp.into_body(), 1 << 16)
+                    .await
+                    .expect("body")
+            }
+        });
+        let bodies = tokio::time::timeout(
+            Duration::from_secs(30),
+            futures_util::future::join_all(calls),
+        )
+        .await
+        .expect("every client answered");
+        assert!(bodies.iter().all(|b| b == MODELS.as_bytes()));
+        assert_eq!(most.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::upstream::Upstream;
 use axum::body::{Body, BodyDataStream, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
@@ -544,30 +545,23 @@ pub fn engine_metrics(text: &str, prefix: &str) -> String {
 }
 
 /// Rank 0's engine's metrics, renamed; `None` when the engine does not answer in time.
-pub async fn fetch_engine(http: &reqwest::Client, upstream: &str) -> Option<String> {
-    let r = http
-        .get(format!("{upstream}/metrics"))
-        .timeout(ENGINE_TIMEOUT)
-        .send()
-        .await
-        .ok()?;
-    if !r.status().is_success() {
-        tracing::debug!(status = %r.status(), "the engine's /metrics answered an error");
-        return None;
+pub async fn fetch_engine(upstream: &Upstream) -> Option<String> {
+    match upstream.get("/metrics", ENGINE_TIMEOUT).await {
+        Ok(body) => Some(engine_metrics(
+            &String::from_utf8_lossy(&body),
+            ENGINE_PREFIX,
+        )),
+        Err(e) => {
+            tracing::debug!(error = %format!("{e:#}"), "the engine's /metrics did not answer");
+            None
+        }
     }
-    let text = r.text().await.ok()?;
-    Some(engine_metrics(&text, ENGINE_PREFIX))
 }
 
 /// The `/metrics` response for this moment.
-pub async fn scrape(
-    gateway: &Gateway,
-    view: &ClusterView,
-    http: &reqwest::Client,
-    upstream: &str,
-) -> Response {
+pub async fn scrape(gateway: &Gateway, view: &ClusterView, upstream: &Upstream) -> Response {
     let engine = if view.serving() {
-        fetch_engine(http, upstream).await
+        fetch_engine(upstream).await
     } else {
         None
     };
@@ -585,8 +579,7 @@ pub async fn scrape(
 struct Exporter {
     gateway: Gateway,
     view: tokio::sync::watch::Receiver<ClusterView>,
-    http: reqwest::Client,
-    upstream: Arc<str>,
+    upstream: Upstream,
 }
 
 /// Serves only `/metrics`, without API keys, on `addr` (`api.metrics_listen`).
@@ -598,22 +591,18 @@ pub async fn serve(
 ) -> anyhow::Result<crate::server::Server> {
     let listener = crate::server::bind(addr, "the metrics (api.metrics_listen)").await?;
     tracing::info!(%addr, "metrics listening");
-    let http = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(2))
-        .no_proxy()
-        .build()?;
+    // Its own connection to the engine: a scrape never waits behind the proxy's requests.
     let state = Exporter {
         gateway,
         view,
-        http,
-        upstream: format!("http://127.0.0.1:{upstream_port}").into(),
+        upstream: Upstream::new(upstream_port, 1)?,
     };
     let app = axum::Router::new()
         .route(
             "/metrics",
             axum::routing::get(|State(s): State<Exporter>| async move {
                 let view = s.view.borrow().clone();
-                scrape(&s.gateway, &view, &s.http, &s.upstream).await
+                scrape(&s.gateway, &view, &s.upstream).await
             }),
         )
         .with_state(state);

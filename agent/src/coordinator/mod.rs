@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod placement;
 pub mod progress;
 pub mod state;
+pub mod upstream;
 pub mod view;
 
 use std::sync::Arc;

@@ -9,6 +9,19 @@
 //! does with its automatic slot count (4 slots sharing one KV cache of ctx_size, so a single
 //! request may still use the whole context); an explicit `-np` alone would give each slot
 //! ctx_size / slots.
+//!
+//! `--no-cache-idle-slots` unless `model.cache_idle_slots = true`. By default llama-server
+//! saves every idle slot's state to its prompt cache when a request arrives and clears the
+//! slot (with a unified KV cache), so the next turn of each chat restores or recomputes its
+//! prompt; over an RPC ring the offloaded layers' KV cache lives on the workers, which likely
+//! makes that save and restore cross the network (cause not confirmed). Four concurrent chats
+//! a round, warm p50 per round, 16 / 4 tokens, 3-rank local ring, SmolLM2: a first
+//! measurement had defaults 1044 / 353 ms, `--no-cache-idle-slots` 715 / 205, `--cache-ram 0`
+//! 749 / 246, `-np 4 --no-kv-unified` 819 / 236; bench/slots.py (two runs of two passes on a
+//! machine at load 13-20, bench/results/slots-2026-12-01.txt) had defaults 4157, 2877, 2878,
+//! 2409 / 1434, 518, 1271, 737 ms and `--no-cache-idle-slots` 3463, 2406, 2362, 1499 / 886,
+//! 464, 810, 510: faster in every pass. `--cache-ram 0` comes close but drops the prompt cache
+//! altogether, and `--no-kv-unified` cuts each slot's context to ctx_size / slots.
 
 use super::{CommandSpec, LocalEngine};
 use crate::plan::rpc_port;
@@ -43,6 +56,9 @@ pub fn command(spec: &RankSpec, local: &LocalEngine) -> CommandSpec {
         }
         if let Some(n) = spec.slots {
             args.extend(["-np".into(), n.to_string(), "--kv-unified".into()]);
+        }
+        if spec.cache_idle_slots == Some(false) {
+            args.push("--no-cache-idle-slots".into());
         }
         args.extend([
             "--host".into(),
@@ -151,6 +167,7 @@ mod tests {
             },
             peers: vec![],
             slots: (rank == 0).then_some(4),
+            cache_idle_slots: (rank == 0).then_some(false),
         }
     }
 
@@ -161,7 +178,33 @@ mod tests {
         assert_eq!(
             c.args.join(" "),
             "-m /models/m.gguf -c 2048 --rpc 10.0.0.2:50053,10.0.0.3:50054 -ngl 99 \
-             --tensor-split 1,3 -t 2 -np 4 --kv-unified --host 127.0.0.1 --port 18080 --alias smol --metrics"
+             --tensor-split 1,3 -t 2 -np 4 --kv-unified --no-cache-idle-slots \
+             --host 127.0.0.1 --port 18080 --alias smol --metrics"
+        );
+    }
+
+    #[test]
+    fn idle_slots_are_cached_only_when_asked_or_by_an_older_coordinator() {
+        let mut s = spec(0);
+        s.cache_idle_slots = Some(true);
+        assert!(!command(&s, &local())
+            .args
+            .iter()
+            .any(|a| a.contains("cache-idle")));
+        // A spec without the field (an older coordinator): the engine's own default.
+        s.cache_idle_slots = None;
+        assert!(!command(&s, &local())
+            .args
+            .iter()
+            .any(|a| a.contains("cache-idle")));
+        s.cache_idle_slots = Some(false);
+        let args = command(&s, &local()).args;
+        assert_eq!(
+            args.iter()
+                .filter(|a| *a == "--no-cache-idle-slots")
+                .count(),
+            1,
+            "{args:?}"
         );
     }
 

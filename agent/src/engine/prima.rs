@@ -234,6 +234,7 @@ mod tests {
             rpc_workers: vec![],
             peers: vec![],
             slots: (rank == 0).then_some(2),
+            cache_idle_slots: None,
         }
     }
 

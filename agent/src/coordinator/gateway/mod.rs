@@ -26,13 +26,12 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::body::{Body, BodyDataStream, Bytes};
+use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures_util::Stream;
 use serde_json::json;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -400,7 +399,7 @@ pub async fn guard(State(gw): State<Gateway>, req: Request, next: Next) -> Respo
     // gets its 503 at once instead of holding the drain up.
     let ending = parts
         .extensions
-        .get::<CancellationToken>()
+        .get::<Arc<CancellationToken>>()
         .cloned()
         .unwrap_or_default();
     let entered = tokio::select! {
@@ -430,7 +429,7 @@ pub async fn guard(State(gw): State<Gateway>, req: Request, next: Next) -> Respo
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
     let metered = Metered {
-        inner: body.into_data_stream(),
+        inner: body,
         meter: Meter::new(sse),
         account: Some(Account {
             gw: gw.clone(),
@@ -440,7 +439,7 @@ pub async fn guard(State(gw): State<Gateway>, req: Request, next: Next) -> Respo
             _permit: permit,
         }),
     };
-    Response::from_parts(parts, Body::from_stream(metered))
+    Response::from_parts(parts, Body::new(metered))
 }
 
 /// The `model` a request body names, if it is JSON with one.
@@ -575,25 +574,32 @@ impl Account {
     }
 }
 
-/// A response body passed on chunk by chunk through a [`Meter`].
+/// A response body passed on frame by frame through a [`Meter`], its size hint kept (so a
+/// body of known length keeps its `Content-Length` instead of being re-chunked).
 struct Metered {
-    inner: BodyDataStream,
+    inner: Body,
     meter: Meter,
     account: Option<Account>,
 }
 
-impl Stream for Metered {
-    type Item = Result<Bytes, axum::Error>;
+impl http_body::Body for Metered {
+    type Data = Bytes;
+    type Error = axum::Error;
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
         let this = &mut *self;
-        let item = std::task::ready!(Pin::new(&mut this.inner).poll_next(cx));
+        let item = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
         match &item {
-            Some(Ok(chunk)) => {
-                let n = this.meter.feed(chunk);
-                if n > 0 {
-                    if let Some(a) = this.account.as_mut() {
-                        a.charge(n);
+            Some(Ok(frame)) => {
+                if let Some(chunk) = frame.data_ref() {
+                    let n = this.meter.feed(chunk);
+                    if n > 0 {
+                        if let Some(a) = this.account.as_mut() {
+                            a.charge(n);
+                        }
                     }
                 }
             }
@@ -604,6 +610,14 @@ impl Stream for Metered {
             }
         }
         Poll::Ready(item)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -790,7 +804,7 @@ mod tests {
         let app = Router::new()
             .route("/v1/chat/completions", post(endless))
             .layer(axum::middleware::from_fn_with_state(gw.clone(), guard))
-            .layer(axum::Extension(ending.clone()));
+            .layer(axum::Extension(Arc::new(ending.clone())));
         let req = || {
             axum::http::Request::post("/v1/chat/completions")
                 .body(Body::from("{}"))
