@@ -4,6 +4,7 @@
 //! serves the OpenAI-compatible API. `llm-agent up --local N` runs a whole cluster on one machine.
 
 mod auth;
+mod bench;
 mod check_config;
 mod config;
 mod coordinator;
@@ -69,6 +70,10 @@ enum Command {
     },
     /// Run a whole cluster on this machine: N node agents and the coordinator over loopback.
     Up(local::UpArgs),
+    /// Measure an OpenAI-compatible endpoint: time to first token, prefill and decode tok/s
+    /// per stream and p50/p95; with --matrix, local rings of both engines over ring sizes and
+    /// link latencies (delaying relays between ranks), written under bench/results/.
+    Bench(bench::BenchArgs),
     /// Report the network tuning for ring traffic, key by key; --apply sets what is not in effect.
     ///
     /// Exits 0 when every key is in effect, 3 when some are not (they differ, or cannot be set
@@ -213,6 +218,10 @@ fn main() -> ExitCode {
         Command::Up(args) => {
             init_logging("info,engine=warn");
             run_async(local::up(args))
+        }
+        Command::Bench(args) => {
+            init_logging("warn");
+            run_async(bench::run(args))
         }
     }
 }
