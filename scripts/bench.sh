@@ -8,6 +8,12 @@
 #                             direct vs coordinator vs nginx latency and throughput, and what slow
 #                             and huge requests get, with the agent's memory (bench/gateway.py;
 #                             installs Debian's nginx and wrk with apt-get when missing)
+#   scripts/bench.sh matrix [bench flags]
+#                             `llm-agent bench --matrix`: llama.cpp RPC (and prima.cpp when
+#                             PRIMA_CPP_DIR is set; on a Q8_0 copy of the model made with
+#                             tests/e2e/q8.py) over 2..4 nodes and 0/5/10/20 ms per link, through
+#                             delaying relays; writes bench/results/matrix-<date>.{json,txt,svg}.
+#                             Run it in a network namespace of its own when others use the ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${LLM_CLUSTER_CACHE:-$HOME/.cache/llm-cluster}
@@ -21,5 +27,15 @@ case "${1:-local}" in
   local) exec "$VENV/bin/python" bench/bench_local.py ;;
   bringup) exec "$VENV/bin/python" bench/bringup.py ;;
   gateway) shift; exec "$VENV/bin/python" bench/gateway.py "$@" ;;
-  *) echo "usage: scripts/bench.sh [local|bringup|gateway [speed|limits]]" >&2; exit 2 ;;
+  matrix)
+    shift
+    prima=()
+    if [ -n "${PRIMA_CPP_DIR:-}" ]; then
+      q8=$CACHE/models/$(basename "$SMOLLM2_GGUF" .gguf).Q8_0-copy.gguf
+      [ -s "$q8" ] || "$VENV/bin/python" tests/e2e/q8.py "$SMOLLM2_GGUF" "$q8"
+      prima=(--prima-dir "$PRIMA_CPP_DIR" --prima-model-file "$q8")
+    fi
+    exec "$LLM_AGENT_BIN" bench --matrix --model-file "$SMOLLM2_GGUF" --llama-dir "$LLAMA_CPP_DIR" \
+      "${prima[@]}" "$@" ;;
+  *) echo "usage: scripts/bench.sh [local|bringup|gateway [speed|limits]|matrix [bench flags]]" >&2; exit 2 ;;
 esac
