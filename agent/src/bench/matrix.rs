@@ -408,7 +408,7 @@ async fn ring_cells(args: &BenchArgs, e: &EngineInfo, nodes: u32) -> Result<Vec<
     result.map_err(|e| e.context(format!("the ring's log ends:\n{log}")))
 }
 
-/// One `llm-agent up --local` child in its own process group.
+/// One `llm-agent up --local` child.
 struct Ring {
     child: tokio::process::Child,
     log: PathBuf,
@@ -431,7 +431,8 @@ impl Ring {
             .stdin(Stdio::null())
             .stdout(file)
             .stderr(err)
-            .process_group(0)
+            // In the bench's process group, so a Ctrl-C reaches `up` too and it stops its
+            // ranks; they also get SIGTERM should `up` itself die.
             .kill_on_drop(true)
             .spawn()
             .context("cannot start `llm-agent up --local`")?;
@@ -462,19 +463,18 @@ impl Ring {
         )
     }
 
-    /// SIGINT like a person's Ctrl-C, SIGKILL to the group when that is not enough; returns
-    /// the log's tail.
+    /// SIGINT like a person's Ctrl-C, SIGKILL when that is not enough (the ranks then get
+    /// their parent-death SIGTERM); returns the log's tail.
     async fn stop(mut self) -> String {
-        use nix::sys::signal::{killpg, Signal};
+        use nix::sys::signal::{kill, Signal};
         use nix::unistd::Pid;
         if let Some(pid) = self.child.id().and_then(|p| i32::try_from(p).ok()) {
-            let _ = killpg(Pid::from_raw(pid), Signal::SIGINT);
+            let _ = kill(Pid::from_raw(pid), Signal::SIGINT);
             if tokio::time::timeout(Duration::from_secs(60), self.child.wait())
                 .await
                 .is_err()
             {
-                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-                let _ = self.child.wait().await;
+                let _ = self.child.kill().await;
             }
         }
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();

@@ -71,8 +71,8 @@ pub struct BenchArgs {
     /// --matrix: the GGUF for llama.cpp RPC rings.
     #[arg(long, env = "LLM_MODEL")]
     pub model_file: Option<PathBuf>,
-    /// --matrix: the GGUF for prima rings (default: --model-file; prima's profiler is skipped
-    /// with even layer windows, but some weight types still need another copy, e.g. Q8_0).
+    /// --matrix: the GGUF for prima rings (default: --model-file). The rings get even layer
+    /// windows, so prima's profiler does not run.
     #[arg(long)]
     pub prima_model_file: Option<PathBuf>,
     /// --matrix: llama.cpp's binaries (llama-server, ggml-rpc-server); PATH when absent.
