@@ -510,4 +510,14 @@ mod tests {
             "a shift below the world would collide"
         );
     }
+
+    #[test]
+    fn no_config_file_can_turn_the_relay_shift_on() {
+        let c = config("prima", "", &[("10.0.0.1", 7700), ("10.0.0.2", 7700)]);
+        assert_eq!(c.ports.relay_shift, 0, "off unless `up --local` sets it");
+        let text = "[cluster]\nname = \"t\"\nengine = \"prima\"\n[model]\npath = \"/m.gguf\"\n\
+                    [ports]\nrelay_shift = 100\n[[node]]\nrank = 0\naddress = \"10.0.0.1\"\n";
+        let e = Config::parse(text, Path::new("t.toml")).expect_err("unknown key");
+        assert!(e.to_string().contains("relay_shift"), "{e}");
+    }
 }
