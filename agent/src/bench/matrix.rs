@@ -4,6 +4,7 @@
 //! the latencies on the same ring, so the ratios against 0 ms come from one ring and one run.
 //! The results (JSON, a text table and an SVG plot) go to `--out` with the machine's facts.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use serde::Serialize;
+use tokio::net::TcpStream;
 
 use super::relay::{self, LinkBytes, Relays};
 use super::{BenchArgs, Report};
@@ -77,6 +79,7 @@ pub struct Matrix {
     pub max_tokens: u32,
     pub parallel: u32,
     pub runs: u32,
+    pub sweeps: u32,
     pub threads_per_rank: u32,
     pub engines: Vec<EngineInfo>,
     pub cells: Vec<Cell>,
@@ -148,6 +151,7 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
         max_tokens: args.max_tokens,
         parallel: args.parallel,
         runs: args.runs,
+        sweeps: args.sweeps,
         threads_per_rank: args.threads,
         engines,
         cells,
@@ -337,6 +341,9 @@ fn planned_links(argv: &[String], state: &Path) -> Result<Vec<crate::plan::Relay
     Ok(crate::plan::relay_links(&plan))
 }
 
+/// What the sweeps took at one latency: reports, relayed bytes, the first error.
+type Taken = (u64, Vec<Report>, Vec<LinkBytes>, Option<String>);
+
 /// A ring of `nodes` of engine `e`, benched at every latency.
 async fn ring_cells(args: &BenchArgs, e: &EngineInfo, nodes: u32) -> Result<Vec<Cell>> {
     let state = std::env::temp_dir().join(format!(
@@ -349,35 +356,71 @@ async fn ring_cells(args: &BenchArgs, e: &EngineInfo, nodes: u32) -> Result<Vec<
     if links.is_empty() {
         bail!("the plan has no links to relay");
     }
+    // The previous ring's engines may still be letting go of their ports; a ring started
+    // over them would fail to bind and be refused by its coordinator.
+    let api_port = 18500u16.saturating_add(args.port_offset);
+    let mut ports: Vec<SocketAddr> = links.iter().map(|l| l.target).collect();
+    ports.extend(
+        [api_port, 18080u16.saturating_add(args.port_offset)]
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
+    );
+    wait_free(&ports).await?;
     let relays = Relays::start(&links, Duration::ZERO).await?;
     let mut ring = Ring::start(&argv, &state)?;
-    let api = format!(
-        "http://127.0.0.1:{}",
-        18500u32 + u32::from(args.port_offset)
-    );
+    let api = format!("http://127.0.0.1:{api_port}");
     let result = async {
         ring.wait_ready(&api).await?;
+        // Sweeps interleave: every latency once, then again, so that a change in the
+        // machine's load while the ring runs spreads over all of them.
+        let mut taken: Vec<Taken> = args
+            .latency_ms
+            .iter()
+            .map(|l| (*l, Vec::new(), Vec::new(), None))
+            .collect();
+        for sweep in 0..args.sweeps {
+            for (lat, reports, bytes, error) in taken.iter_mut() {
+                relays.set_delay(Duration::from_millis(*lat));
+                let before = relays.bytes();
+                let label = format!(
+                    "{} {nodes} nodes {lat} ms (sweep {}/{})",
+                    e.engine,
+                    sweep + 1,
+                    args.sweeps
+                );
+                let report = super::bench_endpoint(args, &api, None, &label).await;
+                let links = relay::bytes_between(&before, &relays.bytes());
+                *bytes = relay::add(bytes, &links);
+                match report {
+                    Ok(r) => {
+                        eprintln!(
+                            "{label}: decode {} tok/s, TTFT {} ms",
+                            r.summary
+                                .decode_tok_s
+                                .as_ref()
+                                .map_or("-".into(), |d| format!("{:.1}", d.p50)),
+                            r.summary
+                                .ttft_s
+                                .as_ref()
+                                .map_or("-".into(), |d| format!("{:.0}", d.p50 * 1000.0)),
+                        );
+                        reports.push(r);
+                    }
+                    Err(err) => {
+                        eprintln!("{label}: {err:#}");
+                        error.get_or_insert(format!("{err:#}"));
+                    }
+                }
+            }
+        }
         let mut cells = Vec::new();
-        for &lat in &args.latency_ms {
-            relays.set_delay(Duration::from_millis(lat));
-            let before = relays.bytes();
-            let label = format!("{} {nodes} nodes {lat} ms", e.engine);
-            let report = super::bench_endpoint(args, &api, None, &label).await;
-            let links = relay::bytes_between(&before, &relays.bytes());
-            let relay_bytes = links
-                .iter()
-                .map(|l| l.bytes_forward + l.bytes_backward)
-                .sum();
-            let (report, error) = match report {
-                Ok(r) => (Some(r), None),
-                Err(err) => (None, Some(format!("{err:#}"))),
-            };
+        for (lat, reports, links, error) in taken {
+            let report = super::merge_reports(reports);
             let p50 = |f: fn(&super::stats::Summary) -> &Option<super::stats::Dist>| {
                 report
                     .as_ref()
                     .and_then(|r| f(&r.summary).as_ref().map(|d| d.p50))
             };
-            let cell = Cell {
+            cells.push(Cell {
                 engine: e.engine,
                 nodes,
                 latency_ms: lat,
@@ -385,19 +428,14 @@ async fn ring_cells(args: &BenchArgs, e: &EngineInfo, nodes: u32) -> Result<Vec<
                 ttft_s: p50(|s| &s.ttft_s),
                 prefill_tok_s: p50(|s| &s.prefill_tok_s),
                 decode_ratio: None,
-                relay_bytes,
+                relay_bytes: links
+                    .iter()
+                    .map(|l| l.bytes_forward + l.bytes_backward)
+                    .sum(),
                 relay_links: links,
                 error,
                 report,
-            };
-            eprintln!(
-                "{label}: decode {} tok/s, TTFT {} ms, relayed {} bytes",
-                cell.decode_tok_s.map_or("-".into(), |v| format!("{v:.1}")),
-                cell.ttft_s
-                    .map_or("-".into(), |v| format!("{:.0}", v * 1000.0)),
-                cell.relay_bytes
-            );
-            cells.push(cell);
+            });
         }
         Ok::<_, anyhow::Error>(cells)
     }
@@ -405,7 +443,31 @@ async fn ring_cells(args: &BenchArgs, e: &EngineInfo, nodes: u32) -> Result<Vec<
     let log = ring.stop().await;
     drop(relays);
     let _ = std::fs::remove_dir_all(&state);
+    // Bounded, so the next ring finds its ports free or says which is not.
+    let _ = wait_free(&ports).await;
     result.map_err(|e| e.context(format!("the ring's log ends:\n{log}")))
+}
+
+/// Waits (at most a minute) until nothing listens on `ports` any more.
+async fn wait_free(ports: &[SocketAddr]) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut busy = None;
+        for p in ports {
+            let probe = tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(p)).await;
+            if matches!(probe, Ok(Ok(_))) {
+                busy = Some(*p);
+                break;
+            }
+        }
+        match busy {
+            None => return Ok(()),
+            Some(p) if Instant::now() >= deadline => {
+                bail!("{p} is still in use (a ring from before?); the ring needs it")
+            }
+            Some(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
 }
 
 /// One `llm-agent up --local` child.
@@ -474,6 +536,7 @@ impl Ring {
                 .await
                 .is_err()
             {
+                eprintln!("`up` did not stop within 60 s of SIGINT; killing it");
                 let _ = self.child.kill().await;
             }
         }
@@ -507,8 +570,8 @@ fn add_ratios(cells: &mut [Cell]) {
 pub fn text_table(m: &Matrix) -> String {
     let mut out = format!(
         "llm-agent bench --matrix, {} — {} ({} cores, {:.0} GiB), kernel {}, load at start {}\n\
-         prompt ~{} tokens, {} tokens out, {} stream(s) x {} run(s), {} thread(s) per rank; \
-         latency = {}\n",
+         prompt ~{} tokens, {} tokens out, {} stream(s) x {} run(s) x {} sweep(s), {} thread(s) \
+         per rank; latency = {}\n",
         m.date,
         m.machine.cpu_model,
         m.machine.cores,
@@ -519,6 +582,7 @@ pub fn text_table(m: &Matrix) -> String {
         m.max_tokens,
         m.parallel,
         m.runs,
+        m.sweeps,
         m.threads_per_rank,
         m.latency
     );
@@ -675,6 +739,7 @@ mod tests {
             max_tokens: 2,
             parallel: 1,
             runs: 1,
+            sweeps: 1,
             threads_per_rank: 1,
             engines: Vec::new(),
             cells,

@@ -62,6 +62,10 @@ pub struct BenchArgs {
     /// not found.
     #[arg(long, value_delimiter = ',', default_value = "llama-rpc,prima")]
     pub engines: Vec<EngineKind>,
+    /// --matrix: how many times each ring steps through the latencies (interleaved, so a
+    /// change in the machine's load spreads over all of them); the figures are over all.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub sweeps: u32,
     /// --matrix: ring sizes.
     #[arg(long, value_delimiter = ',', default_value = "2,3,4")]
     pub nodes: Vec<u32>,
@@ -245,6 +249,26 @@ pub async fn bench_endpoint(
     })
 }
 
+/// Several benches of one endpoint as one: their runs and streams together (runs numbered on),
+/// the summary over all of them.
+pub fn merge_reports(reports: Vec<Report>) -> Option<Report> {
+    let mut it = reports.into_iter();
+    let mut all = it.next()?;
+    for r in it {
+        let base = all.runs.len() as u32;
+        all.runs.extend(r.runs.into_iter().map(|mut x| {
+            x.run += base;
+            x
+        }));
+        all.streams.extend(r.streams.into_iter().map(|mut s| {
+            s.run += base;
+            s
+        }));
+    }
+    all.summary = stats::summarize(&all.streams, &all.runs);
+    Some(all)
+}
+
 #[cfg(test)]
 impl BenchArgs {
     /// The arguments of `llm-agent bench EXTRA…`, parsed as the CLI would.
@@ -258,5 +282,48 @@ impl BenchArgs {
         Cli::try_parse_from(std::iter::once("bench").chain(extra.iter().copied()))
             .expect("bench arguments parse")
             .bench
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merged_reports_number_their_runs_on_and_summarize_all_streams() {
+        let report = |ttft: f64| {
+            let streams = vec![StreamResult {
+                run: 0,
+                stream: 0,
+                sample: Some(client::Sample {
+                    ttft_s: ttft,
+                    total_s: 1.0,
+                    prompt_tokens: Some(10),
+                    completion_tokens: 5,
+                    tokens_from: "usage",
+                    prefill_tok_s: Some(10.0 / ttft),
+                    decode_tok_s: Some(4.0),
+                    engine_prefill_tok_s: None,
+                    engine_decode_tok_s: None,
+                }),
+                error: None,
+            }];
+            let runs = vec![stats::run_result(0, 1.0, &streams)];
+            Report {
+                url: "u".into(),
+                model: "m".into(),
+                prompt_tokens: 10,
+                max_tokens: 5,
+                parallel: 1,
+                summary: stats::summarize(&streams, &runs),
+                runs,
+                streams,
+            }
+        };
+        let m = merge_reports(vec![report(0.1), report(0.3), report(0.2)]).expect("merged");
+        let runs: Vec<u32> = m.streams.iter().map(|s| s.run).collect();
+        assert_eq!(runs, [0, 1, 2]);
+        assert_eq!(m.summary.ttft_s.map(|d| (d.n, d.p50)), Some((3, 0.2)));
+        assert!(merge_reports(Vec::new()).is_none());
     }
 }

@@ -137,6 +137,22 @@ pub fn bytes_between(before: &[LinkBytes], after: &[LinkBytes]) -> Vec<LinkBytes
         .collect()
 }
 
+/// `acc` plus `more`, link by link (an empty `acc` is all zeros).
+pub fn add(acc: &[LinkBytes], more: &[LinkBytes]) -> Vec<LinkBytes> {
+    if acc.is_empty() {
+        return more.to_vec();
+    }
+    acc.iter()
+        .zip(more)
+        .map(|(a, m)| LinkBytes {
+            bytes_forward: a.bytes_forward + m.bytes_forward,
+            bytes_backward: a.bytes_backward + m.bytes_backward,
+            connections: a.connections + m.connections,
+            ..a.clone()
+        })
+        .collect()
+}
+
 async fn accept_loop(
     listener: TcpListener,
     link: RelayLink,
@@ -295,6 +311,10 @@ mod tests {
         assert_eq!(b[0].connections, 1);
         let d = bytes_between(&b, &relays.bytes());
         assert_eq!(d[0].bytes_forward, 0);
+        assert_eq!(
+            add(&add(&[], &b), &b)[0].bytes_backward,
+            2 * b[0].bytes_backward
+        );
     }
 
     #[tokio::test]
