@@ -115,10 +115,15 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
         engines.push(engine_info(*e, args, &model).await);
     }
     let mut cells = Vec::new();
+    let mut ring_index = 0u16;
     for e in engines.iter().filter(|e| e.available) {
         for &n in &args.nodes {
             eprintln!("{} ring of {n}: starting", e.engine);
-            match ring_cells(args, e, n).await {
+            // Each ring on ports of its own: prima's HTTP server does not bind a port that
+            // the previous ring's connections still hold in TIME_WAIT.
+            let offset = args.port_offset.saturating_add(ring_index);
+            ring_index += 1;
+            match ring_cells(args, e, n, offset).await {
                 Ok(c) => cells.extend(c),
                 Err(err) => cells.extend(args.latency_ms.iter().map(|l| Cell {
                     engine: e.engine,
@@ -286,8 +291,13 @@ fn even_windows(layers: u32, ranks: u32) -> Vec<u32> {
 }
 
 /// The `up` arguments of one ring.
-fn up_argv(args: &BenchArgs, e: &EngineInfo, nodes: u32, state: &Path) -> Result<Vec<String>> {
-    let offset = args.port_offset;
+fn up_argv(
+    args: &BenchArgs,
+    e: &EngineInfo,
+    nodes: u32,
+    offset: u16,
+    state: &Path,
+) -> Result<Vec<String>> {
     let ctx = ((args.prompt_tokens + args.max_tokens + 64) * args.parallel.max(1))
         .max(1024)
         .next_multiple_of(256);
@@ -345,24 +355,28 @@ fn planned_links(argv: &[String], state: &Path) -> Result<Vec<crate::plan::Relay
 type Taken = (u64, Vec<Report>, Vec<LinkBytes>, Option<String>);
 
 /// A ring of `nodes` of engine `e`, benched at every latency.
-async fn ring_cells(args: &BenchArgs, e: &EngineInfo, nodes: u32) -> Result<Vec<Cell>> {
+async fn ring_cells(
+    args: &BenchArgs,
+    e: &EngineInfo,
+    nodes: u32,
+    offset: u16,
+) -> Result<Vec<Cell>> {
     let state = std::env::temp_dir().join(format!(
         "llm-bench-{}-{}-{nodes}",
         std::process::id(),
         e.engine
     ));
-    let argv = up_argv(args, e, nodes, &state)?;
+    let argv = up_argv(args, e, nodes, offset, &state)?;
     let links = planned_links(&argv, &state)?;
     if links.is_empty() {
         bail!("the plan has no links to relay");
     }
     // The previous ring's engines may still be letting go of their ports; a ring started
     // over them would fail to bind and be refused by its coordinator.
-    let api_port = 18500u16.saturating_add(args.port_offset);
+    let api_port = 18500u16.saturating_add(offset);
     let mut ports: Vec<SocketAddr> = links.iter().map(|l| l.target).collect();
     ports.extend(
-        [api_port, 18080u16.saturating_add(args.port_offset)]
-            .map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
+        [api_port, 18080u16.saturating_add(offset)].map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
     );
     wait_free(&ports).await?;
     let relays = Relays::start(&links, Duration::ZERO).await?;
@@ -764,7 +778,7 @@ mod tests {
             model,
         };
         let state = dir.path().join("state");
-        let argv = up_argv(&args, &e, 3, &state).expect("argv");
+        let argv = up_argv(&args, &e, 3, 0, &state).expect("argv");
         let links = planned_links(&argv, &state).expect("links");
         let l: Vec<(u32, u16, u16)> = links
             .iter()

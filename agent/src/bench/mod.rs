@@ -92,7 +92,8 @@ pub struct BenchArgs {
     /// --matrix: file name stem of the results (default: matrix-<UTC date>).
     #[arg(long)]
     pub name: Option<String>,
-    /// --matrix: added to every port of the rings (as `up --port-offset`).
+    /// --matrix: added to every port of the rings (as `up --port-offset`; each further ring
+    /// adds one more).
     #[arg(long, default_value_t = 0)]
     pub port_offset: u16,
     /// --matrix: threads per rank.
