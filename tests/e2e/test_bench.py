@@ -67,7 +67,8 @@ def test_bench_against_an_engine_directly_with_parallel_streams(tmp_path):
         r = _bench("--url", engine.base, "--prompt-tokens", "16", "--max-tokens", "4",
                    "--parallel", "2", "--runs", "2", "--warmup", "0", "--json")
         report = json.loads(r.stdout)
-        human = _bench("--url", f"{engine.base}/v1", "--max-tokens", "3", "--runs", "1", "--warmup", "0")
+        human = _bench("--url", f"{engine.base}/v1", "--max-tokens", "3", "--runs", "1", "--warmup", "0",
+                       "--openai-only")
     finally:
         engine.stop()
     assert report["url"] == f"{engine.base}/v1" and report["model"], report["url"]

@@ -21,6 +21,8 @@ pub struct Target {
     pub prompt_tokens: u32,
     pub max_tokens: u32,
     pub timeout: Duration,
+    /// Also send llama.cpp's `ignore_eos` and `cache_prompt`.
+    pub llama_fields: bool,
 }
 
 /// The base URL ending in `/v1`, however the user wrote it.
@@ -176,17 +178,19 @@ pub async fn first_model(http: &reqwest::Client, t: &Target) -> Result<String> {
 /// Sends one streaming request and measures it; `tag` keeps its prompt apart from the others.
 pub async fn measure(http: &reqwest::Client, t: &Target, tag: u64) -> Result<Sample> {
     let url = format!("{}/chat/completions", t.base);
-    let body = json!({
+    let mut body = json!({
         "model": t.model,
         "messages": [{"role": "user", "content": prompt(t.prompt_tokens, tag)}],
         "max_tokens": t.max_tokens,
         "stream": true,
         "stream_options": {"include_usage": true},
         "temperature": 0,
-        // llama.cpp's: decode all max_tokens, and prefill the whole prompt every time.
-        "ignore_eos": true,
-        "cache_prompt": false,
     });
+    if t.llama_fields {
+        // llama.cpp's: decode all max_tokens, and prefill the whole prompt every time.
+        body["ignore_eos"] = json!(true);
+        body["cache_prompt"] = json!(false);
+    }
     let mut req = http.post(&url).json(&body).timeout(t.timeout);
     if let Some(k) = &t.api_key {
         req = req.bearer_auth(k);

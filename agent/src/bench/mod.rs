@@ -51,6 +51,10 @@ pub struct BenchArgs {
     /// Seconds one request may take before it counts as failed.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout: u64,
+    /// Send only OpenAI's own request fields, for endpoints that refuse others (llama.cpp's
+    /// `ignore_eos` and `cache_prompt` are left out, so a stream may end before --max-tokens).
+    #[arg(long)]
+    pub openai_only: bool,
     /// Print JSON instead of tables.
     #[arg(long)]
     pub json: bool,
@@ -181,6 +185,7 @@ pub async fn bench_endpoint(
         prompt_tokens: args.prompt_tokens,
         max_tokens: args.max_tokens,
         timeout: Duration::from_secs(args.timeout),
+        llama_fields: !args.openai_only,
     };
     target.model = match model {
         Some(m) => m,
