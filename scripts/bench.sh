@@ -15,6 +15,12 @@
 #   scripts/bench.sh slots    llama-server's slot settings (idle-slot caching, prompt cache, KV
 #                             layout): 4 concurrent chats a round through the coordinator, per
 #                             variant (bench/slots.py)
+#   scripts/bench.sh matrix [bench flags]
+#                             `llm-agent bench --matrix`: llama.cpp RPC (and prima.cpp when
+#                             PRIMA_CPP_DIR is set; on a Q8_0 copy of the model made with
+#                             tests/e2e/q8.py) over 2..4 nodes and 0/5/10/20 ms per link, through
+#                             delaying relays; writes bench/results/matrix-<date>.{json,txt,svg}.
+#                             Run it in a network namespace of its own when others use the ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${LLM_CLUSTER_CACHE:-$HOME/.cache/llm-cluster}
@@ -30,5 +36,15 @@ case "${1:-local}" in
   gateway) shift; exec "$VENV/bin/python" bench/gateway.py "$@" ;;
   rpc-cache) shift; exec "$VENV/bin/python" bench/rpc_cache.py "$@" ;;
   slots) exec "$VENV/bin/python" bench/slots.py ;;
-  *) echo "usage: scripts/bench.sh [local|bringup|gateway [speed|limits]|slots|rpc-cache [...]]" >&2; exit 2 ;;
+  matrix)
+    shift
+    prima=()
+    if [ -n "${PRIMA_CPP_DIR:-}" ]; then
+      q8=$CACHE/models/$(basename "$SMOLLM2_GGUF" .gguf).Q8_0-copy.gguf
+      [ -s "$q8" ] || "$VENV/bin/python" tests/e2e/q8.py "$SMOLLM2_GGUF" "$q8"
+      prima=(--prima-dir "$PRIMA_CPP_DIR" --prima-model-file "$q8")
+    fi
+    exec "$LLM_AGENT_BIN" bench --matrix --model-file "$SMOLLM2_GGUF" --llama-dir "$LLAMA_CPP_DIR" \
+      "${prima[@]}" "$@" ;;
+  *) echo "usage: scripts/bench.sh [local|bringup|gateway [speed|limits]|slots|rpc-cache [...]|matrix [bench flags]]" >&2; exit 2 ;;
 esac

@@ -85,6 +85,10 @@ pub struct UpArgs {
     /// api.metrics_listen: also serve `/metrics` here, without API keys.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    /// For `llm-agent bench --matrix` only: ranks dial their peers this many ports away from
+    /// where the peers listen, where the bench's delaying relays wait (0: directly).
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub relay_shift: u16,
 }
 
 /// prima's upstream build names its binaries like llama.cpp's; the packages rename them.
@@ -220,6 +224,7 @@ fn offset_ports(offset: u16, ranks: u32) -> Result<(Ports, Vec<u16>)> {
         signal: d.signal + offset,
         rpc: d.rpc + offset,
         server: d.server + offset,
+        relay_shift: 0,
     };
     let agent_ports = (0..ranks)
         .map(|r| u16::try_from(u32::from(LOCAL_AGENT_PORT + offset) + r))
@@ -345,7 +350,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
     let text = local_config_text(&args, &state_dir, &token_file)?;
     throwaway_pki(&state_dir, args.local)?;
     // Kept as a ConfigError (not flattened to text) so that it exits 2, a usage error.
-    let config = Config::parse(&text, Path::new("<up --local>"))?;
+    let mut config = Config::parse(&text, Path::new("<up --local>"))?;
+    config.ports.relay_shift = args.relay_shift;
     write_replacing(&state_dir.join("cluster.toml"), text.as_bytes())?;
     let config = Arc::new(config);
 

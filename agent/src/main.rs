@@ -4,6 +4,7 @@
 //! serves the OpenAI-compatible API. `llm-agent up --local N` runs a whole cluster on one machine.
 
 mod auth;
+mod bench;
 mod check_config;
 mod config;
 mod coordinator;
@@ -74,6 +75,10 @@ enum Command {
     Up(Box<local::UpArgs>),
     /// Make the cluster's CA and node certificates for mutual TLS on the control plane.
     Pki(pki::PkiArgs),
+    /// Measure an OpenAI-compatible endpoint: time to first token, prefill and decode tok/s
+    /// per stream and p50/p95; with --matrix, local rings of both engines over ring sizes and
+    /// link latencies (delaying relays between ranks), written under bench/results/.
+    Bench(Box<bench::BenchArgs>),
     /// Report the network tuning for ring traffic, key by key; --apply sets what is not in effect.
     ///
     /// Exits 0 when every key is in effect, 3 when some are not (they differ, or cannot be set
@@ -227,6 +232,10 @@ fn main() -> ExitCode {
         Command::Up(args) => {
             init_logging("info,engine=warn");
             run_async(local::up(*args))
+        }
+        Command::Bench(args) => {
+            init_logging("warn");
+            run_async(bench::run(*args))
         }
     }
 }

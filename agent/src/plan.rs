@@ -70,6 +70,19 @@ pub fn plan(
         rpc: config.ports.rpc,
         server: config.ports.server,
     };
+    let shift = config.ports.relay_shift;
+    if shift > 0 && u32::from(shift) < world {
+        return Err(format!(
+            "ports.relay_shift {shift} must be at least the ring's {world} ranks, or the moved \
+             ports would meet the ranks' own"
+        ));
+    }
+    // Each moved port is checked once here, so the specs below cannot overflow.
+    let moved = |base: u16, times: u32| -> Result<u16, String> {
+        u16::try_from(u32::from(base) + u32::from(shift) * times + world)
+            .map(|_| base + shift * times as u16)
+            .map_err(|_| format!("ports.relay_shift {shift}: port {base} moved past 65535"))
+    };
     let head = config.head().address;
     let peers: Vec<IpAddr> = members.iter().map(|n| n.address).collect();
     let ranks = members
@@ -82,10 +95,23 @@ pub fn plan(
             let rpc_workers = if is_head && config.cluster.engine == EngineKind::LlamaRpc {
                 members[1..]
                     .iter()
-                    .map(|w| SocketAddr::new(w.address, rpc_port(config.ports.rpc, w.rank)))
-                    .collect()
+                    .map(|w| {
+                        let port = moved(rpc_port(config.ports.rpc, w.rank), 1)?;
+                        Ok(SocketAddr::new(w.address, port))
+                    })
+                    .collect::<Result<_, String>>()?
             } else {
                 Vec::new()
+            };
+            // prima adds the rank to its bases both where a rank listens and where it dials,
+            // so moving a rank's bases by relay_shift × its ring rank moves only what it dials.
+            let ports = match config.cluster.engine {
+                EngineKind::Prima => PortSpec {
+                    data: moved(ports.data, ring_rank)?,
+                    signal: moved(ports.signal, ring_rank)?,
+                    ..ports
+                },
+                EngineKind::LlamaRpc => ports,
             };
             let gpu_layers = node.gpu_layers.or_else(|| {
                 remembered
@@ -93,7 +119,7 @@ pub fn plan(
                     .and_then(|g| g.get(node.rank as usize).copied())
                     .filter(|g| *g > 0)
             });
-            RankSpec {
+            Ok(RankSpec {
                 generation,
                 engine: config.cluster.engine,
                 node: node.rank,
@@ -121,9 +147,9 @@ pub fn plan(
                 slots: is_head.then_some(config.model.slots),
                 cache_idle_slots: (is_head && config.cluster.engine == EngineKind::LlamaRpc)
                     .then_some(config.model.cache_idle_slots),
-            }
+            })
         })
-        .collect();
+        .collect::<Result<_, String>>()?;
     Ok(RingPlan {
         generation,
         engine: config.cluster.engine,
@@ -167,6 +193,64 @@ pub fn link_targets(spec: &RankSpec) -> Vec<(u32, SocketAddr)> {
             v
         }
     }
+}
+
+/// One connection between two ranks that a relay can carry: the dialing rank `from` connects
+/// to `listen`, where the relay listens, and the relay connects on to `target`, where rank
+/// `to` listens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RelayLink {
+    pub from: u32,
+    pub to: u32,
+    /// `rpc` (llama.cpp head to a worker), `data` or `signal` (prima's ring and its STOP).
+    pub kind: &'static str,
+    pub listen: SocketAddr,
+    pub target: SocketAddr,
+}
+
+/// The links a plan made with `ports.relay_shift` needs relays on: every address a rank dials
+/// (as [`link_targets`] lists them, plus prima's signal link used at shutdown) paired with
+/// where its peer really listens. Empty without a shift, where ranks dial peers directly.
+pub fn relay_links(plan: &RingPlan) -> Vec<RelayLink> {
+    let mut links: Vec<RelayLink> = Vec::new();
+    for spec in &plan.ranks {
+        let mut dialed: Vec<(u32, &'static str, SocketAddr)> = link_targets(spec)
+            .into_iter()
+            .map(|(to, a)| {
+                let kind = match spec.engine {
+                    EngineKind::LlamaRpc => "rpc",
+                    EngineKind::Prima => "data",
+                };
+                (to, kind, a)
+            })
+            .collect();
+        if spec.engine == EngineKind::Prima {
+            let next = (spec.rank + 1) % spec.world.max(1);
+            let port = spec.ports.signal.saturating_add(next as u16);
+            dialed.push((next, "signal", SocketAddr::new(spec.next, port)));
+        }
+        for (to, kind, listen) in dialed {
+            let Some(peer) = plan.ranks.iter().find(|s| s.rank == to) else {
+                continue;
+            };
+            let port = match kind {
+                "rpc" => rpc_port(peer.ports.rpc, peer.rank),
+                "data" => peer.ports.data.saturating_add(peer.rank as u16),
+                _ => peer.ports.signal.saturating_add(peer.rank as u16),
+            };
+            let target = SocketAddr::new(peer.address, port);
+            if listen != target && !links.iter().any(|l| l.listen == listen) {
+                links.push(RelayLink {
+                    from: spec.rank,
+                    to,
+                    kind,
+                    listen,
+                    target,
+                });
+            }
+        }
+    }
+    links
 }
 
 /// Ports a rank listens on once it is up, for fencing and readiness checks.
@@ -330,5 +414,116 @@ mod tests {
             ]
         );
         assert_eq!(links(2), [(0, "10.0.0.1:9000".to_string())]);
+    }
+
+    /// Every port some rank of `p` listens on, as addresses.
+    fn listening(p: &RingPlan) -> Vec<SocketAddr> {
+        p.ranks
+            .iter()
+            .flat_map(|s| {
+                listen_ports(s)
+                    .into_iter()
+                    .map(|port| SocketAddr::new(s.address, port))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn without_a_relay_shift_ranks_dial_their_peers_directly() {
+        for engine in ["prima", "llama-rpc"] {
+            let c = config(
+                engine,
+                "",
+                &[("127.0.0.1", 1), ("127.0.0.1", 2), ("127.0.0.1", 3)],
+            );
+            let p = plan(&c, 1, None).expect("plan");
+            assert!(relay_links(&p).is_empty(), "{engine}");
+            let listening = listening(&p);
+            for s in &p.ranks {
+                for (_, a) in link_targets(s) {
+                    assert!(
+                        listening.contains(&a),
+                        "{engine}: {a} is where a peer listens"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_relay_shift_moves_every_dialed_port_off_the_listening_ones_and_relays_map_them_back() {
+        let nodes = [
+            ("127.0.0.1", 1),
+            ("127.0.0.1", 2),
+            ("127.0.0.1", 3),
+            ("127.0.0.1", 4),
+        ];
+        for (engine, n, expected) in [
+            ("llama-rpc", 4, 3),
+            ("prima", 4, 2 * 4 + 2),
+            ("prima", 2, 4),
+        ] {
+            let mut c = config(engine, "", &nodes[..n]);
+            c.ports.relay_shift = 100;
+            let p = plan(&c, 1, None).expect("plan");
+            let links = relay_links(&p);
+            assert_eq!(links.len(), expected, "{engine} {n}: {links:?}");
+            let listening = listening(&p);
+            for l in &links {
+                assert!(
+                    !listening.contains(&l.listen),
+                    "{engine}: relay {l:?} meets a rank"
+                );
+                let peer = &p.ranks[l.to as usize];
+                let peer_ports: Vec<u16> = match l.kind {
+                    "signal" => vec![peer.ports.signal + peer.rank as u16],
+                    _ => listen_ports(peer),
+                };
+                assert!(peer_ports.contains(&l.target.port()), "{l:?}");
+            }
+            // Whatever a rank dials before the ring starts is a relay's port.
+            for s in &p.ranks {
+                for (_, a) in link_targets(s) {
+                    assert!(
+                        links.iter().any(|l| l.listen == a),
+                        "{engine}: {a} has no relay"
+                    );
+                }
+            }
+        }
+        let mut c = config("prima", "", &nodes[..3]);
+        c.ports.relay_shift = 100;
+        let p = plan(&c, 1, None).expect("plan");
+        let l: Vec<(u32, u32, &str, u16, u16)> = relay_links(&p)
+            .into_iter()
+            .map(|l| (l.from, l.to, l.kind, l.listen.port(), l.target.port()))
+            .collect();
+        assert_eq!(
+            l,
+            [
+                (0, 1, "data", 9001, 9101),
+                (0, 1, "signal", 10001, 10101),
+                (1, 2, "data", 9102, 9202),
+                (1, 0, "data", 9100, 9000),
+                (1, 2, "signal", 10102, 10202),
+                (2, 0, "data", 9200, 9000),
+                (2, 0, "signal", 10200, 10000),
+            ]
+        );
+        c.ports.relay_shift = 2;
+        assert!(
+            plan(&c, 1, None).is_err(),
+            "a shift below the world would collide"
+        );
+    }
+
+    #[test]
+    fn no_config_file_can_turn_the_relay_shift_on() {
+        let c = config("prima", "", &[("10.0.0.1", 7700), ("10.0.0.2", 7700)]);
+        assert_eq!(c.ports.relay_shift, 0, "off unless `up --local` sets it");
+        let text = "[cluster]\nname = \"t\"\nengine = \"prima\"\n[model]\npath = \"/m.gguf\"\n\
+                    [ports]\nrelay_shift = 100\n[[node]]\nrank = 0\naddress = \"10.0.0.1\"\n";
+        let e = Config::parse(text, Path::new("t.toml")).expect_err("unknown key");
+        assert!(e.to_string().contains("relay_shift"), "{e}");
     }
 }

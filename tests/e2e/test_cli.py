@@ -135,7 +135,8 @@ def test_check_config_survives_deeply_nested_arrays(tmp_path, depth):
 
 def test_help_names_every_command():
     out = agent("--help").stdout
-    for cmd in ("run", "check-config", "up", "tune", "completions", "manpage"):
+    for cmd in ("run", "check-config", "up", "status", "bench", "pki", "notify-upgrade",
+                "forget-placement", "tune", "completions", "manpage"):
         assert f"  {cmd}" in out, out
 
 

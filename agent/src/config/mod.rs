@@ -219,6 +219,12 @@ pub struct Ports {
     pub signal: u16,
     pub rpc: u16,
     pub server: u16,
+    /// `llm-agent bench` only (set by `up --local --relay-shift`; no config file can): when
+    /// non-zero, ranks dial their peers at ports moved away from where the peers listen, so
+    /// the bench can put a delaying relay on every ring link (see [`crate::plan::relay_links`]).
+    /// Zero, the same ports, everywhere else.
+    #[serde(skip)]
+    pub relay_shift: u16,
 }
 
 impl Default for Ports {
@@ -230,6 +236,7 @@ impl Default for Ports {
             signal: *d.signal.get_ref(),
             rpc: *d.rpc.get_ref(),
             server: *d.server.get_ref(),
+            relay_shift: 0,
         }
     }
 }

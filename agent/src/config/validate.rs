@@ -461,6 +461,7 @@ fn build(
         signal: *file.ports.signal.get_ref(),
         rpc: *file.ports.rpc.get_ref(),
         server: *file.ports.server.get_ref(),
+        relay_shift: 0,
     };
     let w = world as u32;
     for (name, p, span, span_needed) in [
