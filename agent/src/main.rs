@@ -19,6 +19,7 @@ mod runner;
 mod server;
 mod service;
 mod tune;
+mod upgrade;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -104,6 +105,15 @@ enum Command {
         #[arg(long, default_value = "5ms")]
         delay: String,
     },
+    /// Tell this machine's node agents that engine or llm-agent packages changed (the pacman
+    /// hook runs it): each re-reads its facts, or is restarted if its own binary was replaced.
+    /// The coordinator restarts the ring once every node has the same new build.
+    NotifyUpgrade {
+        /// Also ask the head's coordinator to restart the ring on the new build now (for
+        /// supervision.restart_on_upgrade = false; only when every node has the same build).
+        #[arg(long)]
+        restart_ring: bool,
+    },
     /// Print a shell completion script (for packages).
     Completions {
         #[arg(value_enum)]
@@ -181,6 +191,13 @@ fn main() -> ExitCode {
             }
         },
         Command::CheckConfig { path } => check_config::run(&path),
+        Command::NotifyUpgrade { restart_ring } => match upgrade::notify(restart_ring) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(exit::FAILURE)
+            }
+        },
         Command::ForgetPlacement { config } => forget_placement(&config),
         Command::Tune {
             check: _,

@@ -96,6 +96,7 @@ pub async fn start_node(
     agent.tune_network(apply_tuning);
     agent.recover().await;
     agent.start_model_hash();
+    agent.follow_upgrade_signals();
     let server = node::api::serve(node.agent_addr(), agent.clone(), token).await?;
     Ok(RunningNode { agent, server })
 }
