@@ -288,6 +288,32 @@ impl Build {
     }
 }
 
+impl Build {
+    /// Whether two nodes' builds may share a ring: what both know agrees (an engine version
+    /// one node could not read is no disagreement, as in [`check_nodes`]).
+    pub fn agrees(&self, other: &Build) -> bool {
+        fn same<T: PartialEq>(a: &Option<T>, b: &Option<T>) -> bool {
+            match (a, b) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
+        }
+        same(&self.engine, &other.engine)
+            && same(&self.package, &other.package)
+            && same(&self.agent, &other.agent)
+            && same(&self.protocol, &other.protocol)
+    }
+
+    /// Fills what this build does not know from `other`.
+    fn merged(mut self, other: &Build) -> Build {
+        self.engine = self.engine.or_else(|| other.engine.clone());
+        self.package = self.package.or_else(|| other.package.clone());
+        self.agent = self.agent.or_else(|| other.agent.clone());
+        self.protocol = self.protocol.or(other.protocol);
+        self
+    }
+}
+
 impl std::fmt::Display for Build {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match (&self.package, &self.engine) {
@@ -327,22 +353,25 @@ pub fn upgrade_step(
     automatic: bool,
 ) -> UpgradeStep {
     let known: Vec<&Build> = builds.iter().flatten().collect();
-    if known.is_empty() || known.iter().all(|b| Some(*b) == ring) {
+    let on_ring = |b: &Build| ring.is_some_and(|r| r.agrees(b));
+    if known.is_empty() || known.iter().all(|b| on_ring(b)) {
         return UpgradeStep::Current;
     }
     // The build most nodes moved to: the one the upgrade is heading for; when what the ring
     // runs is unknown (adopted by a coordinator just upgraded), the one with this agent.
     let mut counts: Vec<(&Build, usize)> = Vec::new();
-    for b in known.iter().filter(|b| Some(**b) != ring) {
-        match counts.iter_mut().find(|(c, _)| c == b) {
+    for b in known.iter().filter(|b| !on_ring(b)) {
+        match counts.iter_mut().find(|(c, _)| c.agrees(b)) {
             Some((_, n)) => *n += 1,
             None => counts.push((b, 1)),
         }
     }
     let own = |b: &Build| ring.is_none() && b.agent.as_deref() == Some(AGENT_VERSION);
-    let Some((target, on_target)) = counts.iter().max_by_key(|(b, n)| (own(b), *n)).copied() else {
+    let Some((target, _)) = counts.iter().max_by_key(|(b, n)| (own(b), *n)).copied() else {
         return UpgradeStep::Current;
     };
+    // A node whose engine version is unknown counts for the target too.
+    let on_target = known.iter().filter(|b| target.agrees(b)).count();
     let world = builds.len();
     let running = match ring {
         Some(r) => format!("{r}"),
@@ -375,13 +404,15 @@ pub fn upgrade_step(
     }
 }
 
-/// The one build every node has, if they all answered and agree.
+/// The one build every node has, if they all answered and agree, with everything any of them
+/// knows about it.
 pub fn common_build(builds: &[Option<Build>]) -> Option<Build> {
-    let first = builds.first()?.as_ref()?;
-    builds
-        .iter()
-        .all(|b| b.as_ref() == Some(first))
-        .then(|| first.clone())
+    let known: Vec<&Build> = builds.iter().map(Option::as_ref).collect::<Option<_>>()?;
+    let first = known.first()?;
+    if !known.iter().all(|b| known.iter().all(|o| b.agrees(o))) {
+        return None;
+    }
+    Some(known[1..].iter().fold((*first).clone(), |m, b| m.merged(b)))
 }
 
 #[cfg(test)]
@@ -668,6 +699,26 @@ mod tests {
             upgrade_step(new.as_ref(), &all_new, true, true),
             UpgradeStep::Current
         );
+    }
+
+    #[test]
+    fn an_unknown_engine_version_is_no_disagreement() {
+        let old = build("b1", "0.3.0");
+        let new = build("b2", "0.3.0");
+        let silent = Some(Build {
+            engine: None,
+            ..new.clone().expect("build")
+        });
+        let ring = common_build(&[old.clone(), silent.clone()]);
+        assert_eq!(ring, old, "what any node knows of the ring's build is kept");
+        assert_eq!(
+            upgrade_step(ring.as_ref(), &[old.clone(), silent.clone()], true, true),
+            UpgradeStep::Current
+        );
+        assert!(matches!(
+            upgrade_step(ring.as_ref(), &[new.clone(), silent], true, true),
+            UpgradeStep::Restart(_)
+        ));
     }
 
     #[test]

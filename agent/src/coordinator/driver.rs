@@ -351,15 +351,19 @@ impl Driver {
                         .max()
                         .unwrap_or(0);
                     let tx = run.tx.clone();
+                    // A serving ring's checks (upgrades) leave the placement it runs on shown.
+                    let serving = run.sup.phase == Phase::Serving;
                     Self::spawn(run, cancel, async move {
                         tokio::time::sleep(after).await;
                         // Read anew each time: `forget-placement` applies to the next start.
                         let (source, remembered) = placement::source(&config);
-                        let _ = tx.send(Msg::Placement(PlacementView::planned(
-                            &config,
-                            source,
-                            remembered.as_ref(),
-                        )));
+                        if !serving {
+                            let _ = tx.send(Msg::Placement(PlacementView::planned(
+                                &config,
+                                source,
+                                remembered.as_ref(),
+                            )));
+                        }
                         let look =
                             actions::look_at_nodes(&config, nodes.as_ref(), remembered.as_ref())
                                 .await;
