@@ -50,11 +50,18 @@ fetch_llama_cpp() {
   cp "$work/build/bin/ggml-rpc-server" "$work/build/bin/llama-server" "$dir.tmp/bin/"
   # The upgrade test's "other build": the build number is only in build-info.cpp, generated at
   # configure time, so this recompiles that file and relinks.
-  local t0=$SECONDS
-  cmake -S "$src" -B "$work/build" -DLLAMA_BUILD_NUMBER=9999 >&2
+  local t0=$SECONDS number
+  number=$(sed -n 's/^int LLAMA_BUILD_NUMBER = \([0-9]*\);$/\1/p' "$work/build/common/build-info.cpp")
+  number=$((${number:-0} + 1))
+  cmake -S "$src" -B "$work/build" -DLLAMA_BUILD_NUMBER="$number" >&2
   cmake --build "$work/build" -j"$JOBS" --target ggml-rpc-server llama-server >&2
   cp "$work/build/bin/ggml-rpc-server" "$work/build/bin/llama-server" "$dir.tmp/bin-rebuilt/"
-  log "relinked llama.cpp with build number 9999 in $((SECONDS - t0)) s"
+  log "relinked llama.cpp as build $number in $((SECONDS - t0)) s"
+  if [ "$("$dir.tmp/bin/llama-server" --version 2>&1 | grep '^version:')" = \
+    "$("$dir.tmp/bin-rebuilt/llama-server" --version 2>&1 | grep '^version:')" ]; then
+    log "error: the relinked llama-server reports the same version as the first build"
+    exit 1
+  fi
   rm -rf "$dir"; mv "$dir.tmp" "$dir"; rm -rf "$work"
   echo "$dir"
 }
