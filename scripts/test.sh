@@ -10,7 +10,7 @@ step() { printf '\n==> %s\n' "$*"; }
 
 step "fetching engines and the test model (cached under $CACHE)"
 eval "$(bash scripts/fetch-deps.sh)"
-export LLAMA_CPP_DIR SMOLLM2_GGUF
+export LLAMA_CPP_DIR LLAMA_CPP_REBUILT_DIR SMOLLM2_GGUF
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

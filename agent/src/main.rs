@@ -23,6 +23,7 @@ mod service;
 mod status;
 mod tls;
 mod tune;
+mod upgrade;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -121,6 +122,15 @@ enum Command {
     /// Exits 0 when the ring serves, 3 when it does not, 1 when the coordinator cannot be
     /// reached, 2 on a usage error (a config that does not load, a missing API key).
     Status(status::StatusArgs),
+    /// Tell this machine's node agents that engine or llm-agent packages changed (the pacman
+    /// hook runs it): each re-reads its facts, or is restarted if its own binary was replaced.
+    /// The coordinator restarts the ring once every node has the same new build.
+    NotifyUpgrade {
+        /// Also ask the head's coordinator to restart the ring on the new build now (for
+        /// supervision.restart_on_upgrade = false; only when every node has the same build).
+        #[arg(long)]
+        restart_ring: bool,
+    },
     /// Print a shell completion script (for packages).
     Completions {
         #[arg(value_enum)]
@@ -199,6 +209,13 @@ fn main() -> ExitCode {
         },
         Command::CheckConfig { path } => check_config::run(&path),
         Command::Status(args) => status::run(args),
+        Command::NotifyUpgrade { restart_ring } => match upgrade::notify(restart_ring) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(exit::FAILURE)
+            }
+        },
         Command::ForgetPlacement { config } => forget_placement(&config),
         Command::Pki(args) => pki::run(args),
         Command::Tune {

@@ -223,8 +223,9 @@ pub struct RankStatus {
     pub exit: Option<ExitReport>,
     pub last_error: Option<String>,
     pub spec: Option<RankSpec>,
-    /// Increases when the node's facts change on their own (its model hash finished): a
-    /// coordinator waiting for the node looks again at once instead of on a timer.
+    /// Increases when the node's facts change on their own (its model hash finished, a package
+    /// upgrade announced by `llm-agent notify-upgrade`): a coordinator waiting for the node, or
+    /// serving on it, looks again at once instead of on a timer.
     pub facts_version: u64,
 }
 

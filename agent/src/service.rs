@@ -103,6 +103,7 @@ pub async fn start_node(
         agent.set_tls_fact(fact);
         acceptor
     });
+    agent.follow_upgrade_signals();
     let server = node::api::serve(node.agent_addr(), agent.clone(), token, tls).await?;
     Ok(RunningNode { agent, server })
 }

@@ -266,6 +266,9 @@ pub struct Supervision {
     /// How often an idle serving ring is probed with a one-token completion, which crosses every
     /// rank (rank 0's /health stays 200 with a dead worker).
     pub probe_interval_s: u64,
+    /// Once every node has the same new engine build (and llm-agent), restart the ring on it by
+    /// itself; false: a person does (`llm-agent notify-upgrade --restart-ring` on the head).
+    pub restart_on_upgrade: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -226,6 +226,7 @@ pub struct SupervisionSection {
     pub node_timeout_s: u64,
     pub stall_timeout_s: u64,
     pub probe_interval_s: u64,
+    pub restart_on_upgrade: bool,
 }
 
 impl Default for SupervisionSection {
@@ -237,6 +238,7 @@ impl Default for SupervisionSection {
             node_timeout_s: 15,
             stall_timeout_s: 30,
             probe_interval_s: 15,
+            restart_on_upgrade: true,
         }
     }
 }

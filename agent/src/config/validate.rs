@@ -558,6 +558,7 @@ fn build(
             node_timeout_s: file.supervision.node_timeout_s,
             stall_timeout_s: file.supervision.stall_timeout_s,
             probe_interval_s: file.supervision.probe_interval_s,
+            restart_on_upgrade: file.supervision.restart_on_upgrade,
         },
         nodes,
         tls,

@@ -50,6 +50,9 @@ fn version_mismatch(agent: Option<&str>, protocol: Option<u32>) -> Option<String
 pub fn check_nodes(config: &Config, facts: &[NodeReport]) -> (NodeCheck, Vec<String>) {
     let mut waiting = Vec::new();
     let mut refused = Vec::new();
+    // Refusals only because nodes run different builds (engine, package, agent): what a rolling
+    // upgrade looks like halfway, which a serving ring rides out (see [`upgrade_step`]).
+    let mut mixed = Vec::new();
     let mut warnings = Vec::new();
     let who = |r: usize| {
         let n = &config.nodes[r];
@@ -67,17 +70,15 @@ pub fn check_nodes(config: &Config, facts: &[NodeReport]) -> (NodeCheck, Vec<Str
                 protocol_version,
                 error,
             }) => {
-                refused.push(
-                    match version_mismatch(agent_version.as_deref(), *protocol_version) {
-                        Some(why) => format!("{} {why}", who(r)),
-                        None => format!("{}: its facts cannot be read: {error}", who(r)),
-                    },
-                );
+                match version_mismatch(agent_version.as_deref(), *protocol_version) {
+                    Some(why) => mixed.push(format!("{} {why}", who(r))),
+                    None => refused.push(format!("{}: its facts cannot be read: {error}", who(r))),
+                }
                 continue;
             }
         };
         if let Some(why) = version_mismatch(Some(&f.agent_version), Some(f.protocol_version)) {
-            refused.push(format!("{} {why}", who(r)));
+            mixed.push(format!("{} {why}", who(r)));
         }
         match f.rank_binary() {
             Some(b) if b.path.is_none() => {
@@ -156,7 +157,7 @@ pub fn check_nodes(config: &Config, facts: &[NodeReport]) -> (NodeCheck, Vec<Str
         for (r, f) in &ok {
             if let Some(v) = &f.engine_version {
                 if v != v0 {
-                    refused.push(format!(
+                    mixed.push(format!(
                         "{} runs engine version `{v}` but {} runs `{v0}`: install the same engine build on every node",
                         who(*r),
                         who(r0)
@@ -187,7 +188,7 @@ pub fn check_nodes(config: &Config, facts: &[NodeReport]) -> (NodeCheck, Vec<Str
                     crate::pacman::family_origin(family0)
                 ));
             } else if p.version != p0.version {
-                refused.push(format!(
+                mixed.push(format!(
                     "{} has engine package {} {} but {} has {} {}: install the same version on every node",
                     who(*r),
                     p.name,
@@ -219,10 +220,13 @@ pub fn check_nodes(config: &Config, facts: &[NodeReport]) -> (NodeCheck, Vec<Str
         }
     }
     let verdict = if !refused.is_empty() {
+        refused.extend(mixed);
         NodeCheck::Refused(format!(
             "refusing to start the ring: {}",
             refused.join("; ")
         ))
+    } else if !mixed.is_empty() {
+        NodeCheck::Mixed(format!("refusing to start the ring: {}", mixed.join("; ")))
     } else if !waiting.is_empty() {
         NodeCheck::Waiting(format!("waiting for nodes: {}", waiting.join("; ")))
     } else {
@@ -284,6 +288,170 @@ pub fn running_generation(
         .filter_map(|p| crate::plan::plan(config, generation, *p).ok())
         .any(runs)
         .then_some(generation)
+}
+
+/// What one node would run a rank with: its engine build and package version, its agent and
+/// protocol. Two nodes with equal builds may share a ring; a ring keeps the build it started on
+/// until it is restarted, whatever is installed meanwhile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Build {
+    pub engine: Option<String>,
+    /// The engine package's version (its name may differ: GPU variants of one version).
+    pub package: Option<String>,
+    pub agent: Option<String>,
+    pub protocol: Option<u32>,
+}
+
+impl Build {
+    /// A node's build, from its report; `None` when the node did not answer.
+    pub fn of(report: &NodeReport) -> Option<Build> {
+        match report {
+            Ok(f) => Some(Build {
+                engine: f.engine_version.clone(),
+                package: f.engine_package.as_ref().map(|p| p.version.clone()),
+                agent: Some(f.agent_version.clone()),
+                protocol: Some(f.protocol_version),
+            }),
+            Err(FactsError::Unreadable {
+                agent_version,
+                protocol_version,
+                ..
+            }) => Some(Build {
+                engine: None,
+                package: None,
+                agent: agent_version.clone(),
+                protocol: *protocol_version,
+            }),
+            Err(FactsError::Unreachable(_)) => None,
+        }
+    }
+}
+
+impl Build {
+    /// Whether two nodes' builds may share a ring: what both know agrees (an engine version
+    /// one node could not read is no disagreement, as in [`check_nodes`]).
+    pub fn agrees(&self, other: &Build) -> bool {
+        fn same<T: PartialEq>(a: &Option<T>, b: &Option<T>) -> bool {
+            match (a, b) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
+        }
+        same(&self.engine, &other.engine)
+            && same(&self.package, &other.package)
+            && same(&self.agent, &other.agent)
+            && same(&self.protocol, &other.protocol)
+    }
+
+    /// Fills what this build does not know from `other`.
+    fn merged(mut self, other: &Build) -> Build {
+        self.engine = self.engine.or_else(|| other.engine.clone());
+        self.package = self.package.or_else(|| other.package.clone());
+        self.agent = self.agent.or_else(|| other.agent.clone());
+        self.protocol = self.protocol.or(other.protocol);
+        self
+    }
+}
+
+impl std::fmt::Display for Build {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.package, &self.engine) {
+            (Some(p), _) => write!(f, "engine package {p}")?,
+            (None, Some(e)) => write!(f, "engine `{e}`")?,
+            (None, None) => write!(f, "an unknown engine build")?,
+        }
+        write!(
+            f,
+            " with llm-agent {} (protocol {})",
+            self.agent.as_deref().unwrap_or("?"),
+            self.protocol.map_or("?".to_string(), |p| p.to_string())
+        )
+    }
+}
+
+/// What a serving ring does about its nodes' builds, decided by [`upgrade_step`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum UpgradeStep {
+    /// Every node has the build the ring runs (or nothing is known that says otherwise).
+    Current,
+    /// Nodes differ, or agree on a build the ring cannot start on yet: the ring serves on.
+    Pending(String),
+    /// Every node has the same new build, but restarts on upgrade are manual.
+    Ready(String),
+    /// Every node has the same new build: restart the ring once.
+    Restart(String),
+}
+
+/// Compares the build the ring runs (`ring`; `None` when unknown, e.g. a ring adopted halfway
+/// through an upgrade) with every node's (`builds[r]`, `None` for a node that did not answer).
+/// `startable`: the node check found nothing else wrong, so a new ring would start. Pure.
+pub fn upgrade_step(
+    ring: Option<&Build>,
+    builds: &[Option<Build>],
+    startable: bool,
+    automatic: bool,
+) -> UpgradeStep {
+    let known: Vec<&Build> = builds.iter().flatten().collect();
+    let on_ring = |b: &Build| ring.is_some_and(|r| r.agrees(b));
+    if known.is_empty() || known.iter().all(|b| on_ring(b)) {
+        return UpgradeStep::Current;
+    }
+    // The build most nodes moved to: the one the upgrade is heading for; when what the ring
+    // runs is unknown (adopted by a coordinator just upgraded), the one with this agent.
+    let mut counts: Vec<(&Build, usize)> = Vec::new();
+    for b in known.iter().filter(|b| !on_ring(b)) {
+        match counts.iter_mut().find(|(c, _)| c.agrees(b)) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((b, 1)),
+        }
+    }
+    let own = |b: &Build| ring.is_none() && b.agent.as_deref() == Some(AGENT_VERSION);
+    let Some((target, _)) = counts.iter().max_by_key(|(b, n)| (own(b), *n)).copied() else {
+        return UpgradeStep::Current;
+    };
+    // A node whose engine version is unknown counts for the target too.
+    let on_target = known.iter().filter(|b| target.agrees(b)).count();
+    let world = builds.len();
+    let running = match ring {
+        Some(r) => format!("{r}"),
+        None => "the build it was started with".to_string(),
+    };
+    if on_target < world {
+        let unreachable = builds.iter().filter(|b| b.is_none()).count();
+        let unanswered = if unreachable > 0 {
+            format!(" ({unreachable} not answering)")
+        } else {
+            String::new()
+        };
+        return UpgradeStep::Pending(format!(
+            "upgrade pending: {on_target}/{world} nodes on {target}{unanswered}; the ring serves on {running} until every node has it"
+        ));
+    }
+    if !startable {
+        return UpgradeStep::Pending(format!(
+            "upgrade pending: {world}/{world} nodes on {target}, but a new ring could not start yet, so the ring serves on {running}"
+        ));
+    }
+    if automatic {
+        UpgradeStep::Restart(format!(
+            "upgrade complete: {world}/{world} nodes on {target}; restarting the ring once on it"
+        ))
+    } else {
+        UpgradeStep::Ready(format!(
+            "upgrade ready: {world}/{world} nodes on {target}; the ring still runs {running} (supervision.restart_on_upgrade = false): run `llm-agent notify-upgrade --restart-ring` on the head node to restart it"
+        ))
+    }
+}
+
+/// The one build every node has, if they all answered and agree, with everything any of them
+/// knows about it.
+pub fn common_build(builds: &[Option<Build>]) -> Option<Build> {
+    let known: Vec<&Build> = builds.iter().map(Option::as_ref).collect::<Option<_>>()?;
+    let first = known.first()?;
+    if !known.iter().all(|b| known.iter().all(|o| b.agrees(o))) {
+        return None;
+    }
+    Some(known[1..].iter().fold((*first).clone(), |m, b| m.merged(b)))
 }
 
 #[cfg(test)]
@@ -428,8 +596,8 @@ mod tests {
     #[test]
     fn different_engine_versions_are_refused_naming_both_nodes() {
         let f = vec![facts(0, "b1", done("aa")), facts(1, "b2", done("aa"))];
-        let NodeCheck::Refused(msg) = check_nodes(&config(), &f).0 else {
-            panic!("not refused")
+        let NodeCheck::Mixed(msg) = check_nodes(&config(), &f).0 else {
+            panic!("not refused as mixed builds")
         };
         assert!(
             msg.contains("rank 1 (10.0.0.2:7700) runs engine version `b2`"),
@@ -459,8 +627,8 @@ mod tests {
         if let Ok(b) = &mut b {
             b.engine_package = pkg("prima-cpp", "0.0.0.r20250801.1234567-1");
         }
-        let NodeCheck::Refused(msg) = check_nodes(&config(), &[a, b]).0 else {
-            panic!("not refused")
+        let NodeCheck::Mixed(msg) = check_nodes(&config(), &[a, b]).0 else {
+            panic!("not refused as mixed builds")
         };
         assert!(
             msg.contains("engine package prima-cpp 0.0.0.r20250801.1234567-1"),
@@ -578,8 +746,8 @@ mod tests {
             f.agent_version = "0.0.9".into();
         }
         let f = vec![facts(0, "b1", done("aa")), old];
-        let NodeCheck::Refused(msg) = check_nodes(&config(), &f).0 else {
-            panic!("not refused")
+        let NodeCheck::Mixed(msg) = check_nodes(&config(), &f).0 else {
+            panic!("not refused as mixed builds")
         };
         assert!(
             msg.contains("rank 1 (10.0.0.2:7700) runs llm-agent 0.0.9 (protocol")
@@ -595,10 +763,135 @@ mod tests {
                 error: "missing field `protocol_version`".into(),
             }),
         ];
+        let NodeCheck::Mixed(msg) = check_nodes(&config(), &f).0 else {
+            panic!("not refused as mixed builds")
+        };
+        assert!(msg.contains("runs llm-agent 0.0.1 (protocol 1)"), "{msg}");
+    }
+
+    #[test]
+    fn a_build_difference_with_another_fault_is_a_plain_refusal() {
+        let f = vec![facts(0, "b1", done("aa")), facts(1, "b2", done("bb"))];
         let NodeCheck::Refused(msg) = check_nodes(&config(), &f).0 else {
             panic!("not refused")
         };
-        assert!(msg.contains("runs llm-agent 0.0.1 (protocol 1)"), "{msg}");
+        assert!(
+            msg.contains("different model file") && msg.contains("engine version `b2`"),
+            "{msg}"
+        );
+    }
+
+    fn build(engine: &str, agent: &str) -> Option<Build> {
+        Some(Build {
+            engine: Some(engine.into()),
+            package: None,
+            agent: Some(agent.into()),
+            protocol: Some(1),
+        })
+    }
+
+    #[test]
+    fn upgrade_steps_from_pending_to_restart() {
+        let old = build("b1", "0.3.0");
+        let new = build("b2", "0.3.0");
+        let ring = old.as_ref();
+        assert_eq!(
+            upgrade_step(ring, &[old.clone(), old.clone(), old.clone()], true, true),
+            UpgradeStep::Current
+        );
+        let UpgradeStep::Pending(why) =
+            upgrade_step(ring, &[old.clone(), new.clone(), new.clone()], false, true)
+        else {
+            panic!("not pending")
+        };
+        assert!(
+            why.starts_with("upgrade pending: 2/3 nodes on engine `b2` with llm-agent 0.3.0"),
+            "{why}"
+        );
+        assert!(why.contains("serves on engine `b1`"), "{why}");
+        let all_new = [new.clone(), new.clone(), new.clone()];
+        assert!(matches!(
+            upgrade_step(ring, &all_new, true, true),
+            UpgradeStep::Restart(_)
+        ));
+        let UpgradeStep::Ready(why) = upgrade_step(ring, &all_new, true, false) else {
+            panic!("not ready")
+        };
+        assert!(why.contains("notify-upgrade --restart-ring"), "{why}");
+        assert!(
+            matches!(
+                upgrade_step(ring, &all_new, false, true),
+                UpgradeStep::Pending(_)
+            ),
+            "a ring that could not start is not stopped"
+        );
+        // After the restart the ring runs the new build: nothing more to do.
+        assert_eq!(
+            upgrade_step(new.as_ref(), &all_new, true, true),
+            UpgradeStep::Current
+        );
+    }
+
+    #[test]
+    fn an_unknown_engine_version_is_no_disagreement() {
+        let old = build("b1", "0.3.0");
+        let new = build("b2", "0.3.0");
+        let silent = Some(Build {
+            engine: None,
+            ..new.clone().expect("build")
+        });
+        let ring = common_build(&[old.clone(), silent.clone()]);
+        assert_eq!(ring, old, "what any node knows of the ring's build is kept");
+        assert_eq!(
+            upgrade_step(ring.as_ref(), &[old.clone(), silent.clone()], true, true),
+            UpgradeStep::Current
+        );
+        assert!(matches!(
+            upgrade_step(ring.as_ref(), &[new.clone(), silent], true, true),
+            UpgradeStep::Restart(_)
+        ));
+    }
+
+    #[test]
+    fn a_silent_node_holds_an_upgrade_back_but_does_not_start_one() {
+        let old = build("b1", "0.3.0");
+        let new = build("b2", "0.3.0");
+        assert_eq!(
+            upgrade_step(old.as_ref(), &[old.clone(), None, old.clone()], true, true),
+            UpgradeStep::Current
+        );
+        let UpgradeStep::Pending(why) =
+            upgrade_step(old.as_ref(), &[new.clone(), None, new.clone()], true, true)
+        else {
+            panic!("not pending")
+        };
+        assert!(
+            why.contains("2/3 nodes") && why.contains("1 not answering"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn an_agent_upgrade_is_an_upgrade_and_an_unknown_ring_build_restarts_once_consistent() {
+        let old = build("b1", "0.3.0");
+        let new_agent = build("b1", "0.4.0");
+        let UpgradeStep::Pending(why) =
+            upgrade_step(old.as_ref(), &[new_agent.clone(), old.clone()], false, true)
+        else {
+            panic!("not pending")
+        };
+        assert!(
+            why.contains("1/2 nodes on engine `b1` with llm-agent 0.4.0"),
+            "{why}"
+        );
+        let both = [new_agent.clone(), new_agent.clone()];
+        assert!(matches!(
+            upgrade_step(None, &both, true, true),
+            UpgradeStep::Restart(_)
+        ));
+        assert_eq!(common_build(&both), new_agent);
+        assert_eq!(common_build(&[new_agent.clone(), old]), None);
+        assert_eq!(common_build(&[new_agent, None]), None);
     }
 
     #[test]

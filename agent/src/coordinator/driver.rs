@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::actions;
-use super::check::{running_generation, NodeReport};
+use super::check::{running_generation, Build, NodeReport};
 use super::client::Nodes;
 use super::events::{self, Events, Narrator};
 use super::metrics::{Metrics, RankSample};
@@ -108,10 +108,12 @@ impl Driver {
     pub async fn run(self, shutdown: CancellationToken, stop_ring_on_exit: bool) {
         let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();
         let s = &self.config.supervision;
-        let (sup, first) = Supervisor::new(
+        let (mut sup, first) = Supervisor::new(
             Duration::from_millis(s.backoff_initial_ms),
             Duration::from_millis(s.backoff_max_ms),
         );
+        sup.restart_on_upgrade = s.restart_on_upgrade;
+        let mut restart_signal = restart_requests();
         let node_timeout = Duration::from_secs(s.node_timeout_s);
         let mut run = Run {
             sup,
@@ -161,6 +163,10 @@ impl Driver {
             let mut events = Vec::new();
             tokio::select! {
                 _ = shutdown.cancelled() => break,
+                Some(()) = recv_signal(&mut restart_signal) => {
+                    tracing::info!("SIGUSR2: restarting the ring on the nodes' build if every node has the same one");
+                    events.push(Event::RestartRequested);
+                }
                 _ = tick.tick() => {
                     self.watch_progress(&mut run, &mut events);
                     for (rank, t) in run.tracks.iter().enumerate() {
@@ -390,15 +396,19 @@ impl Driver {
                         .max()
                         .unwrap_or(0);
                     let tx = run.tx.clone();
+                    // A serving ring's checks (upgrades) leave the placement it runs on shown.
+                    let serving = run.sup.phase == Phase::Serving;
                     Self::spawn(run, cancel, async move {
                         tokio::time::sleep(after).await;
                         // Read anew each time: `forget-placement` applies to the next start.
                         let (source, remembered) = placement::source(&config);
-                        let _ = tx.send(Msg::Placement(PlacementView::planned(
-                            &config,
-                            source,
-                            remembered.as_ref(),
-                        )));
+                        if !serving {
+                            let _ = tx.send(Msg::Placement(PlacementView::planned(
+                                &config,
+                                source,
+                                remembered.as_ref(),
+                            )));
+                        }
                         let look =
                             actions::look_at_nodes(&config, nodes.as_ref(), remembered.as_ref())
                                 .await;
@@ -410,8 +420,10 @@ impl Driver {
                             .chain([seen])
                             .max()
                             .unwrap_or(0);
+                        let builds = look.facts.iter().map(Build::of).collect();
                         let _ = tx.send(Msg::Facts(look.facts, look.warnings));
                         Some(Msg::Event(Event::NodesChecked {
+                            builds,
                             check: look.check,
                             highest_generation: highest,
                             running_generation: running_generation(
@@ -501,6 +513,10 @@ fn log_phase(sup: &Supervisor, restarts: &mut u64) {
     let reason = sup.reason.as_deref().unwrap_or("");
     match sup.phase {
         Phase::Serving => tracing::info!(generation, "ring serving"),
+        Phase::Stopping if sup.upgrade_restarting() => {
+            *restarts += 1;
+            tracing::info!(generation, reason, "restarting the ring for an upgrade");
+        }
         Phase::Stopping => {
             *restarts += 1;
             tracing::warn!(
@@ -511,6 +527,25 @@ fn log_phase(sup: &Supervisor, restarts: &mut u64) {
         }
         Phase::Refused => tracing::error!(reason, "ring refused"),
         p => tracing::info!(phase = p.as_str(), generation, reason, "ring phase"),
+    }
+}
+
+/// SIGUSR2 (`llm-agent notify-upgrade --restart-ring`): the manual restart on a new build.
+/// `None` where the signal cannot be watched (logged); the ring then restarts only by itself.
+fn restart_requests() -> Option<tokio::signal::unix::Signal> {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGUSR2; `notify-upgrade --restart-ring` will not reach this coordinator");
+            None
+        }
+    }
+}
+
+async fn recv_signal(s: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match s {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
     }
 }
 

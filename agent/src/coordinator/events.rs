@@ -455,6 +455,7 @@ mod tests {
             check,
             highest_generation: 0,
             running_generation: None,
+            builds: vec![],
         }
     }
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::check::{common_build, upgrade_step, Build, UpgradeStep};
 use crate::proto::{ExitKind, MAX_GENERATION};
 
 /// Serving this long without a failure resets the backoff.
@@ -16,6 +17,10 @@ pub const STABLE_AFTER: Duration = Duration::from_secs(60);
 /// How soon to look again at nodes that are not ready, and at nodes that were refused.
 pub const RECHECK_WAITING: Duration = Duration::from_secs(1);
 pub const RECHECK_REFUSED: Duration = Duration::from_secs(5);
+/// How often a serving ring's nodes are looked at again: while an upgrade is under way, and
+/// otherwise (an upgrade whose hook did not run, e.g. binaries copied by hand).
+pub const RECHECK_UPGRADING: Duration = Duration::from_secs(5);
+pub const RECHECK_SERVING: Duration = Duration::from_secs(60);
 /// This many failures in a row, each the same way, and the ring is refused instead of being
 /// restarted again: a crash loop (rank 0 asserting right after scheduling, a model the engine
 /// cannot load) would otherwise restart for ever and flood the journal.
@@ -76,6 +81,9 @@ pub enum NodeCheck {
     Ready,
     Waiting(String),
     Refused(String),
+    /// Refused only because the nodes run different builds (engine, package, agent): a rolling
+    /// upgrade halfway. Nothing new starts on it; a serving ring serves on.
+    Mixed(String),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -87,7 +95,12 @@ pub enum Event {
         /// Every rank runs this generation with exactly the spec the config plans: a ring a
         /// previous coordinator started, which a new one takes over instead of restarting.
         running_generation: Option<u64>,
+        /// Each node's build, in rank order (`None`: the node did not answer).
+        builds: Vec<Option<Build>>,
     },
+    /// A person asked for the ring to be restarted on the build every node has now
+    /// (`llm-agent notify-upgrade --restart-ring`, for `restart_on_upgrade = false`).
+    RestartRequested,
     RingStarted {
         generation: u64,
     },
@@ -163,6 +176,18 @@ pub struct Supervisor {
     /// Set once the same failure repeated [`SAME_FAILURE_LIMIT`] times: nothing is started
     /// again until a node changes (an upgrade, a restarted agent) or the coordinator restarts.
     crash_loop: bool,
+    /// Restart the ring by itself once every node has the same new build; otherwise a person
+    /// asks for it ([`Event::RestartRequested`]).
+    pub restart_on_upgrade: bool,
+    /// The build every node had when the current ring started; `None` when unknown (a ring
+    /// adopted while the nodes differed).
+    pub ring_build: Option<Build>,
+    /// Where a rolling upgrade stands, for people (`/api/v1/cluster`): pending, ready, complete.
+    pub upgrade: Option<String>,
+    /// The ring is being stopped to restart it on a new build, not because it failed.
+    upgrade_restart: bool,
+    /// A person asked for the restart; honoured by the next node check if every node agrees.
+    restart_requested: bool,
 }
 
 impl Supervisor {
@@ -179,6 +204,11 @@ impl Supervisor {
                 backoff_max,
                 same_failure: None,
                 crash_loop: false,
+                restart_on_upgrade: true,
+                ring_build: None,
+                upgrade: None,
+                upgrade_restart: false,
+                restart_requested: false,
             },
             vec![Action::CheckNodes {
                 after: Duration::ZERO,
@@ -194,6 +224,11 @@ impl Supervisor {
         self.backoff_initial
             .saturating_mul(factor)
             .min(self.backoff_max)
+    }
+
+    /// The ring is being stopped to restart it on a new build (not a failure).
+    pub fn upgrade_restarting(&self) -> bool {
+        self.upgrade_restart
     }
 
     fn is_current(&self, generation: u64) -> bool {
@@ -228,21 +263,64 @@ impl Supervisor {
         }]
     }
 
+    /// A serving ring's nodes were looked at: it serves on while they differ (each rank runs the
+    /// binary it was started from), and is restarted once, as a new generation, when every node
+    /// has the same new build (or, with `restart_on_upgrade = false`, when a person asks).
+    fn serving_checked(&mut self, check: &NodeCheck, builds: &[Option<Build>]) -> Vec<Action> {
+        let requested = std::mem::take(&mut self.restart_requested);
+        let step = upgrade_step(
+            self.ring_build.as_ref(),
+            builds,
+            *check == NodeCheck::Ready,
+            self.restart_on_upgrade || requested,
+        );
+        let again = |after| vec![Action::CheckNodes { after }];
+        match step {
+            UpgradeStep::Current => {
+                self.upgrade = None;
+                again(RECHECK_SERVING)
+            }
+            UpgradeStep::Pending(why) | UpgradeStep::Ready(why) => {
+                self.upgrade = Some(why);
+                again(RECHECK_UPGRADING)
+            }
+            UpgradeStep::Restart(why) => {
+                self.upgrade = Some(why.clone());
+                self.upgrade_restart = true;
+                self.serving_since = None;
+                self.phase = Phase::Stopping;
+                self.reason = Some(why);
+                vec![Action::StopRing {
+                    generation: self.generation,
+                }]
+            }
+        }
+    }
+
     pub fn handle(&mut self, event: Event, now: Instant) -> Vec<Action> {
         match event {
+            Event::NodesChecked { check, builds, .. } if self.phase == Phase::Serving => {
+                self.serving_checked(&check, &builds)
+            }
             Event::NodesChecked {
                 check,
                 highest_generation,
                 running_generation,
+                builds,
             } => {
                 if !matches!(self.phase, Phase::WaitingForNodes | Phase::Refused) || self.crash_loop
                 {
                     return vec![];
                 }
                 match (check, running_generation) {
-                    // Only a coordinator that has not started anything yet adopts.
-                    (NodeCheck::Ready, Some(generation)) if self.generation == 0 => {
+                    // Only a coordinator that has not started anything yet adopts; also halfway
+                    // through a rolling upgrade (the head's agent restarted on a new version),
+                    // where the ring serves on until every node has the new build.
+                    (NodeCheck::Ready | NodeCheck::Mixed(_), Some(generation))
+                        if self.generation == 0 =>
+                    {
                         self.generation = generation;
+                        self.ring_build = common_build(&builds);
                         self.phase = Phase::WaitingReady;
                         self.reason = Some(format!("adopting the running generation {generation}"));
                         vec![Action::WaitReady { generation }]
@@ -265,6 +343,8 @@ impl Supervisor {
                                 after: RECHECK_REFUSED,
                             }];
                         };
+                        self.ring_build = common_build(&builds);
+                        self.upgrade = None;
                         self.generation = next;
                         self.phase = Phase::Starting;
                         self.reason = Some(format!("starting generation {}", self.generation));
@@ -279,7 +359,7 @@ impl Supervisor {
                             after: RECHECK_WAITING,
                         }]
                     }
-                    (NodeCheck::Refused(why), _) => {
+                    (NodeCheck::Refused(why) | NodeCheck::Mixed(why), _) => {
                         self.phase = Phase::Refused;
                         self.reason = Some(why);
                         vec![Action::CheckNodes {
@@ -311,7 +391,9 @@ impl Supervisor {
                 self.reason = None;
                 self.serving_since = Some(now);
                 self.backoff = None;
-                vec![]
+                vec![Action::CheckNodes {
+                    after: RECHECK_SERVING,
+                }]
             }
             Event::ReadyTimedOut { generation }
                 if self.is_current(generation) && self.phase == Phase::WaitingReady =>
@@ -346,6 +428,17 @@ impl Supervisor {
             }
             // Look again now rather than at the next timed check: this is what makes a ring start
             // the moment the last model hash finishes.
+            // A serving ring's node changed (`notify-upgrade`, a restarted agent): see whether
+            // an upgrade started or completed.
+            Event::NodeChanged { .. } if self.phase == Phase::Serving => vec![Action::CheckNodes {
+                after: Duration::ZERO,
+            }],
+            Event::RestartRequested if self.phase == Phase::Serving => {
+                self.restart_requested = true;
+                vec![Action::CheckNodes {
+                    after: Duration::ZERO,
+                }]
+            }
             Event::NodeChanged { .. }
                 if matches!(self.phase, Phase::WaitingForNodes | Phase::Refused) =>
             {
@@ -362,6 +455,14 @@ impl Supervisor {
             Event::RingStopped { generation }
                 if self.is_current(generation) && self.phase == Phase::Stopping =>
             {
+                if self.upgrade_restart {
+                    // Not a failure: no backoff, straight to the start on the new build.
+                    self.upgrade_restart = false;
+                    self.phase = Phase::WaitingForNodes;
+                    return vec![Action::CheckNodes {
+                        after: Duration::ZERO,
+                    }];
+                }
                 if let Some((_, n)) = &self.same_failure {
                     if *n >= SAME_FAILURE_LIMIT {
                         self.crash_loop = true;
@@ -404,6 +505,7 @@ mod tests {
                 check: NodeCheck::Ready,
                 highest_generation: 0,
                 running_generation: None,
+                builds: vec![],
             },
             now,
         );
@@ -414,7 +516,12 @@ mod tests {
             s.handle(Event::RingStarted { generation }, now),
             vec![Action::WaitReady { generation }]
         );
-        assert!(s.handle(Event::Ready { generation }, now).is_empty());
+        assert_eq!(
+            s.handle(Event::Ready { generation }, now),
+            vec![Action::CheckNodes {
+                after: RECHECK_SERVING
+            }]
+        );
         assert_eq!(s.phase, Phase::Serving);
         generation
     }
@@ -442,6 +549,245 @@ mod tests {
             }]
         );
         delay
+    }
+
+    fn b(engine: &str, agent: &str) -> Option<Build> {
+        Some(Build {
+            engine: Some(engine.into()),
+            package: None,
+            agent: Some(agent.into()),
+            protocol: Some(1),
+        })
+    }
+
+    fn checked(check: NodeCheck, generation: u64, builds: &[Option<Build>]) -> Event {
+        Event::NodesChecked {
+            check,
+            highest_generation: generation,
+            running_generation: Some(generation),
+            builds: builds.to_vec(),
+        }
+    }
+
+    /// Serving generation 1 on `b1` everywhere.
+    fn serving_on_b1(now: Instant) -> Supervisor {
+        let mut s = sup();
+        let all = [b("b1", "0.3"), b("b1", "0.3"), b("b1", "0.3")];
+        s.handle(
+            Event::NodesChecked {
+                check: NodeCheck::Ready,
+                highest_generation: 0,
+                running_generation: None,
+                builds: all.to_vec(),
+            },
+            now,
+        );
+        s.handle(Event::RingStarted { generation: 1 }, now);
+        s.handle(Event::Ready { generation: 1 }, now);
+        assert_eq!(
+            (s.phase, s.ring_build.clone()),
+            (Phase::Serving, b("b1", "0.3"))
+        );
+        s
+    }
+
+    #[test]
+    fn mixed_builds_keep_a_serving_ring_serving_and_say_the_upgrade_is_pending() {
+        let now = Instant::now();
+        let mut s = serving_on_b1(now);
+        assert_eq!(
+            s.handle(Event::NodeChanged { rank: 1 }, now),
+            vec![Action::CheckNodes {
+                after: Duration::ZERO
+            }],
+            "a node that says it changed is looked at at once"
+        );
+        let mixed = [b("b1", "0.3"), b("b2", "0.3"), b("b2", "0.3")];
+        let a = s.handle(
+            checked(NodeCheck::Mixed("engines differ".into()), 1, &mixed),
+            now,
+        );
+        assert_eq!(
+            a,
+            vec![Action::CheckNodes {
+                after: RECHECK_UPGRADING
+            }]
+        );
+        assert_eq!((s.phase, s.generation), (Phase::Serving, 1));
+        let up = s.upgrade.clone().unwrap_or_default();
+        assert!(
+            up.starts_with("upgrade pending: 2/3 nodes on engine `b2`"),
+            "{up}"
+        );
+        assert_eq!(s.reason, None, "still serving: no reason to show");
+    }
+
+    #[test]
+    fn consistent_new_builds_restart_the_ring_exactly_once_without_backoff() {
+        let now = Instant::now();
+        let mut s = serving_on_b1(now);
+        let new = [b("b2", "0.3"), b("b2", "0.3"), b("b2", "0.3")];
+        let a = s.handle(checked(NodeCheck::Ready, 1, &new), now);
+        assert_eq!(a, vec![Action::StopRing { generation: 1 }]);
+        assert!(s.upgrade_restarting());
+        // Checks arriving while it stops change nothing.
+        assert!(s.handle(checked(NodeCheck::Ready, 1, &new), now).is_empty());
+        assert_eq!(
+            s.handle(Event::RingStopped { generation: 1 }, now),
+            vec![Action::CheckNodes {
+                after: Duration::ZERO
+            }],
+            "no backoff: an upgrade is not a failure"
+        );
+        let a = s.handle(
+            Event::NodesChecked {
+                check: NodeCheck::Ready,
+                highest_generation: 1,
+                running_generation: None,
+                builds: new.to_vec(),
+            },
+            now,
+        );
+        assert_eq!(a, vec![Action::StartRing { generation: 2 }]);
+        s.handle(Event::RingStarted { generation: 2 }, now);
+        s.handle(Event::Ready { generation: 2 }, now);
+        assert_eq!(
+            (s.phase, s.failures, s.upgrade.clone()),
+            (Phase::Serving, 0, None)
+        );
+        // The ring now runs b2: later checks (and notifications) restart nothing.
+        for _ in 0..3 {
+            s.handle(Event::NodeChanged { rank: 0 }, now);
+            assert_eq!(
+                s.handle(checked(NodeCheck::Ready, 2, &new), now),
+                vec![Action::CheckNodes {
+                    after: RECHECK_SERVING
+                }]
+            );
+        }
+        assert_eq!((s.phase, s.generation), (Phase::Serving, 2));
+    }
+
+    #[test]
+    fn a_node_lost_during_an_upgrade_holds_the_restart_until_it_is_back() {
+        let now = Instant::now();
+        let mut s = serving_on_b1(now);
+        assert!(s
+            .handle(
+                Event::NodeLost {
+                    rank: 2,
+                    detail: "timeout".into()
+                },
+                now
+            )
+            .is_empty());
+        let lost = [b("b2", "0.3"), b("b2", "0.3"), None];
+        let a = s.handle(
+            checked(NodeCheck::Waiting("rank 2 unreachable".into()), 1, &lost),
+            now,
+        );
+        assert_eq!(
+            a,
+            vec![Action::CheckNodes {
+                after: RECHECK_UPGRADING
+            }]
+        );
+        assert_eq!(s.phase, Phase::Serving);
+        let up = s.upgrade.clone().unwrap_or_default();
+        assert!(
+            up.contains("2/3 nodes") && up.contains("1 not answering"),
+            "{up}"
+        );
+        // Back, still on the old build: pending; then upgraded: the one restart.
+        let back = [b("b2", "0.3"), b("b2", "0.3"), b("b1", "0.3")];
+        s.handle(checked(NodeCheck::Mixed("differ".into()), 1, &back), now);
+        assert_eq!(s.phase, Phase::Serving);
+        let new = [b("b2", "0.3"), b("b2", "0.3"), b("b2", "0.3")];
+        assert_eq!(
+            s.handle(checked(NodeCheck::Ready, 1, &new), now),
+            vec![Action::StopRing { generation: 1 }]
+        );
+    }
+
+    #[test]
+    fn an_agent_upgrade_adopts_the_ring_while_mixed_and_restarts_it_once_consistent() {
+        // The head's agent was restarted on llm-agent {AGENT_VERSION}: its new coordinator adopts the ring
+        // the old one left running although the other nodes still run 0.3.
+        let now = Instant::now();
+        let mut s = sup();
+        let mixed = [
+            b("b1", crate::proto::AGENT_VERSION),
+            b("b1", "0.3"),
+            b("b1", "0.3"),
+        ];
+        let a = s.handle(
+            checked(NodeCheck::Mixed("agents differ".into()), 5, &mixed),
+            now,
+        );
+        assert_eq!(a, vec![Action::WaitReady { generation: 5 }]);
+        s.handle(Event::Ready { generation: 5 }, now);
+        assert_eq!(s.phase, Phase::Serving);
+        assert_eq!(
+            s.ring_build, None,
+            "what the adopted ring runs is not known"
+        );
+        s.handle(
+            checked(NodeCheck::Mixed("agents differ".into()), 5, &mixed),
+            now,
+        );
+        assert!(s
+            .upgrade
+            .as_deref()
+            .unwrap_or("")
+            .contains("upgrade pending: 1/3"));
+        let new = [
+            b("b1", crate::proto::AGENT_VERSION),
+            b("b1", crate::proto::AGENT_VERSION),
+            b("b1", crate::proto::AGENT_VERSION),
+        ];
+        assert_eq!(
+            s.handle(checked(NodeCheck::Ready, 5, &new), now),
+            vec![Action::StopRing { generation: 5 }]
+        );
+        // A fresh coordinator that is not mid-upgrade never adopts refused nodes.
+        let mut s = sup();
+        let a = s.handle(
+            checked(NodeCheck::Refused("model differs".into()), 5, &mixed),
+            now,
+        );
+        assert_eq!(
+            a,
+            vec![Action::CheckNodes {
+                after: RECHECK_REFUSED
+            }]
+        );
+    }
+
+    #[test]
+    fn with_manual_restarts_the_ring_serves_on_until_asked() {
+        let now = Instant::now();
+        let mut s = serving_on_b1(now);
+        s.restart_on_upgrade = false;
+        let new = [b("b2", "0.3"), b("b2", "0.3"), b("b2", "0.3")];
+        assert_eq!(
+            s.handle(checked(NodeCheck::Ready, 1, &new), now),
+            vec![Action::CheckNodes {
+                after: RECHECK_UPGRADING
+            }]
+        );
+        assert_eq!(s.phase, Phase::Serving);
+        let up = s.upgrade.clone().unwrap_or_default();
+        assert!(up.starts_with("upgrade ready: 3/3 nodes"), "{up}");
+        assert_eq!(
+            s.handle(Event::RestartRequested, now),
+            vec![Action::CheckNodes {
+                after: Duration::ZERO
+            }]
+        );
+        assert_eq!(
+            s.handle(checked(NodeCheck::Ready, 1, &new), now),
+            vec![Action::StopRing { generation: 1 }]
+        );
     }
 
     #[test]
@@ -475,6 +821,7 @@ mod tests {
                 check: NodeCheck::Ready,
                 highest_generation: u64::MAX,
                 running_generation: None,
+                builds: vec![],
             },
             Instant::now(),
         );
@@ -561,6 +908,7 @@ mod tests {
                 check: NodeCheck::Refused("rank 2 has engine b2".into()),
                 highest_generation: 0,
                 running_generation: None,
+                builds: vec![],
             },
             now,
         );
@@ -576,6 +924,7 @@ mod tests {
                 check: NodeCheck::Waiting("hashing".into()),
                 highest_generation: 0,
                 running_generation: None,
+                builds: vec![],
             },
             now,
         );
@@ -597,11 +946,12 @@ mod tests {
                 check: NodeCheck::Ready,
                 highest_generation: 7,
                 running_generation: Some(7),
+                builds: vec![],
             },
             now,
         );
         assert_eq!(a, vec![Action::WaitReady { generation: 7 }]);
-        assert!(s.handle(Event::Ready { generation: 7 }, now).is_empty());
+        s.handle(Event::Ready { generation: 7 }, now);
         assert_eq!((s.phase, s.generation), (Phase::Serving, 7));
         // After a failure the same coordinator restarts with a new generation, never re-adopts.
         crash(&mut s, 7, now);
@@ -610,6 +960,7 @@ mod tests {
                 check: NodeCheck::Ready,
                 highest_generation: 7,
                 running_generation: Some(7),
+                builds: vec![],
             },
             now,
         );
@@ -624,6 +975,7 @@ mod tests {
                 check: NodeCheck::Ready,
                 highest_generation: 7,
                 running_generation: None,
+                builds: vec![],
             },
             Instant::now(),
         );
@@ -639,6 +991,7 @@ mod tests {
                 check: NodeCheck::Ready,
                 highest_generation: 0,
                 running_generation: None,
+                builds: vec![],
             },
             now,
         );
@@ -657,6 +1010,7 @@ mod tests {
                 check: NodeCheck::Ready,
                 highest_generation: 1,
                 running_generation: None,
+                builds: vec![],
             },
             now,
         );
@@ -680,6 +1034,7 @@ mod tests {
                 check: NodeCheck::Ready,
                 highest_generation: 0,
                 running_generation: None,
+                builds: vec![],
             },
             now,
         );
@@ -718,6 +1073,7 @@ mod tests {
             check: NodeCheck::Ready,
             highest_generation: 0,
             running_generation: None,
+            builds: vec![],
         };
         for i in 1..=SAME_FAILURE_LIMIT {
             let a = s.handle(ready.clone(), now);

@@ -29,6 +29,9 @@ pub struct ClusterView {
     pub failures: u32,
     /// Ring restarts since this coordinator started.
     pub restarts: u64,
+    /// A rolling upgrade under way: "upgrade pending: 2/3 nodes on ..." while the nodes differ
+    /// (the ring serves on), "upgrade ready: ..." when a person must restart the ring.
+    pub upgrade: Option<String>,
     /// What needs a person's attention without stopping the ring: the node checks' warnings,
     /// and agents that do not answer while their ring serves.
     pub warnings: Vec<String>,
@@ -120,6 +123,7 @@ impl ClusterView {
             reason: Some("checking the nodes".into()),
             failures: 0,
             restarts: 0,
+            upgrade: None,
             warnings: vec![],
             placement: None,
             check_warnings: vec![],
@@ -169,6 +173,7 @@ impl ClusterView {
         self.reason = sup.reason.clone();
         self.failures = sup.failures;
         self.restarts = restarts;
+        self.upgrade = sup.upgrade.clone();
         self.warnings = self.check_warnings.clone();
         for (n, t) in self.nodes.iter_mut().zip(tracks) {
             if let (Some((since, error)), Phase::Serving) = (&t.unreachable, sup.phase) {

@@ -306,15 +306,20 @@ pub async fn collect(
     }
 }
 
-/// The engine version per binary path and mtime: the coordinator asks for facts every few
-/// seconds while it waits, and the answer changes only when the binary does (a package upgrade).
+/// The engine version per binary path and file identity: the coordinator asks for facts every
+/// few seconds, and the answer changes only when the binary does (a package upgrade). The inode
+/// is part of the identity because pacman keeps the package's mtimes: an upgrade renames a new
+/// file into place, which may carry an older mtime than the one it replaces.
 async fn cached_version(path: &Path) -> Option<String> {
-    type Cache = Mutex<HashMap<PathBuf, (SystemTime, Option<String>)>>;
+    use std::os::unix::fs::MetadataExt;
+    type Identity = (SystemTime, u64, u64, u64);
+    type Cache = Mutex<HashMap<PathBuf, (Identity, Option<String>)>>;
     static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
-    let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok()?;
+    let meta = std::fs::metadata(path).ok()?;
+    let id: Identity = (meta.modified().ok()?, meta.dev(), meta.ino(), meta.len());
     if let Some((t, v)) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(path) {
-        if *t == mtime {
+        if *t == id {
             return v.clone();
         }
     }
@@ -322,7 +327,7 @@ async fn cached_version(path: &Path) -> Option<String> {
     cache
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .insert(path.to_path_buf(), (mtime, v.clone()));
+        .insert(path.to_path_buf(), (id, v.clone()));
     v
 }
 

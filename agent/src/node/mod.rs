@@ -160,6 +160,46 @@ impl NodeAgent {
         self.status.borrow().clone()
     }
 
+    /// `llm-agent notify-upgrade` (the pacman hook) sends SIGUSR1 after a package upgrade: the
+    /// facts (engine build, package) are read anew on every request, so saying that they
+    /// changed is enough for the coordinator to look. SIGUSR2 is the head's manual ring restart
+    /// (the coordinator watches it); watched here too, so that it never kills an agent without a
+    /// coordinator (the signal's default action).
+    pub fn follow_upgrade_signals(self: &Arc<Self>) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (usr1, usr2) = match (
+            signal(SignalKind::user_defined1()),
+            signal(SignalKind::user_defined2()),
+        ) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(error = %e, "cannot watch SIGUSR1/SIGUSR2; upgrades are noticed by the coordinator's periodic check only");
+                return;
+            }
+        };
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let (mut usr1, mut usr2) = (usr1, usr2);
+            loop {
+                tokio::select! {
+                    Some(()) = usr1.recv() => match weak.upgrade() {
+                        Some(a) => {
+                            tracing::info!(rank = a.rank, "SIGUSR1: packages changed; facts will be read anew");
+                            a.update(|s| s.facts_version += 1);
+                        }
+                        None => return,
+                    },
+                    Some(()) = usr2.recv() => {
+                        if weak.strong_count() == 0 {
+                            return;
+                        }
+                    }
+                    else => return,
+                }
+            }
+        });
+    }
+
     /// Tries every connection this rank's engine will open (see [`crate::plan::link_targets`]),
     /// planned from this node's own config: a peer that answers, even with a refusal (nothing
     /// listens before the ring starts), is reachable; a timeout or a routing error is not.

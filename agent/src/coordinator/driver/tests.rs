@@ -28,6 +28,8 @@ struct FakeNode {
     stale: Mutex<Option<RankStatus>>,
     /// CPU time the rank uses per second of (virtual) time, in ms.
     cpu_ms_per_s: AtomicU64,
+    /// The engine build its facts report (an upgrade changes it).
+    engine_version: Mutex<String>,
 }
 
 struct FakeCluster {
@@ -73,6 +75,7 @@ impl FakeCluster {
                 reachable: AtomicBool::new(true),
                 stale: Mutex::new(None),
                 cpu_ms_per_s: AtomicU64::new(500),
+                engine_version: Mutex::new("b1".into()),
             })
             .collect();
         Arc::new(FakeCluster {
@@ -131,7 +134,7 @@ impl Nodes for FakeCluster {
                 path: Some("/usr/bin/engine".into()),
                 used_by_this_rank: true,
             }],
-            engine_version: Some("b1".into()),
+            engine_version: Some(n.engine_version.lock().expect("version").clone()),
             engine_package: None,
             model: ModelFact {
                 path: "/m.gguf".into(),
@@ -646,6 +649,53 @@ async fn halda_placement_is_remembered_and_passed_explicitly_on_the_next_start()
     assert_eq!((head.world, head.layer_windows), (2, Some(vec![1, 29])));
     let worker = fake.nodes[2].status.borrow().spec.clone().expect("spec");
     assert_eq!((worker.node, worker.rank), (2, 1));
+    r.stop.cancel();
+    r.task.await.expect("driver ends");
+}
+
+/// What `llm-agent notify-upgrade` makes a node agent do after its engine package changed.
+fn upgrade(fake: &FakeCluster, rank: usize, version: &str) {
+    *fake.nodes[rank].engine_version.lock().expect("version") = version.into();
+    fake.update(rank, |s| s.facts_version += 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rolling_upgrade_keeps_serving_while_mixed_and_restarts_once_when_consistent() {
+    let fake = FakeCluster::new("prima", 3);
+    let mut r = start(&fake);
+    let v = serving_after(&mut r, 0).await;
+    for (done, rank) in [(1, 2), (2, 1)] {
+        upgrade(&fake, rank, "b2");
+        let seen = tokio::time::timeout(
+            Duration::from_secs(5),
+            r.view.wait_for(|v| {
+                v.upgrade
+                    .as_deref()
+                    .is_some_and(|u| u.starts_with(&format!("upgrade pending: {done}/3 nodes")))
+            }),
+        )
+        .await
+        .expect("upgrade pending shown soon after the notification")
+        .expect("driver alive")
+        .clone();
+        assert!(seen.serving(), "{:?}", seen.reason);
+        assert_eq!((seen.generation, seen.restarts), (v.generation, 0));
+    }
+    upgrade(&fake, 0, "b2");
+    let after = serving_after(&mut r, v.generation).await;
+    assert_eq!(
+        (after.generation, after.restarts, after.failures),
+        (v.generation + 1, 1, 0)
+    );
+    assert_eq!(after.upgrade, None);
+    // Minutes later, with more notifications and the periodic checks, no second restart.
+    for rank in 0..3 {
+        upgrade(&fake, rank, "b2");
+    }
+    tokio::time::sleep(Duration::from_secs(180)).await;
+    let later = r.view.borrow().clone();
+    assert!(later.serving(), "{:?}", later.reason);
+    assert_eq!((later.generation, later.restarts), (v.generation + 1, 1));
     r.stop.cancel();
     r.task.await.expect("driver ends");
 }
