@@ -122,15 +122,19 @@ pub struct Narrator {
     last_failure: Option<(String, &'static str)>,
     /// The reason the last phase event told: the next one repeats it only when it changed.
     last_reason: Option<String>,
+    /// Where a rolling upgrade stood at the last event (the supervisor's `upgrade` text).
+    last_upgrade: Option<String>,
 }
 
 impl Narrator {
     /// What handling `event` meant, given the phase before it and the supervisor after it.
     pub fn transition(&mut self, event: &Event, before: Phase, sup: &Supervisor) -> Vec<Draft> {
-        if sup.phase == before {
-            return vec![];
-        }
         let generation = (sup.generation > 0).then_some(sup.generation);
+        // A rolling upgrade moves (pending, ready, complete) while the phase stays serving.
+        let upgrade = self.upgrade(sup, generation);
+        if sup.phase == before {
+            return upgrade.into_iter().collect();
+        }
         let reason = sup.reason.clone().unwrap_or_default();
         let (from, to) = (before.as_str(), sup.phase.as_str());
         let told = self.last_reason.replace(reason.clone());
@@ -147,6 +151,17 @@ impl Narrator {
                 to: to.into(),
             },
         }];
+        out.extend(upgrade);
+        if sup.phase == Phase::Stopping && sup.upgrade_restarting() {
+            // Not a failure: every node has the same new build and the ring restarts on it.
+            out.push(Draft {
+                generation,
+                rank: None,
+                message: format!("restarting the ring on the new build: {reason}"),
+                detail: upgrade_detail("restarting", &reason),
+            });
+            return out;
+        }
         let failure = match sup.phase {
             Phase::Stopping => Some(cause_of(event)),
             Phase::Refused if before == Phase::Stopping => Some("crash_loop"),
@@ -189,6 +204,30 @@ impl Narrator {
         }
         out
     }
+}
+
+impl Narrator {
+    /// An `upgrade` event when the supervisor's upgrade text changed to a new one.
+    fn upgrade(&mut self, sup: &Supervisor, generation: Option<u64>) -> Option<Draft> {
+        if sup.upgrade == self.last_upgrade {
+            return None;
+        }
+        self.last_upgrade = sup.upgrade.clone();
+        let text = sup.upgrade.clone()?;
+        Some(Draft {
+            generation,
+            rank: None,
+            message: text.clone(),
+            detail: upgrade_detail("status", &text),
+        })
+    }
+}
+
+fn upgrade_detail(state: &str, text: &str) -> EventDetail {
+    let mut fields = serde_json::Map::new();
+    fields.insert("state".into(), state.into());
+    fields.insert("upgrade".into(), text.into());
+    EventDetail::Upgrade { fields }
 }
 
 /// A placement event when the ring's placement changed to a known one.
@@ -457,6 +496,60 @@ mod tests {
             running_generation: None,
             builds: vec![],
         }
+    }
+
+    #[test]
+    fn a_rolling_upgrade_is_told_as_upgrade_events_not_as_a_failure() {
+        use crate::coordinator::check::Build;
+        let b = |engine: &str| {
+            Some(Build {
+                engine: Some(engine.into()),
+                package: None,
+                agent: Some("0.3".into()),
+                protocol: Some(1),
+            })
+        };
+        let checked =
+            |check: NodeCheck, g: u64, running: Option<u64>, e: [&str; 3]| Event::NodesChecked {
+                check,
+                highest_generation: g,
+                running_generation: running,
+                builds: e.iter().map(|e| b(e)).collect(),
+            };
+        let d = narrate(vec![
+            checked(NodeCheck::Ready, 0, None, ["b1", "b1", "b1"]),
+            Event::RingStarted { generation: 1 },
+            Event::Ready { generation: 1 },
+            checked(
+                NodeCheck::Mixed("engines differ".into()),
+                1,
+                Some(1),
+                ["b1", "b2", "b2"],
+            ),
+            checked(NodeCheck::Ready, 1, Some(1), ["b2", "b2", "b2"]),
+            Event::RingStopped { generation: 1 },
+            checked(NodeCheck::Ready, 1, None, ["b2", "b2", "b2"]),
+            Event::RingStarted { generation: 2 },
+            Event::Ready { generation: 2 },
+        ]);
+        let upgrades: Vec<&Draft> = d.iter().filter(|d| d.detail.kind() == "upgrade").collect();
+        assert!(
+            upgrades
+                .first()
+                .is_some_and(|u| u.message.starts_with("upgrade pending: 2/3 nodes")),
+            "{d:?}"
+        );
+        assert!(
+            upgrades.iter().any(|u| u
+                .message
+                .starts_with("restarting the ring on the new build")),
+            "{d:?}"
+        );
+        assert!(
+            !kinds(&d).contains(&"failure") && !kinds(&d).contains(&"restart"),
+            "an upgrade restart is no failure: {:?}",
+            kinds(&d)
+        );
     }
 
     #[test]
