@@ -378,10 +378,10 @@ fn print_ready(args: &UpArgs, config: &Config, secs: f64) {
          \x20 try:      curl {base}/v1/chat/completions -H 'Content-Type: application/json' \
          -d '{{\"model\": \"{}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n\
          Press Ctrl-C to stop every rank.",
-        config.model.name,
+        config.model().name,
         args.local,
         args.engine,
-        config.model.name
+        config.model().name
     );
 }
 
@@ -586,7 +586,7 @@ mod tests {
         let text =
             local_config_text(&t.up, Path::new("/s"), Path::new("/s/token")).expect("config text");
         let c = Config::parse(&text, Path::new("<t>")).expect("valid");
-        assert_eq!(c.model.layer_windows, Some(vec![10, 10, 10]));
+        assert_eq!(c.model().layer_windows, Some(vec![10, 10, 10]));
     }
 
     fn args(extra: &[&str]) -> UpArgs {
@@ -608,10 +608,10 @@ mod tests {
         let text = local_config_text(&a, &state, &token).expect("config text");
         let c = Config::parse(&text, Path::new("<t>"))
             .unwrap_or_else(|e| panic!("generated config does not load: {e}\n{text}"));
-        assert_eq!(c.model.path, Path::new(odd));
+        assert_eq!(c.model().path, Path::new(odd));
         assert_eq!(c.cluster.state_dir, state);
         assert_eq!(c.cluster.token_file, token);
-        assert_eq!(c.model.layer_windows, Some(vec![10, 10, 10]));
+        assert_eq!(c.model().layer_windows, Some(vec![10, 10, 10]));
         assert!(c
             .nodes
             .iter()
@@ -638,7 +638,7 @@ mod tests {
             c.api.api_keys_file.as_deref(),
             Some(Path::new("/etc/keys.toml"))
         );
-        assert_eq!(c.model.slots, 2);
+        assert_eq!(c.model().slots, 2);
         assert_eq!(
             (c.api.max_in_flight, c.api.queue_size, c.api.queue_timeout_s),
             (1, 3, 4)
@@ -649,7 +649,7 @@ mod tests {
             Path::new("<t>"),
         )
         .expect("valid");
-        assert_eq!((c.model.slots, c.api.max_in_flight), (4, 4));
+        assert_eq!((c.model().slots, c.api.max_in_flight), (4, 4));
         assert!(c.api.api_keys_file.is_none());
     }
 

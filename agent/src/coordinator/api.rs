@@ -68,8 +68,8 @@ impl Checks {
     pub fn from_config(c: &Config) -> Checks {
         Checks {
             rules: Rules {
-                model: c.model.name.clone(),
-                ctx_size: c.model.ctx_size,
+                model: c.model().name.clone(),
+                ctx_size: c.model().ctx_size,
                 max_body_bytes: c.api.max_body_bytes,
             },
             body_timeout: Duration::from_secs(c.api.body_timeout_s),

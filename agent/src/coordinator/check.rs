@@ -242,7 +242,7 @@ pub fn running_generation(
     let planned = [remembered, None];
     planned
         .iter()
-        .filter_map(|p| crate::plan::plan(config, generation, *p).ok())
+        .filter_map(|p| crate::plan::plan(config, config.model(), generation, *p).ok())
         .any(runs)
         .then_some(generation)
 }
@@ -297,7 +297,7 @@ mod tests {
     }
 
     fn running(config: &Config, generation: u64) -> Vec<Option<RankStatus>> {
-        crate::plan::plan(config, generation, None)
+        crate::plan::plan(config, config.model(), generation, None)
             .expect("plan")
             .ranks
             .into_iter()

@@ -274,7 +274,7 @@ impl Driver {
             .placement
             .as_ref()
             .is_some_and(|p| p.source == PlacementSource::Halda);
-        if !placed_by_halda || !self.config.model.remember_placement {
+        if !placed_by_halda || !self.config.model().remember_placement {
             return;
         }
         let generation = run.sup.generation;

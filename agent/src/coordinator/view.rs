@@ -77,7 +77,7 @@ impl PlacementView {
     ) -> Option<PlacementView> {
         let source = source?;
         let (windows, gpu_layers) = match source {
-            PlacementSource::Config => (config.model.layer_windows.clone(), None),
+            PlacementSource::Config => (config.model().layer_windows.clone(), None),
             PlacementSource::Remembered => (
                 remembered.map(|p| p.windows.clone()),
                 remembered.and_then(|p| p.gpu_layers.clone()),
@@ -107,8 +107,8 @@ impl ClusterView {
             cluster: config.cluster.name.clone(),
             engine: config.cluster.engine,
             model: ModelView {
-                name: config.model.name.clone(),
-                path: config.model.path.clone(),
+                name: config.model().name.clone(),
+                path: config.model().path.clone(),
             },
             phase: Phase::WaitingForNodes,
             generation: 0,

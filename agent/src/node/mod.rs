@@ -143,7 +143,7 @@ impl NodeAgent {
     /// planned from this node's own config: a peer that answers, even with a refusal (nothing
     /// listens before the ring starts), is reachable; a timeout or a routing error is not.
     pub async fn check_links(&self) -> Result<LinkReport, String> {
-        let plan = crate::plan::plan(&self.config, 0, None)?;
+        let plan = crate::plan::plan(&self.config, self.config.model(), 0, None)?;
         let spec = plan
             .for_node(self.rank)
             .cloned()
@@ -247,7 +247,7 @@ impl NodeAgent {
     /// the coordinator waits for the hash before it starts a ring.
     pub fn start_model_hash(&self) {
         if self.needs_model() {
-            self.hasher.state(&self.config.model.path);
+            self.hasher.state(&self.config.model().path);
         }
     }
 
@@ -269,8 +269,8 @@ impl NodeAgent {
             self.rank,
             self.config.cluster.engine,
             &self.local,
-            &self.config.model.path,
-            self.config.model.sha256.as_deref(),
+            &self.config.model().path,
+            self.config.model().sha256.as_deref(),
             self.needs_model(),
             &self.hasher,
         )

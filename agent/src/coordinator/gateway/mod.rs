@@ -81,7 +81,7 @@ impl Settings {
                 requests_per_minute: c.api.requests_per_minute,
                 tokens_per_minute: c.api.tokens_per_minute,
             },
-            models: vec![c.model.name.clone()],
+            models: crate::check_config::model_names(c),
             keys_file: c.api.api_keys_file.clone(),
             checks: Arc::new(Checks::from_config(c)),
         }
