@@ -82,6 +82,19 @@ pub struct UpArgs {
     /// api.max_connections_per_client: connections served at once from one address.
     #[arg(long)]
     pub max_connections_per_client: Option<u64>,
+    /// Another model the ring may switch to (repeatable; named from its file name): the config
+    /// then lists [[models]], `--model` first and loaded at start.
+    #[arg(long, value_name = "GGUF")]
+    pub also_model: Vec<PathBuf>,
+    /// cluster.min_residency_s: seconds a loaded model serves before a switch away.
+    #[arg(long, value_name = "SECONDS")]
+    pub min_residency: Option<u64>,
+    /// cluster.idle_unload_s: stop the ring after this many seconds without requests.
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_unload: Option<u64>,
+    /// cluster.switch_grace_s: seconds requests in flight may finish when a switch starts.
+    #[arg(long, value_name = "SECONDS")]
+    pub switch_grace: Option<u64>,
 }
 
 /// prima's upstream build names its binaries like llama.cpp's; the packages rename them.
@@ -104,7 +117,10 @@ const LOCAL_AGENT_PORT: u16 = 17700;
 #[derive(Serialize)]
 struct LocalFile<'a> {
     cluster: LocalCluster<'a>,
-    model: LocalModel<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<LocalModel<'a>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    models: Vec<LocalModel<'a>>,
     api: LocalApi,
     ports: Ports,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -119,6 +135,12 @@ struct LocalCluster<'a> {
     engine: EngineKind,
     token_file: &'a Path,
     state_dir: &'a Path,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    min_residency_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idle_unload_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    switch_grace_s: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -245,12 +267,28 @@ pub fn local_config_text(args: &UpArgs, state_dir: &Path, token_file: &Path) -> 
             engine: args.engine,
             token_file,
             state_dir,
+            min_residency_s: args.min_residency,
+            idle_unload_s: args.idle_unload,
+            switch_grace_s: args.switch_grace,
         },
-        model: LocalModel {
+        model: args.also_model.is_empty().then(|| LocalModel {
             path: &args.model,
             ctx_size: args.ctx_size,
-            layer_windows,
+            layer_windows: layer_windows.clone(),
             slots: args.slots,
+        }),
+        models: if args.also_model.is_empty() {
+            Vec::new()
+        } else {
+            std::iter::once(&args.model)
+                .chain(&args.also_model)
+                .map(|path| LocalModel {
+                    path,
+                    ctx_size: args.ctx_size,
+                    layer_windows: layer_windows.clone(),
+                    slots: args.slots,
+                })
+                .collect()
         },
         api: LocalApi {
             listen: args.listen,
@@ -314,9 +352,22 @@ pub async fn up(args: UpArgs) -> Result<()> {
         .map(std::path::absolute)
         .transpose()
         .map_err(|e| crate::exit::Usage(format!("--api-keys: {e}")))?;
+    let also_model = args
+        .also_model
+        .iter()
+        .map(|m| {
+            std::fs::canonicalize(m).map_err(|e| {
+                crate::exit::Usage(format!(
+                    "--also-model {}: cannot read the model file: {e}",
+                    m.display()
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let args = UpArgs {
         model,
         api_keys,
+        also_model,
         ..args
     };
     let state_dir = match &args.state_dir {

@@ -68,7 +68,7 @@ enum Command {
         config: PathBuf,
     },
     /// Run a whole cluster on this machine: N node agents and the coordinator over loopback.
-    Up(local::UpArgs),
+    Up(Box<local::UpArgs>),
     /// Report the network tuning for ring traffic, key by key; --apply sets what is not in effect.
     ///
     /// Exits 0 when every key is in effect, 3 when some are not (they differ, or cannot be set
@@ -212,7 +212,7 @@ fn main() -> ExitCode {
         }
         Command::Up(args) => {
             init_logging("info,engine=warn");
-            run_async(local::up(args))
+            run_async(local::up(*args))
         }
     }
 }

@@ -132,7 +132,11 @@ pub async fn start_coordinator(
     }
     // Ends by itself once the API (which holds the gateway) is gone.
     gateway.spawn_reload();
-    let coordinator = Coordinator::new(config.clone(), Arc::new(NodeClient::new(token_text)?));
+    let coordinator = Coordinator::new(
+        config.clone(),
+        Arc::new(NodeClient::new(token_text)?),
+        gateway.gate(),
+    );
     let view = coordinator.view();
     let heartbeat = coordinator.heartbeat();
     let api = api::serve(

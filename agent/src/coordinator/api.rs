@@ -414,10 +414,61 @@ fn drain(
 /// Whether `requested` is the model served: its configured name, or a name the engine reports.
 async fn model_served(s: &ApiState, requested: &str, generation: u64) -> Result<(), Refusal> {
     let rules = &s.checks.rules;
-    if requested == rules.model {
+    // Any configured model or alias: the gateway let the request through only once it serves.
+    if requested == rules.model || s.gateway.gate().find(requested).is_some() {
         return Ok(());
     }
     request::check_model(requested, rules, &engine_names(s, generation).await)
+}
+
+/// `/v1/models`: every configured model, OpenAI's fields first, and in `llm_cluster` (which
+/// OpenAI clients ignore) its state: `loaded`, `switching` (the ring is moving to it),
+/// `available`, or `missing` with the nodes whose file is absent or does not match.
+fn model_listing(s: &ApiState) -> serde_json::Value {
+    let gate = s.gateway.gate();
+    let snap = gate.snapshot();
+    let view = s.view.borrow();
+    let data: Vec<serde_json::Value> = (0..gate.len())
+        .map(|i| {
+            let names = gate.names(i);
+            let path = gate.path(i);
+            let missing: Vec<u32> = view
+                .nodes
+                .iter()
+                .filter_map(|n| {
+                    let f = n.facts.as_ref()?;
+                    let fact = f.models.iter().find(|x| Some(x.path.as_path()) == path)?;
+                    let bad = matches!(
+                        fact.hash,
+                        crate::proto::HashState::Missing | crate::proto::HashState::Error { .. }
+                    ) || fact.matches_expected == Some(false);
+                    bad.then_some(n.rank)
+                })
+                .collect();
+            let state = if snap.target == Some(i) {
+                "switching"
+            } else if snap.loaded == i && !snap.unloaded && snap.target.is_none() && view.serving()
+            {
+                "loaded"
+            } else if !missing.is_empty() {
+                "missing"
+            } else {
+                "available"
+            };
+            json!({
+                "id": names.first(),
+                "object": "model",
+                "created": 0,
+                "owned_by": "llm-cluster",
+                "llm_cluster": {
+                    "state": state,
+                    "aliases": names.get(1..).unwrap_or_default(),
+                    "missing_on": missing,
+                },
+            })
+        })
+        .collect();
+    json!({ "object": "list", "data": data })
 }
 
 /// The names rank 0's engine reports in `/v1/models`, fetched once per generation (only
@@ -480,6 +531,9 @@ async fn proxy(State(s): State<ApiState>, req: Request) -> Response {
             }
         }
     };
+    if parts.method == Method::GET && path.split('?').next() == Some("/v1/models") {
+        return Json(model_listing(&s)).into_response();
+    }
     let gate = Gate::read(&s.view);
     if !gate.serving {
         return not_serving(&s.view);
@@ -534,7 +588,8 @@ async fn proxy(State(s): State<ApiState>, req: Request) -> Response {
         // Proxies between here and the client must not buffer the stream either.
         headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     }
-    let rewrite = Rewrite::for_request(gate.engine, path, &s.checks.rules.model);
+    let loaded = s.gateway.gate().loaded_name();
+    let rewrite = Rewrite::for_request(gate.engine, path, &loaded);
     let stream = forward(resp.bytes_stream(), lost, sse, rewrite, work);
     let mut out = Response::new(Body::from_stream(stream));
     *out.status_mut() = status;
@@ -667,6 +722,7 @@ mod tests {
             models: vec!["m".into()],
             keys_file: None,
             checks: Arc::new(checks()),
+            gate: crate::coordinator::switch::ModelGate::for_names(vec![vec!["m".into()]], 0, 8),
         };
         let keys = keys
             .map(|k| gateway::keys::parse(k, std::path::Path::new("keys"), &["m"]).expect("keys"));

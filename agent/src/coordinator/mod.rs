@@ -18,6 +18,7 @@ pub mod gateway;
 pub mod placement;
 pub mod progress;
 pub mod state;
+pub mod switch;
 pub mod view;
 
 use std::sync::Arc;
@@ -35,16 +36,18 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    pub fn new(config: Arc<Config>, nodes: Arc<dyn Nodes>) -> Coordinator {
+    /// A coordinator switching models through `gate` (the gateway's, so requests wait on it).
+    pub fn new(config: Arc<Config>, nodes: Arc<dyn Nodes>, gate: switch::ModelGate) -> Coordinator {
         let (view, _) = watch::channel(ClusterView::initial(&config));
         Coordinator {
             driver: Driver {
-                config,
                 nodes,
                 view,
                 heartbeat: Heartbeat::default(),
                 activity: progress::Activity::default(),
                 events: events::Events::default(),
+                gate,
+                config,
             },
         }
     }

@@ -25,6 +25,8 @@ pub struct ClusterView {
     pub failures: u32,
     /// Ring restarts since this coordinator started.
     pub restarts: u64,
+    /// Model switches since this coordinator started (loads after an idle unload included).
+    pub switches: u64,
     /// What needs a person's attention without stopping the ring: the node checks' warnings,
     /// and agents that do not answer while their ring serves.
     pub warnings: Vec<String>,
@@ -115,6 +117,7 @@ impl ClusterView {
             reason: Some("checking the nodes".into()),
             failures: 0,
             restarts: 0,
+            switches: 0,
             warnings: vec![],
             placement: None,
             check_warnings: vec![],

@@ -210,28 +210,7 @@ pub async fn collect(
         Some(p) => cached_version(&p).await,
         None => None,
     };
-    let model = if needs_model {
-        let (size, hash) = hasher.state(model_path);
-        let matches_expected = match (&hash, expected_sha256) {
-            (HashState::Done { sha256 }, Some(e)) => Some(sha256.eq_ignore_ascii_case(e)),
-            _ => None,
-        };
-        ModelFact {
-            path: model_path.to_path_buf(),
-            size,
-            hash,
-            expected_sha256: expected_sha256.map(str::to_string),
-            matches_expected,
-        }
-    } else {
-        ModelFact {
-            path: model_path.to_path_buf(),
-            size: std::fs::metadata(model_path).ok().map(|m| m.len()),
-            hash: HashState::NotRequired,
-            expected_sha256: expected_sha256.map(str::to_string),
-            matches_expected: None,
-        }
-    };
+    let model = model_fact(model_path, expected_sha256, needs_model, hasher);
     // Reading pacman's database blocks (a file list per package on a cache miss).
     let engine_package = match binaries[0].path.clone() {
         Some(p) => tokio::task::spawn_blocking(move || {
@@ -256,10 +235,42 @@ pub async fn collect(
         binaries,
         engine_version,
         model,
+        models: Vec::new(),
         memory: memory(),
         cpu: cpu(),
         gpus: gpus().await,
         network: Vec::new(),
+    }
+}
+
+/// One model file's state on this node: hashed when this rank reads the file itself.
+pub fn model_fact(
+    model_path: &Path,
+    expected_sha256: Option<&str>,
+    needs_model: bool,
+    hasher: &ModelHasher,
+) -> ModelFact {
+    if needs_model {
+        let (size, hash) = hasher.state(model_path);
+        let matches_expected = match (&hash, expected_sha256) {
+            (HashState::Done { sha256 }, Some(e)) => Some(sha256.eq_ignore_ascii_case(e)),
+            _ => None,
+        };
+        ModelFact {
+            path: model_path.to_path_buf(),
+            size,
+            hash,
+            expected_sha256: expected_sha256.map(str::to_string),
+            matches_expected,
+        }
+    } else {
+        ModelFact {
+            path: model_path.to_path_buf(),
+            size: std::fs::metadata(model_path).ok().map(|m| m.len()),
+            hash: HashState::NotRequired,
+            expected_sha256: expected_sha256.map(str::to_string),
+            matches_expected: None,
+        }
     }
 }
 

@@ -247,7 +247,10 @@ impl NodeAgent {
     /// the coordinator waits for the hash before it starts a ring.
     pub fn start_model_hash(&self) {
         if self.needs_model() {
-            self.hasher.state(&self.config.model().path);
+            // Every configured model: the ring may switch to any of them.
+            for m in &self.config.models {
+                self.hasher.state(&m.path);
+            }
         }
     }
 
@@ -275,6 +278,19 @@ impl NodeAgent {
             &self.hasher,
         )
         .await;
+        f.models = self
+            .config
+            .models
+            .iter()
+            .map(|m| {
+                facts::model_fact(
+                    &m.path,
+                    m.sha256.as_deref(),
+                    self.needs_model(),
+                    &self.hasher,
+                )
+            })
+            .collect();
         f.network = self
             .network
             .lock()

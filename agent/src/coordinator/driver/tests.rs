@@ -132,6 +132,7 @@ impl Nodes for FakeCluster {
             }],
             engine_version: Some("b1".into()),
             engine_package: None,
+            models: Vec::new(),
             model: ModelFact {
                 path: "/m.gguf".into(),
                 size: Some(1),
@@ -290,6 +291,7 @@ fn start(fake: &Arc<FakeCluster>) -> Running {
         heartbeat: Heartbeat::default(),
         activity: activity.clone(),
         events: Default::default(),
+        gate: crate::coordinator::switch::ModelGate::new(&fake.config),
     };
     let stop = CancellationToken::new();
     let task = tokio::spawn(driver.run(stop.clone(), true));
