@@ -8,6 +8,8 @@
 #                             direct vs coordinator vs nginx latency and throughput, and what slow
 #                             and huge requests get, with the agent's memory (bench/gateway.py;
 #                             installs Debian's nginx and wrk with apt-get when missing)
+#   scripts/bench.sh switch   model switch time between two models (drain, stop, start, first
+#                             token), idle and with a request in flight (bench/switch.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${LLM_CLUSTER_CACHE:-$HOME/.cache/llm-cluster}
@@ -21,5 +23,6 @@ case "${1:-local}" in
   local) exec "$VENV/bin/python" bench/bench_local.py ;;
   bringup) exec "$VENV/bin/python" bench/bringup.py ;;
   gateway) shift; exec "$VENV/bin/python" bench/gateway.py "$@" ;;
-  *) echo "usage: scripts/bench.sh [local|bringup|gateway [speed|limits]]" >&2; exit 2 ;;
+  switch) exec "$VENV/bin/python" bench/switch.py ;;
+  *) echo "usage: scripts/bench.sh [local|bringup|gateway [speed|limits]|switch]" >&2; exit 2 ;;
 esac

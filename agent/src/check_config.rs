@@ -66,6 +66,17 @@ pub fn run(path: &Path) -> ExitCode {
             }
         }
     }
+    match check_tls(&config) {
+        Ok(tls_notes) => notes.extend(tls_notes),
+        Err(e) => {
+            eprintln!("{e:#}");
+            eprintln!("1 problem(s) found");
+            return ExitCode::from(crate::exit::USAGE);
+        }
+    }
+    if let Some(w) = crate::tls::plaintext_warning(&config) {
+        eprintln!("warning: {w}");
+    }
     println!(
         "{}: ok — cluster `{}`, engine {}, {} node(s), {} {model}",
         path.display(),
@@ -91,6 +102,49 @@ pub fn model_names(config: &Config) -> Vec<String> {
         .iter()
         .flat_map(|m| std::iter::once(m.name.clone()).chain(m.aliases.iter().cloned()))
         .collect()
+}
+
+/// Under `[tls]`, the files of every rank whose certificate is on this machine (a node holds
+/// only its own; the machine that issues holds them all): each must parse, chain to the CA,
+/// name the node's address and match its key. Notes for what is not here.
+fn check_tls(config: &Config) -> anyhow::Result<Vec<String>> {
+    let Some(tls) = &config.tls else {
+        return Ok(Vec::new());
+    };
+    let mut notes = Vec::new();
+    let mut checked = Vec::new();
+    for node in &config.nodes {
+        let cert = tls.cert(node.rank);
+        if !cert.exists() && !tls.key(node.rank).exists() {
+            continue;
+        }
+        let expiry = crate::tls::check_files(tls, node.rank, node.address)?;
+        if let Some(w) =
+            crate::tls::expiry_warning(&format!("rank{}'s certificate", node.rank), &expiry)
+        {
+            notes.push(w);
+        }
+        checked.push(format!(
+            "rank{} ({} days left)",
+            node.rank, expiry.days_left
+        ));
+    }
+    if checked.is_empty() {
+        if tls.ca.exists() {
+            crate::tls::read_certs(&tls.ca, "tls.ca")?;
+        }
+        notes.push(format!(
+            "[tls]: no node certificate is on this machine ({} for rank 0), so none was checked",
+            tls.cert(0).display()
+        ));
+    } else {
+        notes.push(format!(
+            "[tls]: certificates checked against {}: {}",
+            tls.ca.display(),
+            checked.join(", ")
+        ));
+    }
+    Ok(notes)
 }
 
 /// The model's header when the file is here; None when this machine has no such path.
@@ -140,6 +194,43 @@ mod tests {
                 .unwrap_or_default()
         );
         Config::parse(&text, Path::new("c.toml")).expect("valid config")
+    }
+
+    #[test]
+    fn tls_files_are_checked_for_the_ranks_that_are_here() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let text = format!(
+            "[cluster]\nname = \"lab\"\nengine = \"prima\"\n[model]\npath = \"/m.gguf\"\n\
+             [tls]\ndir = \"{}\"\n[[node]]\nrank = 0\naddress = \"10.0.0.1\"\n\
+             [[node]]\nrank = 1\naddress = \"10.0.0.2\"\n",
+            dir.path().display()
+        );
+        let c = Config::parse(&text, Path::new("c.toml")).expect("valid config");
+        let tls = c.tls.clone().expect("[tls]");
+        let notes = check_tls(&c).expect("nothing here yet");
+        assert!(
+            notes[0].contains("no node certificate is on this machine"),
+            "{notes:?}"
+        );
+        crate::tls::init_ca(&tls, "lab").expect("init");
+        // Rank 1's certificate made for rank 0's address: the SAN does not cover 10.0.0.2.
+        crate::tls::issue(&tls, "lab", 1, &["10.0.0.1".into()], 30, false).expect("issue");
+        let e = format!("{:#}", check_tls(&c).expect_err("wrong address"));
+        assert!(
+            e.starts_with(&format!("tls.cert {}", tls.cert(1).display()))
+                && e.contains("not valid for name \"10.0.0.2\""),
+            "{e}"
+        );
+        crate::tls::issue(&tls, "lab", 1, &["10.0.0.2".into()], 20, true).expect("reissue");
+        let notes = check_tls(&c).expect("valid");
+        assert!(notes[0].contains("expires in"), "{notes:?}");
+        assert!(notes[1].contains("rank1 ("), "{notes:?}");
+        std::fs::remove_file(tls.key(1)).expect("remove key");
+        let e = format!("{:#}", check_tls(&c).expect_err("no key"));
+        assert!(
+            e.contains(&format!("cannot read tls.key {}", tls.key(1).display())),
+            "{e}"
+        );
     }
 
     #[test]

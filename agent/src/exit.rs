@@ -26,7 +26,7 @@ pub const TABLE: &[(u8, &str)] = &[
     (
         USAGE,
         "a usage or config error: bad arguments, or a config file that does not load or validate \
-         (run, up, check-config)",
+         (run, up, check-config, pki)",
     ),
     (
         NOT_IN_EFFECT,

@@ -127,6 +127,13 @@ struct LocalFile<'a> {
     binaries: Option<LocalBinaries>,
     supervision: LocalSupervision,
     node: Vec<LocalNode<'a>>,
+    tls: LocalTls,
+}
+
+/// The throwaway PKI of [`throwaway_pki`], in the state dir.
+#[derive(Serialize)]
+struct LocalTls {
+    dir: PathBuf,
 }
 
 #[derive(Serialize)]
@@ -323,6 +330,9 @@ pub fn local_config_text(args: &UpArgs, state_dir: &Path, token_file: &Path) -> 
                 engine_dir: args.engine_dir.as_deref(),
             })
             .collect(),
+        tls: LocalTls {
+            dir: pki_dir(state_dir),
+        },
     };
     toml::to_string(&file).context(
         "cannot write the generated config: the model, engine and state paths must be valid UTF-8",
@@ -378,6 +388,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
     let token_file = state_dir.join("token");
     let token = state_token(&token_file)?;
     let text = local_config_text(&args, &state_dir, &token_file)?;
+    throwaway_pki(&state_dir, args.local)?;
     // Kept as a ConfigError (not flattened to text) so that it exits 2, a usage error.
     let config = Config::parse(&text, Path::new("<up --local>"))?;
     write_replacing(&state_dir.join("cluster.toml"), text.as_bytes())?;
@@ -416,6 +427,29 @@ pub async fn up(args: UpArgs) -> Result<()> {
         n.shutdown().await;
     }
     eprintln!("stopped.");
+    Ok(())
+}
+
+fn pki_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("pki")
+}
+
+/// A fresh CA and a certificate per rank (for 127.0.0.1) in the state dir, made on every start
+/// and used for nothing else: the local ring's control plane runs mutual TLS like a real one.
+fn throwaway_pki(state_dir: &Path, ranks: u32) -> Result<()> {
+    let dir = pki_dir(state_dir);
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot remove the old {}", dir.display()))
+        }
+    }
+    let tls = crate::config::Tls::in_dir(&dir);
+    crate::tls::init_ca(&tls, "local")?;
+    for rank in 0..ranks {
+        crate::tls::issue(&tls, "local", rank, &["127.0.0.1".into()], 365, false)?;
+    }
     Ok(())
 }
 

@@ -13,11 +13,13 @@ mod gguf;
 mod local;
 mod node;
 mod pacman;
+mod pki;
 mod plan;
 mod proto;
 mod runner;
 mod server;
 mod service;
+mod tls;
 mod tune;
 
 use std::path::PathBuf;
@@ -69,6 +71,8 @@ enum Command {
     },
     /// Run a whole cluster on this machine: N node agents and the coordinator over loopback.
     Up(Box<local::UpArgs>),
+    /// Make the cluster's CA and node certificates for mutual TLS on the control plane.
+    Pki(pki::PkiArgs),
     /// Report the network tuning for ring traffic, key by key; --apply sets what is not in effect.
     ///
     /// Exits 0 when every key is in effect, 3 when some are not (they differ, or cannot be set
@@ -182,6 +186,7 @@ fn main() -> ExitCode {
         },
         Command::CheckConfig { path } => check_config::run(&path),
         Command::ForgetPlacement { config } => forget_placement(&config),
+        Command::Pki(args) => pki::run(args),
         Command::Tune {
             check: _,
             apply,

@@ -286,6 +286,37 @@ pub struct NodeFacts {
     pub gpus: Vec<GpuFact>,
     /// Network tuning for ring traffic, per key, as applied (or checked) at agent start.
     pub network: Vec<KeyReport>,
+    /// Under `[tls]`: the certificate this node's control API presents, and the CA's, as loaded
+    /// at agent start. Absent without `[tls]`; defaulted so that adding it changed no version.
+    #[serde(default)]
+    pub tls: Option<TlsFact>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TlsFact {
+    pub cert: CertExpiry,
+    pub ca: CertExpiry,
+}
+
+/// A certificate's end of validity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CertExpiry {
+    pub path: PathBuf,
+    /// RFC 3339, UTC.
+    pub not_after: String,
+    pub not_after_unix: i64,
+    /// Whole days from when the facts were taken until `not_after` (negative once expired).
+    pub days_left: i64,
+}
+
+impl TlsFact {
+    /// `days_left` as of `now` (Unix seconds).
+    pub fn at(mut self, now: i64) -> TlsFact {
+        for e in [&mut self.cert, &mut self.ca] {
+            e.days_left = (e.not_after_unix - now).div_euclid(86_400);
+        }
+        self
+    }
 }
 
 impl NodeFacts {

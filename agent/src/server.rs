@@ -224,6 +224,7 @@ fn notify(state: &[NotifyState], fds: &[std::os::fd::BorrowedFd<'_>]) {
 }
 
 /// Serves `router` on `listener` until [`Server::shutdown`], under [`ConnLimits::CONTROL`].
+#[cfg(test)]
 pub fn spawn(
     listener: TcpListener,
     router: Router,
@@ -240,6 +241,26 @@ pub fn spawn(
     )
 }
 
+/// As [`spawn`], with every connection a TLS handshake with `tls` first when it is given (the
+/// node control API under `[tls]`).
+pub fn spawn_control(
+    listener: TcpListener,
+    router: Router,
+    signals: Signals,
+    name: &'static str,
+    tls: Option<crate::tls::Acceptor>,
+) -> Server {
+    spawn_inner(
+        listener,
+        router,
+        signals,
+        name,
+        ConnLimits::CONTROL,
+        std::future::ready(()),
+        tls,
+    )
+}
+
 /// As [`spawn`] under `limits`, but accepts only once `open` resolves; until then clients wait
 /// in the backlog.
 pub fn spawn_after(
@@ -250,6 +271,18 @@ pub fn spawn_after(
     limits: ConnLimits,
     open: impl Future<Output = ()> + Send + 'static,
 ) -> Server {
+    spawn_inner(listener, router, signals, name, limits, open, None)
+}
+
+fn spawn_inner(
+    listener: TcpListener,
+    router: Router,
+    signals: Signals,
+    name: &'static str,
+    limits: ConnLimits,
+    open: impl Future<Output = ()> + Send + 'static,
+    tls: Option<crate::tls::Acceptor>,
+) -> Server {
     let stopping = signals.stopping.clone();
     let task = tokio::spawn(async move {
         tokio::select! {
@@ -257,7 +290,7 @@ pub fn spawn_after(
             _ = stopping.cancelled() => return,
         }
         let limits = limits.within(raise_fd_limit(), name);
-        accept_loop(listener, router, limits, stopping, name).await;
+        accept_loop(listener, router, limits, stopping, name, tls).await;
     });
     Server {
         name,
@@ -598,7 +631,7 @@ impl<B: http_body::Body + Unpin> http_body::Body for Tracked<B> {
 
 /// A client's socket that tells its [`Watch`] when bytes arrive.
 struct Watched {
-    stream: TcpStream,
+    stream: crate::tls::Stream,
     watch: Arc<Watch>,
 }
 
@@ -689,6 +722,7 @@ async fn accept_loop(
     limits: ConnLimits,
     stopping: CancellationToken,
     name: &'static str,
+    tls: Option<crate::tls::Acceptor>,
 ) {
     let admission = Admission::new(limits);
     let refusing = Arc::new(Semaphore::new(REFUSING));
@@ -724,6 +758,7 @@ async fn accept_loop(
                     limits,
                     stopping.clone(),
                     ticket,
+                    tls.clone(),
                 ));
             }
             Err(full) => {
@@ -739,6 +774,8 @@ async fn accept_loop(
                     );
                 }
                 match refusing.clone().try_acquire_owned() {
+                    // A TLS client cannot read a plain 503.
+                    Ok(_) if tls.is_some() => drop(stream),
                     Ok(slot) => {
                         conns.spawn(async move {
                             refuse(stream, full).await;
@@ -774,7 +811,19 @@ async fn serve_connection(
     limits: ConnLimits,
     stopping: CancellationToken,
     _ticket: Ticket,
+    tls: Option<crate::tls::Acceptor>,
 ) {
+    let stream = match tls {
+        None => crate::tls::Stream::Plain(stream),
+        Some(acceptor) => match acceptor.accept(stream).await {
+            Ok(Some(s)) => s,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(client = %peer, error = %format!("{e:#}"), "control connection refused");
+                return;
+            }
+        },
+    };
     let watch = Watch::new();
     let service = {
         let watch = watch.clone();
@@ -825,7 +874,7 @@ async fn serve_connection(
         // Part of a head came, then not the rest: say so before closing. No response is under
         // way in this phase, so nothing else is being written.
         let stream = conn.into_parts().io.into_inner().stream;
-        let _ = stream.try_write(&request_timeout_response());
+        stream.try_write_now(&request_timeout_response());
     }
 }
 

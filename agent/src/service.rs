@@ -90,13 +90,20 @@ pub async fn start_node(
     } else {
         Arc::new(ProcessRunner::new(tx))
     };
+    let config_tls = config.clone();
     let agent = NodeAgent::new(config, rank, runner, rx)?;
     // A node agent owns its machine's network tuning; local clusters share the user's machine
     // and only report it.
     agent.tune_network(apply_tuning);
     agent.recover().await;
     agent.start_model_hash();
-    let server = node::api::serve(node.agent_addr(), agent.clone(), token).await?;
+    let tls = crate::tls::acceptor_for(&config_tls, rank)
+        .with_context(|| format!("rank {rank}: cannot set up TLS for the node control API"))?;
+    let tls = tls.map(|(acceptor, fact)| {
+        agent.set_tls_fact(fact);
+        acceptor
+    });
+    let server = node::api::serve(node.agent_addr(), agent.clone(), token, tls).await?;
     Ok(RunningNode { agent, server })
 }
 
@@ -132,9 +139,11 @@ pub async fn start_coordinator(
     }
     // Ends by itself once the API (which holds the gateway) is gone.
     gateway.spawn_reload();
+    let tls = crate::tls::client_config_for(&config, 0)
+        .context("rank 0: cannot set up TLS for the coordinator's connections to the nodes")?;
     let coordinator = Coordinator::new(
         config.clone(),
-        Arc::new(NodeClient::new(token_text)?),
+        Arc::new(NodeClient::new(token_text, tls)?),
         gateway.gate(),
     );
     let view = coordinator.view();
@@ -190,6 +199,9 @@ pub async fn run_node(config_path: PathBuf, node_name: String, runner: RunnerKin
             config.world().saturating_sub(1)
         ))
         .into());
+    }
+    if let Some(w) = crate::tls::plaintext_warning(&config) {
+        tracing::warn!("{w}");
     }
     let token = auth::load_token(&config.cluster.token_file)?;
     let node = start_node(config.clone(), rank, Secret::new(&token), runner, true).await?;

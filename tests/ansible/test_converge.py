@@ -234,6 +234,19 @@ def test_files_on_the_nodes(converged):
         assert h.run(["stat", "-c", "%a %U", "/etc/llm-cluster/token"]).stdout.split() == ["600", "root"]
         assert h.run(["stat", "-c", "%a", "/etc/llm-cluster"]).stdout.strip() == "750"
         assert h.run(["systemctl", "is-enabled", f"llm-agent@rank{h.index}.service"]).stdout.strip() == "enabled"
+    # Mutual TLS: the CA made on the controller, its key never on a node; each node holds the CA
+    # certificate and its own certificate and key (0600, root's), which check-config accepts.
+    assert "\n[tls]\n" in config
+    pki = converged["tmp"] / "credentials" / "pki"
+    assert (pki / "ca.key").exists()
+    for h in lab.hosts:
+        files = h.run(["ls", "/etc/llm-cluster/pki"]).stdout.split()
+        assert sorted(files) == sorted(["ca.crt", f"rank{h.index}.crt", f"rank{h.index}.key"]), files
+        assert h.read_file("/etc/llm-cluster/pki/ca.crt") == (pki / "ca.crt").read_text()
+        key = f"/etc/llm-cluster/pki/rank{h.index}.key"
+        assert h.run(["stat", "-c", "%a %U", key]).stdout.split() == ["600", "root"]
+        r = h.run(["/opt/llm-agent/llm-agent", "check-config", "/etc/llm-cluster/cluster.toml"])
+        assert f"rank{h.index} (" in r.stdout and "plain HTTP" not in r.stderr, r.stdout + r.stderr
     # llama-rpc: the model on rank 0 only, readable by the rank user.
     path = f"/var/lib/llm-cluster/models/{model.name}"
     owner = lab.hosts[0].run(["stat", "-c", "%U %a", path]).stdout.split()

@@ -89,6 +89,55 @@ pub struct Config {
     pub supervision: Supervision,
     /// Sorted by rank; `nodes[r].rank == r` is guaranteed by validation.
     pub nodes: Vec<Node>,
+    /// Mutual TLS on the control plane; `None`: plain HTTP (warned about at start).
+    pub tls: Option<Tls>,
+}
+
+/// Where the default `[tls]` files live (what `llm-agent pki` writes).
+pub const DEFAULT_PKI_DIR: &str = "/etc/llm-cluster/pki";
+
+/// The `[tls]` files. `cert` and `key` may hold `{rank}`, replaced by [`Tls::cert`] and
+/// [`Tls::key`].
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Tls {
+    /// Where `llm-agent pki` keeps the CA (and its key, on the machine that issues).
+    pub dir: PathBuf,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Tls {
+    /// The defaults for `dir`: `ca.crt`, `rank{rank}.crt`, `rank{rank}.key` in it.
+    pub fn in_dir(dir: &Path) -> Tls {
+        Tls {
+            dir: dir.to_path_buf(),
+            ca: dir.join("ca.crt"),
+            cert: dir.join("rank{rank}.crt"),
+            key: dir.join("rank{rank}.key"),
+        }
+    }
+
+    /// The CA's private key, next to its certificate (only the issuing machine has it).
+    pub fn ca_key(&self) -> PathBuf {
+        self.dir.join("ca.key")
+    }
+
+    pub fn cert(&self, rank: u32) -> PathBuf {
+        for_rank(&self.cert, rank)
+    }
+
+    pub fn key(&self, rank: u32) -> PathBuf {
+        for_rank(&self.key, rank)
+    }
+}
+
+fn for_rank(template: &Path, rank: u32) -> PathBuf {
+    PathBuf::from(
+        template
+            .to_string_lossy()
+            .replace("{rank}", &rank.to_string()),
+    )
 }
 
 #[derive(Debug, Clone, Serialize)]

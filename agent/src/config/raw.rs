@@ -28,6 +28,19 @@ pub struct File {
     pub supervision: SupervisionSection,
     #[serde(default, rename = "node")]
     pub nodes: Vec<Spanned<NodeSection>>,
+    /// Present (even empty): the control plane speaks mutual TLS.
+    pub tls: Option<Spanned<TlsSection>>,
+}
+
+/// `[tls]`: where the cluster CA and this node's certificate and key are. `{rank}` in `cert`
+/// and `key` stands for the node's rank, so one shared file serves every node.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [tls] table")]
+pub struct TlsSection {
+    pub dir: Option<Spanned<PathBuf>>,
+    pub ca: Option<Spanned<PathBuf>>,
+    pub cert: Option<Spanned<PathBuf>>,
+    pub key: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Debug, Deserialize)]

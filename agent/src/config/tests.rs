@@ -527,3 +527,45 @@ fn model_names_are_unique_and_the_default_must_exist() {
         "{p:?}"
     );
 }
+
+#[test]
+fn tls_is_off_without_the_section_and_defaults_per_rank_with_it() {
+    let c = Config::parse(GOOD, Path::new("c.toml")).expect("valid");
+    assert_eq!(c.tls, None);
+    let c = Config::parse(&format!("{GOOD}\n[tls]\n"), Path::new("c.toml")).expect("valid");
+    let tls = c.tls.expect("[tls]");
+    assert_eq!(tls.ca, Path::new("/etc/llm-cluster/pki/ca.crt"));
+    assert_eq!(tls.cert(2), Path::new("/etc/llm-cluster/pki/rank2.crt"));
+    assert_eq!(tls.key(1), Path::new("/etc/llm-cluster/pki/rank1.key"));
+    assert_eq!(tls.ca_key(), Path::new("/etc/llm-cluster/pki/ca.key"));
+    let c = Config::parse(
+        &format!("{GOOD}\n[tls]\ndir = \"/srv/pki\"\ncert = \"/srv/node-{{rank}}.pem\"\n"),
+        Path::new("c.toml"),
+    )
+    .expect("valid");
+    let tls = c.tls.expect("[tls]");
+    assert_eq!(tls.ca, Path::new("/srv/pki/ca.crt"));
+    assert_eq!(tls.cert(1), Path::new("/srv/node-1.pem"));
+    assert_eq!(tls.key(1), Path::new("/srv/pki/rank1.key"));
+}
+
+#[test]
+fn tls_paths_must_be_absolute_and_the_ca_is_one_for_all() {
+    let p = problems(&format!(
+        "{GOOD}\n[tls]\nkey = \"keys/{{rank}}.key\"\nca = \"/pki/ca-{{rank}}.crt\"\nkeyfile = \"x\"\n"
+    ));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(p[0].contains("unknown field `keyfile`"), "{p:?}");
+    let p = problems(&format!(
+        "{GOOD}\n[tls]\nkey = \"keys/{{rank}}.key\"\nca = \"/pki/ca-{{rank}}.crt\"\n"
+    ));
+    assert_eq!(p.len(), 2, "{p:?}");
+    assert!(
+        p[0].contains(":25:7: tls.key must be an absolute path (got keys/{rank}.key)"),
+        "{p:?}"
+    );
+    assert!(
+        p[1].contains(":26:6: tls.ca is the same CA for every node"),
+        "{p:?}"
+    );
+}

@@ -401,6 +401,7 @@ fn build(
         }
     }
 
+    let tls = file.tls.map(|t| tls_section(t, loc, problems));
     let config = Config {
         source: source.to_path_buf(),
         cluster: Cluster {
@@ -459,6 +460,7 @@ fn build(
             probe_interval_s: file.supervision.probe_interval_s,
         },
         nodes,
+        tls,
     };
     if missing.is_empty() {
         check_ports(&config, loc, &node_spans, problems);
@@ -594,6 +596,47 @@ fn build_model(
         prefetch,
         remember_placement,
         slots,
+    }
+}
+
+/// `[tls]` with its defaults filled in; every path must be absolute (the agent runs from `/`
+/// under systemd, so a relative path would name a file nobody meant).
+fn tls_section(t: Spanned<raw::TlsSection>, loc: &Locator, problems: &mut Vec<Problem>) -> Tls {
+    let t = t.into_inner();
+    let mut absolute = |field: &str, p: &Spanned<PathBuf>| {
+        if !p.get_ref().is_absolute() {
+            problems.push(loc.at(
+                p.span(),
+                format!(
+                    "tls.{field} must be an absolute path (got {})",
+                    p.get_ref().display()
+                ),
+            ));
+        }
+        p.get_ref().clone()
+    };
+    let dir = t
+        .dir
+        .as_ref()
+        .map(|d| absolute("dir", d))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_PKI_DIR));
+    let defaults = Tls::in_dir(&dir);
+    let ca = t.ca.as_ref().map(|p| absolute("ca", p));
+    let cert = t.cert.as_ref().map(|p| absolute("cert", p));
+    let key = t.key.as_ref().map(|p| absolute("key", p));
+    if let Some(ca) = &t.ca {
+        if ca.get_ref().to_string_lossy().contains("{rank}") {
+            problems.push(loc.at(
+                ca.span(),
+                "tls.ca is the same CA for every node: `{rank}` is only for tls.cert and tls.key",
+            ));
+        }
+    }
+    Tls {
+        ca: ca.unwrap_or(defaults.ca),
+        cert: cert.unwrap_or(defaults.cert),
+        key: key.unwrap_or(defaults.key),
+        dir,
     }
 }
 

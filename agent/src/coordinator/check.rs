@@ -120,6 +120,17 @@ pub fn check_nodes(config: &Config, facts: &[NodeReport]) -> (NodeCheck, Vec<Str
                 who(r)
             ));
         }
+        if let Some(t) = &f.tls {
+            let soon = [
+                crate::tls::expiry_warning("its certificate", &t.cert),
+                crate::tls::expiry_warning("the cluster CA certificate", &t.ca),
+            ];
+            warnings.extend(
+                soon.into_iter()
+                    .flatten()
+                    .map(|w| format!("{}: {w}", who(r))),
+            );
+        }
     }
     let ok: Vec<(usize, &NodeFacts)> = facts
         .iter()
@@ -293,6 +304,7 @@ mod tests {
             cpu: None,
             gpus: vec![],
             network: vec![],
+            tls: None,
         })
     }
 
@@ -323,6 +335,32 @@ mod tests {
                 })
             })
             .collect()
+    }
+
+    #[test]
+    fn a_certificate_that_expires_within_30_days_is_a_warning_not_a_refusal() {
+        use crate::proto::{CertExpiry, TlsFact};
+        let expiry = |path: &str, days: i64| CertExpiry {
+            path: PathBuf::from(path),
+            not_after: "2027-01-01T00:00:00Z".into(),
+            not_after_unix: 0,
+            days_left: days,
+        };
+        let with_tls = |rank, cert_days| {
+            let mut f = facts(rank, "v1", done("aa")).expect("facts");
+            f.tls = Some(TlsFact {
+                cert: expiry("/pki/rank.crt", cert_days),
+                ca: expiry("/pki/ca.crt", 3000),
+            });
+            Ok(f)
+        };
+        let (check, warnings) = check_nodes(&config(), &[with_tls(0, 400), with_tls(1, 12)]);
+        assert_eq!(check, NodeCheck::Ready);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with("rank 1 (10.0.0.2:7700): its certificate /pki/rank.crt expires in 12 day(s), on 2027-01-01T00:00:00Z"),
+            "{warnings:?}"
+        );
     }
 
     #[test]

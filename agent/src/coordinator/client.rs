@@ -48,19 +48,31 @@ pub trait Nodes: Send + Sync + 'static {
 pub struct NodeClient {
     http: reqwest::Client,
     token: String,
+    /// `https` under `[tls]`: the node must show a certificate from the cluster CA for its
+    /// configured address, and this client shows rank 0's.
+    scheme: &'static str,
 }
 
 impl NodeClient {
-    pub fn new(token: String) -> Result<NodeClient> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(3))
-            .build()
-            .context("cannot build the HTTP client")?;
-        Ok(NodeClient { http, token })
+    pub fn new(token: String, tls: Option<rustls::ClientConfig>) -> Result<NodeClient> {
+        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(3));
+        let scheme = match tls {
+            Some(config) => {
+                builder = builder.use_preconfigured_tls(config);
+                "https"
+            }
+            None => "http",
+        };
+        let http = builder.build().context("cannot build the HTTP client")?;
+        Ok(NodeClient {
+            http,
+            token,
+            scheme,
+        })
     }
 
-    fn url(addr: SocketAddr, path: &str) -> String {
-        format!("http://{addr}{path}")
+    fn url(&self, addr: SocketAddr, path: &str) -> String {
+        format!("{}://{addr}{path}", self.scheme)
     }
 
     async fn check(resp: reqwest::Response) -> Result<reqwest::Response> {
@@ -75,7 +87,7 @@ impl NodeClient {
     async fn facts_value(&self, addr: SocketAddr) -> Result<serde_json::Value> {
         let resp = self
             .http
-            .get(Self::url(addr, "/v1/facts"))
+            .get(self.url(addr, "/v1/facts"))
             .bearer_auth(&self.token)
             .timeout(Duration::from_secs(20))
             .send()
@@ -111,7 +123,7 @@ impl Nodes for NodeClient {
     ) -> Result<RankStatus> {
         let mut req = self
             .http
-            .get(Self::url(addr, "/v1/rank"))
+            .get(self.url(addr, "/v1/rank"))
             .bearer_auth(&self.token);
         if after.is_some() {
             req = req.query(&WaitQuery {
@@ -126,7 +138,7 @@ impl Nodes for NodeClient {
     async fn apply(&self, addr: SocketAddr, spec: &RankSpec) -> Result<RankStatus> {
         let resp = self
             .http
-            .put(Self::url(addr, "/v1/rank"))
+            .put(self.url(addr, "/v1/rank"))
             .bearer_auth(&self.token)
             .json(spec)
             .timeout(Duration::from_secs(60))
@@ -138,7 +150,7 @@ impl Nodes for NodeClient {
     async fn stop(&self, addr: SocketAddr) -> Result<RankStatus> {
         let resp = self
             .http
-            .delete(Self::url(addr, "/v1/rank"))
+            .delete(self.url(addr, "/v1/rank"))
             .bearer_auth(&self.token)
             .timeout(STOP_GRACE + Duration::from_secs(15))
             .send()
@@ -149,7 +161,7 @@ impl Nodes for NodeClient {
     async fn usage(&self, addr: SocketAddr) -> Result<RankUsage> {
         let resp = self
             .http
-            .get(Self::url(addr, "/v1/rank/usage"))
+            .get(self.url(addr, "/v1/rank/usage"))
             .bearer_auth(&self.token)
             .timeout(Duration::from_secs(3))
             .send()
@@ -160,7 +172,7 @@ impl Nodes for NodeClient {
     async fn links(&self, addr: SocketAddr) -> Result<LinkReport> {
         let resp = self
             .http
-            .get(Self::url(addr, "/v1/links"))
+            .get(self.url(addr, "/v1/links"))
             .bearer_auth(&self.token)
             .timeout(Duration::from_secs(10))
             .send()
@@ -171,7 +183,7 @@ impl Nodes for NodeClient {
     async fn placement(&self, addr: SocketAddr) -> Result<RankPlacement> {
         let resp = self
             .http
-            .get(Self::url(addr, "/v1/rank/placement"))
+            .get(self.url(addr, "/v1/rank/placement"))
             .bearer_auth(&self.token)
             .timeout(Duration::from_secs(15))
             .send()

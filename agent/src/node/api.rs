@@ -59,17 +59,30 @@ pub fn router(agent: Arc<NodeAgent>, token: Secret, stopping: CancellationToken)
 }
 
 /// Binds and serves the control API until [`Server::shutdown`].
+/// With `tls`, only clients with a certificate from the cluster CA complete a connection.
 pub async fn serve(
     addr: SocketAddr,
     agent: Arc<NodeAgent>,
     token: Secret,
+    tls: Option<crate::tls::Acceptor>,
 ) -> anyhow::Result<Server> {
     let what = format!("the node control API (agent_port of rank {})", agent.rank);
     let listener = server::bind(addr, &what).await?;
-    tracing::info!(rank = agent.rank, %addr, "node control API listening");
+    let mode = if tls.is_some() {
+        "mutual TLS"
+    } else {
+        "plain HTTP"
+    };
+    tracing::info!(rank = agent.rank, %addr, transport = mode, "node control API listening");
     let signals = Signals::default();
     let app = router(agent, token, signals.stopping.clone());
-    Ok(server::spawn(listener, app, signals, "node control API"))
+    Ok(server::spawn_control(
+        listener,
+        app,
+        signals,
+        "node control API",
+        tls,
+    ))
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {

@@ -240,6 +240,7 @@ pub async fn collect(
         cpu: cpu(),
         gpus: gpus().await,
         network: Vec::new(),
+        tls: None,
     }
 }
 

@@ -73,6 +73,7 @@ pub struct NodeAgent {
     status: watch::Sender<RankStatus>,
     reconcile: tokio::sync::Mutex<()>,
     network: std::sync::Mutex<Vec<KeyReport>>,
+    tls: std::sync::OnceLock<Option<proto::TlsFact>>,
 }
 
 impl NodeAgent {
@@ -110,6 +111,7 @@ impl NodeAgent {
             status,
             reconcile: tokio::sync::Mutex::new(()),
             network: std::sync::Mutex::new(Vec::new()),
+            tls: std::sync::OnceLock::new(),
         });
         let weak = Arc::downgrade(&agent);
         tokio::spawn(async move {
@@ -296,7 +298,18 @@ impl NodeAgent {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        f.tls = self
+            .tls
+            .get()
+            .cloned()
+            .flatten()
+            .map(|t| t.at(crate::tls::now_unix()));
         f
+    }
+
+    /// The certificates the control API presents, for the facts (set once, at start).
+    pub fn set_tls_fact(&self, fact: Option<proto::TlsFact>) {
+        let _ = self.tls.set(fact);
     }
 
     fn process_name(&self, generation: u64) -> String {

@@ -144,6 +144,7 @@ impl Nodes for FakeCluster {
             cpu: None,
             gpus: vec![],
             network: vec![],
+            tls: None,
         })
     }
 
