@@ -10,6 +10,10 @@
 #                             installs Debian's nginx and wrk with apt-get when missing)
 #   scripts/bench.sh switch   model switch time between two models (drain, stop, start, first
 #                             token), idle and with a request in flight (bench/switch.py)
+#   scripts/bench.sh rpc-cache [--rate 100mbit] [--runs 3] [--models smollm2,wide]
+#                             llama-rpc ring restart without the rpc tensor cache, with it emptied
+#                             and with it filled, on systemd hosts over a tbf-shaped link; root
+#                             (bench/rpc_cache.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${LLM_CLUSTER_CACHE:-$HOME/.cache/llm-cluster}
@@ -24,5 +28,6 @@ case "${1:-local}" in
   bringup) exec "$VENV/bin/python" bench/bringup.py ;;
   gateway) shift; exec "$VENV/bin/python" bench/gateway.py "$@" ;;
   switch) exec "$VENV/bin/python" bench/switch.py ;;
-  *) echo "usage: scripts/bench.sh [local|bringup|gateway [speed|limits]|switch]" >&2; exit 2 ;;
+  rpc-cache) shift; exec "$VENV/bin/python" bench/rpc_cache.py "$@" ;;
+  *) echo "usage: scripts/bench.sh [local|bringup|gateway [speed|limits]|rpc-cache [...]|switch]" >&2; exit 2 ;;
 esac

@@ -155,28 +155,52 @@ exec 9>>"$CACHE/lock"
 ((IS_ROOT == 0)) || chown "$BUILD_USER:" "$CACHE/lock"
 flock 9 || die 1 "cannot lock $CACHE/lock"
 
-# --- the source: this checkout as a tarball, in place of the PKGBUILD's release tag --------------
+# --- the source: this checkout as a tarball, in place of the PKGBUILD's release tarball -----------
+# Made the way scripts/release-tarball.sh makes a release (prefix llm-cluster-VERSION/); the
+# PKGBUILD is built with this tarball and its real sha256 in place of the release's, so makepkg
+# verifies the checksum exactly as it does for a release.
 BUILD="$WORK/build"
 as_build mkdir -p "$BUILD" "$WORK/packages" "$WORK/sources" "$WORK/logs"
 git_() { git -c safe.directory="$ROOT_DIR" -C "$ROOT_DIR" "$@"; }
-TARBALL="$BUILD/llm-cluster-checkout.tar.gz"
+# The PKGBUILD is export-ignored (it carries the release tarball's checksum): read it from the
+# tree that is built.
+if ((WORKTREE)); then
+  cp "$ROOT_DIR/pkgbuilds/llm-agent/PKGBUILD" "$WORK/PKGBUILD.in"
+else
+  git_ show HEAD:pkgbuilds/llm-agent/PKGBUILD >"$WORK/PKGBUILD.in"
+fi
+VERSION=$(sed -n 's/^pkgver=//p' "$WORK/PKGBUILD.in")
+[[ -n $VERSION ]] || die 1 "pkgbuilds/llm-agent/PKGBUILD: no pkgver= line"
+TARBALL="$BUILD/llm-cluster-$VERSION.tar.gz"
 if ((WORKTREE)); then
   git_ ls-files -z --cached --others --exclude-standard |
     while IFS= read -r -d '' f; do [[ -e $ROOT_DIR/$f || -L $ROOT_DIR/$f ]] && printf '%s\0' "$f"; done |
-    tar -C "$ROOT_DIR" --null -T - --transform 's,^,llm-cluster/,S' -czf "$TARBALL"
+    tar -C "$ROOT_DIR" --null -T - --transform "s,^,llm-cluster-$VERSION/,S" -czf "$TARBALL"
   log "source: the working tree of $(git_ describe --always --dirty --abbrev=12)"
 else
-  git_ archive --format=tar.gz --prefix=llm-cluster/ -o "$TARBALL" HEAD
+  git_ archive --format=tar --prefix="llm-cluster-$VERSION/" HEAD | gzip -n >"$TARBALL"
   log "source: HEAD $(git_ describe --always --abbrev=12) (--worktree builds uncommitted edits too)"
   git_ diff --quiet HEAD -- pkgbuilds packaging sysctl.d modules-load.d config agent Cargo.toml Cargo.lock ||
     log "warning: the working tree differs from HEAD in files the package uses; they are not in this build"
 fi
-tar -xzOf "$TARBALL" llm-cluster/pkgbuilds/llm-agent/PKGBUILD >"$WORK/PKGBUILD.in"
-[[ $(grep -c '^source=' "$WORK/PKGBUILD.in") -eq 1 ]] || die 1 "pkgbuilds/llm-agent/PKGBUILD: expected exactly one source= line"
-sed 's|^source=.*$|source=("llm-cluster-checkout.tar.gz")|' "$WORK/PKGBUILD.in" >"$BUILD/PKGBUILD"
+for key in source sha256sums; do
+  [[ $(grep -c "^$key=" "$WORK/PKGBUILD.in") -eq 1 ]] || die 1 "pkgbuilds/llm-agent/PKGBUILD: expected exactly one $key= line"
+done
+SUM=$(sha256sum "$TARBALL" | cut -d' ' -f1)
+sed -e "s|^source=.*\$|source=(\"llm-cluster-$VERSION.tar.gz\")|" -e "s|^sha256sums=.*\$|sha256sums=('$SUM')|" \
+  "$WORK/PKGBUILD.in" >"$BUILD/PKGBUILD"
 chmod a+r "$BUILD/PKGBUILD" "$TARBALL"
+log "source tarball sha256 $SUM (checked by makepkg)"
 # Sources are re-extracted every time; only cargo's target/ survives between runs.
-SRC_TREE="$CACHE/build/llm-agent/src/llm-cluster"
+SRC_TREE="$CACHE/build/llm-agent/src/llm-cluster-$VERSION"
+# cargo's target/ of an earlier build (another version, or the unversioned tree of the git
+# source) is copied along as hard links, so a new version does not rebuild every dependency.
+if [[ ! -d $SRC_TREE/target ]]; then
+  for old in "$CACHE"/build/llm-agent/src/llm-cluster*/target; do
+    [[ -d $old ]] || continue
+    as_build mkdir -p "$SRC_TREE" && as_build cp -al "$old" "$SRC_TREE/target" && break
+  done
+fi
 [[ ! -d $SRC_TREE ]] || as_build find "$SRC_TREE" -mindepth 1 -maxdepth 1 ! -name target -exec rm -rf {} +
 
 # --- build ----------------------------------------------------------------------------------------

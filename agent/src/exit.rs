@@ -15,22 +15,30 @@ pub const USAGE: u8 = 2;
 /// `tune` ran, but some keys are not in effect. Its own status, not 1, so that a caller (the
 /// Ansible role) can accept "not settable in this container" and still fail on a real error.
 pub const NOT_IN_EFFECT: u8 = 3;
+/// `status`: the coordinator answered, and the ring does not serve. The same "ran, but not in
+/// the wanted state" status as [`NOT_IN_EFFECT`].
+pub const NOT_SERVING: u8 = 3;
 
 /// Every status the program exits with, and what it means.
 pub const TABLE: &[(u8, &str)] = &[
-    (0, "success (tune: every key is in effect)"),
+    (
+        0,
+        "success (tune: every key is in effect; status: the ring serves)",
+    ),
     (
         FAILURE,
-        "a runtime failure (I/O, network, a rank or a measurement that failed)",
+        "a runtime failure (I/O, network, a rank or a measurement that failed; status: the \
+         coordinator cannot be reached)",
     ),
     (
         USAGE,
         "a usage or config error: bad arguments, or a config file that does not load or validate \
-         (run, up, check-config, pki)",
+         (run, up, check-config, pki; status: also an API that wants a key)",
     ),
     (
         NOT_IN_EFFECT,
-        "tune: some keys are not in effect (they differ, or cannot be set here)",
+        "tune: some keys are not in effect (they differ, or cannot be set here); status: the \
+         ring does not serve (starting, restarting, refused)",
     ),
 ];
 

@@ -95,6 +95,9 @@ pub struct UpArgs {
     /// cluster.switch_grace_s: seconds requests in flight may finish when a switch starts.
     #[arg(long, value_name = "SECONDS")]
     pub switch_grace: Option<u64>,
+    /// api.metrics_listen: also serve `/metrics` here, without API keys.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// prima's upstream build names its binaries like llama.cpp's; the packages rename them.
@@ -178,6 +181,8 @@ struct LocalApi {
     idle_timeout_s: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_connections_per_client: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Serialize)]
@@ -307,6 +312,7 @@ pub fn local_config_text(args: &UpArgs, state_dir: &Path, token_file: &Path) -> 
             body_timeout_s: args.body_timeout,
             idle_timeout_s: args.idle_timeout,
             max_connections_per_client: args.max_connections_per_client,
+            metrics_listen: args.metrics_listen,
         },
         ports,
         binaries,
@@ -411,8 +417,35 @@ pub async fn up(args: UpArgs) -> Result<()> {
     tracing::info!(ranks = args.local, engine = %args.engine, state_dir = %state_dir.display(), "local cluster starting");
 
     let mut view = coordinator.view.clone();
+    // What the ring waits for (checking nodes, hashing NN %, starting ranks, loading), on a
+    // terminal only: a log or a test reading the output gets the lines it had.
+    let progress = {
+        use std::io::IsTerminal;
+        std::io::stderr()
+            .is_terminal()
+            .then(|| crate::status::Progress::new(true))
+    };
     let announce = async {
-        if view.wait_for(|v| v.serving()).await.is_ok() {
+        loop {
+            let (what, pct, serving) = {
+                let v = view.borrow_and_update();
+                let (what, pct) = crate::status::stage(&v);
+                (what, pct, v.serving())
+            };
+            if serving {
+                break;
+            }
+            if let Some(p) = &progress {
+                p.stage(&what, pct);
+            }
+            if view.changed().await.is_err() {
+                break;
+            }
+        }
+        if let Some(p) = &progress {
+            p.done();
+        }
+        if view.borrow().serving() {
             print_ready(&args, &config, started.elapsed().as_secs_f64());
         }
         std::future::pending::<()>().await

@@ -19,6 +19,7 @@ mod proto;
 mod runner;
 mod server;
 mod service;
+mod status;
 mod tls;
 mod tune;
 
@@ -108,6 +109,13 @@ enum Command {
         #[arg(long, default_value = "5ms")]
         delay: String,
     },
+    /// Show the cluster like `systemctl status`: the ring's phase, generation, model and uptime,
+    /// every node (rank, host, state, process, engine build, model hash, network tuning, last
+    /// error) and the recent events, from rank 0's API.
+    ///
+    /// Exits 0 when the ring serves, 3 when it does not, 1 when the coordinator cannot be
+    /// reached, 2 on a usage error (a config that does not load, a missing API key).
+    Status(status::StatusArgs),
     /// Print a shell completion script (for packages).
     Completions {
         #[arg(value_enum)]
@@ -185,6 +193,7 @@ fn main() -> ExitCode {
             }
         },
         Command::CheckConfig { path } => check_config::run(&path),
+        Command::Status(args) => status::run(args),
         Command::ForgetPlacement { config } => forget_placement(&config),
         Command::Pki(args) => pki::run(args),
         Command::Tune {

@@ -83,6 +83,35 @@ impl Layout {
     }
 }
 
+/// Package name suffixes that name a build's GPU backend, not another engine: Arch's official
+/// `llama-cpp-vulkan`/`llama-cpp-rocm` (on `ggml-vulkan`/`ggml-rocm`), the AUR's
+/// `llama.cpp-cuda`/`llama.cpp-hip`/`llama.cpp-vulkan`, this project's `prima-cpp-cuda`/`-rocm`.
+const VARIANT_SUFFIXES: &[&str] = &[
+    "-cuda", "-rocm", "-hip", "-vulkan", "-opencl", "-sycl", "-cpu",
+];
+
+/// The engine a package builds, its GPU variant aside: nodes may run different variants of one
+/// engine build (prima-cpp-cuda on one, prima-cpp on another), never two engines' builds.
+/// `-git` and `-bin` builds are builds of their own and keep their names.
+pub fn engine_family(package: &str) -> &str {
+    VARIANT_SUFFIXES
+        .iter()
+        .find_map(|v| package.strip_suffix(v))
+        .filter(|base| !base.is_empty())
+        .unwrap_or(package)
+}
+
+/// Where a family's packages come from, for messages.
+pub fn family_origin(family: &str) -> &'static str {
+    match family {
+        "llama-cpp" => "Arch's official llama.cpp (llama-cpp, llama-cpp-vulkan, llama-cpp-rocm)",
+        "llama.cpp" => "the AUR's llama.cpp (llama.cpp, llama.cpp-vulkan, -cuda, -hip)",
+        "prima-cpp" => "prima.cpp (prima-cpp, prima-cpp-cuda, prima-cpp-rocm)",
+        "ggml" => "Arch's official ggml (ggml, ggml-cpu, ggml-vulkan, ggml-rocm)",
+        _ => "another package",
+    }
+}
+
 /// Answers per (layout, binary), valid while the local database directory keeps its mtime:
 /// pacman creates and removes one directory per package in it on every install, upgrade and
 /// removal, and the coordinator asks for facts every second while nodes wait.
@@ -142,6 +171,33 @@ fn scan(db: &Path, root: &Path, binary: &Path) -> Option<InstalledPackage> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gpu_variants_are_one_engine_and_official_and_aur_builds_are_two() {
+        for (name, family) in [
+            ("prima-cpp", "prima-cpp"),
+            ("prima-cpp-cuda", "prima-cpp"),
+            ("prima-cpp-rocm", "prima-cpp"),
+            ("llama-cpp", "llama-cpp"),
+            ("llama-cpp-vulkan", "llama-cpp"),
+            ("llama-cpp-rocm", "llama-cpp"),
+            ("llama-cpp-cuda", "llama-cpp"),
+            ("llama.cpp", "llama.cpp"),
+            ("llama.cpp-vulkan", "llama.cpp"),
+            ("llama.cpp-cuda", "llama.cpp"),
+            ("llama.cpp-hip", "llama.cpp"),
+            ("ggml-vulkan", "ggml"),
+            ("ggml-cpu", "ggml"),
+            ("llama.cpp-vulkan-git", "llama.cpp-vulkan-git"),
+            ("llama.cpp-bin", "llama.cpp-bin"),
+            ("-cuda", "-cuda"),
+        ] {
+            assert_eq!(engine_family(name), family, "{name}");
+        }
+        assert_ne!(engine_family("llama-cpp"), engine_family("llama.cpp"));
+        assert!(family_origin("llama-cpp").contains("official"));
+        assert!(family_origin("llama.cpp").contains("AUR"));
+    }
 
     fn package(db: &Path, name: &str, version: &str, files: &[&str]) {
         let dir = db.join(format!("{name}-{version}"));

@@ -132,6 +132,12 @@ pub fn plan(
     })
 }
 
+/// Whether this config places layers with Halda (prima without configured windows), so the
+/// ring's membership and windows are chosen at run time rather than read from the config.
+pub fn halda_places(config: &Config) -> bool {
+    config.cluster.engine == EngineKind::Prima && config.model().layer_windows.is_none()
+}
+
 /// The rpc server of rank `rank` listens on `base + rank`, so ranks sharing an address never clash.
 pub fn rpc_port(base: u16, rank: u32) -> u16 {
     base.saturating_add(rank as u16)

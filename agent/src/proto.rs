@@ -22,6 +22,19 @@ pub const PROTOCOL_VERSION: u32 = 2;
 /// This build's agent version.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// The highest generation a coordinator issues or a node accepts. Generations start at 1 and
+/// grow by one per ring start, so nothing legitimate comes near it; a spec beyond it is refused
+/// (the next generation must never overflow). 2^53 - 1: the largest integer every JSON client
+/// reads exactly.
+pub const MAX_GENERATION: u64 = (1 << 53) - 1;
+
+/// Whether `generation` is one a coordinator can have issued: generations start at 1 and grow
+/// by one per ring start, so anything past [`MAX_GENERATION`] only comes from someone else (and
+/// would make the next generation overflow).
+pub fn plausible_generation(generation: u64) -> bool {
+    (1..=MAX_GENERATION).contains(&generation)
+}
+
 /// How long a rank gets to exit after SIGTERM before SIGKILL.
 /// Both engines may ignore SIGTERM (prima once serving, llama-server with a dead rpc worker),
 /// and a ring being torn down holds no state worth waiting for: this bounds every restart.
@@ -157,7 +170,7 @@ pub enum RankPhase {
 
 impl RankPhase {
     /// The name the APIs show (the serde name).
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             RankPhase::Idle => "idle",
             RankPhase::Running => "running",
@@ -241,6 +254,10 @@ pub struct RankUsage {
     pub cpu_usec: Option<u64>,
     /// Why `cpu_usec` is missing.
     pub error: Option<String>,
+    /// Bytes of memory the rank uses (the unit's cgroup under systemd, else its resident set);
+    /// absent from agents that predate it.
+    #[serde(default)]
+    pub memory_bytes: Option<u64>,
 }
 
 /// `GET /v1/links`: whether this node reaches every rank its engine will connect to (planned by
@@ -286,6 +303,9 @@ pub struct NodeFacts {
     pub gpus: Vec<GpuFact>,
     /// Network tuning for ring traffic, per key, as applied (or checked) at agent start.
     pub network: Vec<KeyReport>,
+    /// llama-rpc workers with `model.rpc_cache`: the rpc server's tensor cache on this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpc_cache: Option<RpcCacheFact>,
     /// Under `[tls]`: the certificate this node's control API presents, and the CA's, as loaded
     /// at agent start. Absent without `[tls]`; defaulted so that adding it changed no version.
     #[serde(default)]
@@ -317,6 +337,36 @@ impl TlsFact {
         }
         self
     }
+}
+
+/// A node's llama.cpp rpc tensor cache (see `node::rpc_cache`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RpcCacheFact {
+    /// Where the entries are (`$LLAMA_CACHE/rpc`).
+    pub dir: PathBuf,
+    pub bytes: u64,
+    pub entries: u64,
+    /// The bound the agent prunes to before each start.
+    pub max_bytes: u64,
+    /// Why the directory could not be read, when it could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// What the cleanup before the last start did (none yet since the agent started: absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_prune: Option<RpcCachePrune>,
+}
+
+/// One cleanup of an rpc cache before a start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RpcCachePrune {
+    pub at_unix: u64,
+    /// New entries hashed to check they are whole.
+    pub verified_entries: u64,
+    /// Of those, the ones whose content did not match (removed).
+    pub corrupt_entries: u64,
+    pub removed_entries: u64,
+    pub removed_bytes: u64,
+    pub millis: u64,
 }
 
 impl NodeFacts {
@@ -373,6 +423,9 @@ pub struct ModelFact {
     /// The configured sha256, if any, and whether the file matches it.
     pub expected_sha256: Option<String>,
     pub matches_expected: Option<bool>,
+    /// While hashing: the bytes hashed so far (of `size`), for progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hashed_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

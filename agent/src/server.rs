@@ -224,7 +224,6 @@ fn notify(state: &[NotifyState], fds: &[std::os::fd::BorrowedFd<'_>]) {
 }
 
 /// Serves `router` on `listener` until [`Server::shutdown`], under [`ConnLimits::CONTROL`].
-#[cfg(test)]
 pub fn spawn(
     listener: TcpListener,
     router: Router,

@@ -114,6 +114,8 @@ pub struct RunningCoordinator {
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     api: Server,
+    /// `/metrics` alone, without keys (`api.metrics_listen`).
+    metrics: Option<Server>,
 }
 
 impl RunningCoordinator {
@@ -121,6 +123,9 @@ impl RunningCoordinator {
     /// would not outlive it).
     pub async fn shutdown(self) {
         self.api.shutdown(API_DRAIN).await;
+        if let Some(m) = self.metrics {
+            m.shutdown(API_DRAIN).await;
+        }
         self.shutdown.cancel();
         if let Err(e) = self.task.await {
             tracing::error!(error = %e, "the coordinator task failed");
@@ -145,9 +150,22 @@ pub async fn start_coordinator(
         config.clone(),
         Arc::new(NodeClient::new(token_text, tls)?),
         gateway.gate(),
-    );
+    )
+    .with_metrics(gateway.metrics());
     let view = coordinator.view();
     let heartbeat = coordinator.heartbeat();
+    let metrics = match config.api.metrics_listen {
+        Some(addr) => Some(
+            crate::coordinator::metrics::serve(
+                addr,
+                gateway.clone(),
+                view.clone(),
+                config.ports.server,
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let api = api::serve(
         config.api.listen,
         view.clone(),
@@ -166,6 +184,7 @@ pub async fn start_coordinator(
         shutdown,
         task,
         api,
+        metrics,
     })
 }
 

@@ -186,6 +186,12 @@ pub struct Model {
     /// Requests the engine decodes at once (its `-np` slots). Defaults per engine, see
     /// [`EngineKind::default_slots`].
     pub slots: u32,
+    /// llama-rpc only: the rpc servers keep a tensor cache under the state dir (`-c`), so a
+    /// restart does not resend the weights they already hold. See [`crate::node::rpc_cache`].
+    pub rpc_cache: bool,
+    /// The most bytes one node's rpc cache may hold; `None`: the default of
+    /// [`crate::node::rpc_cache::default_max_bytes`].
+    pub rpc_cache_max_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -216,6 +222,9 @@ pub struct Api {
     pub max_connections_per_client: usize,
     /// The largest request body read; by default derived from `model.ctx_size`.
     pub max_body_bytes: u64,
+    /// A second listener that serves only `/metrics`, without API keys (for a Prometheus on a
+    /// trusted network); `/metrics` on `listen` stays behind the keys either way.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Base ports. prima ranks bind `data + rank` and `signal + rank`; llama.cpp rpc servers listen on

@@ -102,6 +102,8 @@ pub struct ModelSection {
     pub prefetch: Option<Spanned<bool>>,
     pub remember_placement: Option<Spanned<bool>>,
     pub slots: Option<Spanned<u32>>,
+    pub rpc_cache: Option<Spanned<bool>>,
+    pub rpc_cache_max_bytes: Option<Spanned<u64>>,
 }
 
 fn default_ctx() -> Spanned<u32> {
@@ -133,6 +135,7 @@ pub struct ApiSection {
     #[serde(default = "default_max_connections_per_client")]
     pub max_connections_per_client: Spanned<u64>,
     pub max_body_bytes: Option<Spanned<u64>>,
+    pub metrics_listen: Option<Spanned<SocketAddr>>,
 }
 
 impl Default for ApiSection {
@@ -151,6 +154,7 @@ impl Default for ApiSection {
             max_connections: default_max_connections(),
             max_connections_per_client: default_max_connections_per_client(),
             max_body_bytes: None,
+            metrics_listen: None,
         }
     }
 }

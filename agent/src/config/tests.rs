@@ -569,3 +569,73 @@ fn tls_paths_must_be_absolute_and_the_ca_is_one_for_all() {
         "{p:?}"
     );
 }
+
+#[test]
+fn metrics_listen_is_optional_and_needs_its_own_port() {
+    let c = Config::parse(GOOD, Path::new("c.toml")).expect("valid");
+    assert_eq!(c.api.metrics_listen, None);
+    let with = |m: &str| {
+        GOOD.replacen(
+            "[model]",
+            &format!("[api]\nmetrics_listen = \"{m}\"\n\n[model]"),
+            1,
+        )
+    };
+    let c = Config::parse(&with("127.0.0.1:9464"), Path::new("c.toml")).expect("valid");
+    assert_eq!(
+        c.api.metrics_listen,
+        Some("127.0.0.1:9464".parse().expect("addr"))
+    );
+    let p = problems(&with("127.0.0.1:8080"));
+    assert!(
+        p.iter().any(|l| l.contains("c.toml:")
+            && l.contains("api.metrics_listen (127.0.0.1:8080) uses the port of api.listen")),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn the_rpc_cache_is_on_for_llama_rpc_and_checked_where_it_does_not_apply() {
+    let rpc = "[cluster]\nname = \"l\"\nengine = \"llama-rpc\"\n[model]\npath = \"/m.gguf\"\n\
+               [[node]]\nrank = 0\naddress = \"10.0.0.1\"\n";
+    let c = Config::parse(rpc, Path::new("c.toml")).expect("valid");
+    assert_eq!(
+        (c.model().rpc_cache, c.model().rpc_cache_max_bytes),
+        (true, None)
+    );
+    let c = Config::parse(
+        &rpc.replace("[[node]]", "rpc_cache_max_bytes = 1073741824\n[[node]]"),
+        Path::new("c.toml"),
+    )
+    .expect("valid");
+    assert_eq!(c.model().rpc_cache_max_bytes, Some(1 << 30));
+    let c = Config::parse(
+        &rpc.replace("[[node]]", "rpc_cache = false\n[[node]]"),
+        Path::new("c.toml"),
+    )
+    .expect("valid");
+    assert!(!c.model().rpc_cache);
+    let p = problems(&rpc.replace("[[node]]", "rpc_cache_max_bytes = 1000\n[[node]]"));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(
+        p[0].starts_with("c.toml:6:23: rpc_cache_max_bytes must be at least 20971520"),
+        "{p:?}"
+    );
+    let p = problems(&rpc.replace(
+        "[[node]]",
+        "rpc_cache = false\nrpc_cache_max_bytes = 1073741824\n[[node]]",
+    ));
+    assert!(
+        p[0].starts_with("c.toml:7:23: rpc_cache_max_bytes applies only with"),
+        "{p:?}"
+    );
+    // prima has no rpc servers: off by default, and asking for it is a mistake.
+    let c = Config::parse(GOOD, Path::new("c.toml")).expect("valid");
+    assert!(!c.model().rpc_cache);
+    let p = problems(&GOOD.replace("[model]\n", "[model]\nrpc_cache = true\n"));
+    assert!(
+        p.iter()
+            .any(|p| p.contains("rpc_cache applies to engine = \"llama-rpc\" only")),
+        "{p:?}"
+    );
+}

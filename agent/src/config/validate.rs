@@ -335,6 +335,17 @@ fn build(
             ));
         }
     }
+    if let Some(m) = &api.metrics_listen {
+        let (m_addr, l) = (*m.get_ref(), listen);
+        let overlap =
+            m_addr.ip() == l.ip() || m_addr.ip().is_unspecified() || l.ip().is_unspecified();
+        if overlap && m_addr.port() == l.port() {
+            problems.push(loc.at(
+                m.span(),
+                format!("api.metrics_listen ({m_addr}) uses the port of api.listen ({l}): give the metrics their own port, or leave metrics_listen out to scrape /metrics on the API port with a key"),
+            ));
+        }
+    }
     if *api.queue_timeout_s.get_ref() == 0 {
         problems.push(loc.at(
             api.queue_timeout_s.span(),
@@ -439,6 +450,7 @@ fn build(
             )
             .unwrap_or(usize::MAX),
             max_body_bytes,
+            metrics_listen: file.api.metrics_listen.map(Spanned::into_inner),
             api_keys_file: file.api.api_keys_file,
         },
         ports,
@@ -578,6 +590,35 @@ fn build_model(
         Some(s) => s.into_inner(),
         None => engine.default_slots(),
     };
+    let rpc_cache = match m.rpc_cache {
+        Some(c) if engine != EngineKind::LlamaRpc && *c.get_ref() => {
+            problems.push(loc.at(
+                c.span(),
+                "rpc_cache applies to engine = \"llama-rpc\" only (the rpc servers' tensor cache)",
+            ));
+            false
+        }
+        Some(c) => c.into_inner(),
+        None => engine == EngineKind::LlamaRpc,
+    };
+    let rpc_cache_max_bytes = m.rpc_cache_max_bytes.map(|b| {
+        if engine != EngineKind::LlamaRpc || !rpc_cache {
+            problems.push(loc.at(
+                b.span(),
+                "rpc_cache_max_bytes applies only with engine = \"llama-rpc\" and rpc_cache = true",
+            ));
+        } else if *b.get_ref() < crate::node::rpc_cache::MIN_MAX_BYTES {
+            problems.push(loc.at(
+                b.span(),
+                format!(
+                    "rpc_cache_max_bytes must be at least {} (one cached tensor is over 10 MiB); \
+                     set rpc_cache = false for no cache",
+                    crate::node::rpc_cache::MIN_MAX_BYTES
+                ),
+            ));
+        }
+        b.into_inner()
+    });
     let path = m.path.into_inner();
     let name = m.name.map(Spanned::into_inner).unwrap_or_else(|| {
         path.file_stem()
@@ -596,6 +637,8 @@ fn build_model(
         prefetch,
         remember_placement,
         slots,
+        rpc_cache,
+        rpc_cache_max_bytes,
     }
 }
 
@@ -717,6 +760,22 @@ fn check_ports(
                     span.clone(),
                     problems,
                 );
+            }
+            // The same port as api.listen is reported with the [api] checks.
+            if let Some(m) = config
+                .api
+                .metrics_listen
+                .filter(|m| m.port() != listen.port())
+            {
+                if m.ip().is_unspecified() || m.ip() == node.address {
+                    claim(
+                        node.address,
+                        m.port().into(),
+                        "the metrics listen port (api.metrics_listen)".into(),
+                        span.clone(),
+                        problems,
+                    );
+                }
             }
         }
     }

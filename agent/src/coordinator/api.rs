@@ -32,6 +32,7 @@ use super::compat::{Rewrite, SseFramer};
 use super::events::{self, Events};
 use super::gateway::request::{self, Endpoint, Refusal, Rules};
 use super::gateway::{self, Gateway};
+use super::metrics;
 use super::progress::{Activity, Work};
 use super::state::Phase;
 use super::ClusterView;
@@ -125,11 +126,16 @@ pub fn router(
             "/api/v1/events",
             events::route(events, signals.stopping.clone()),
         )
+        .route("/metrics", get(prometheus))
         .route(
             "/api/v1/usage",
             get(move || async move { Json(usage.usage_report()) }),
         )
-        .layer(middleware::from_fn_with_state(gateway, gateway::guard));
+        .layer(middleware::from_fn_with_state(
+            gateway.clone(),
+            gateway::guard,
+        ))
+        .layer(middleware::from_fn_with_state(gateway, metrics::track));
     Ok(Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -273,6 +279,11 @@ async fn readyz(State(s): State<ApiState>, headers: HeaderMap) -> Response {
             .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
     }
     r
+}
+
+async fn prometheus(State(s): State<ApiState>) -> Response {
+    let view = s.view.borrow().clone();
+    metrics::scrape(&s.gateway, &view, &s.http, &s.upstream).await
 }
 
 async fn cluster(State(s): State<ApiState>) -> Json<ClusterView> {
@@ -823,6 +834,17 @@ mod tests {
         let (status, _, body) = call(app.clone(), "/api/v1/cluster", Some("sk-good")).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(body["phase"], "serving");
+        for path in ["/api/v1/events", "/api/v1/events?follow=false", "/metrics"] {
+            let (status, _, _) = call(app.clone(), path, None).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+        }
+        let (status, _, body) =
+            call(app.clone(), "/api/v1/events?follow=false", Some("sk-good")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["events"], serde_json::json!([]));
+        let (status, headers, _) = call(app.clone(), "/metrics", Some("sk-good")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers[header::CONTENT_TYPE], metrics::CONTENT_TYPE);
         let (status, _, _) = call(app, "/readyz", None).await;
         assert_eq!(status, StatusCode::OK);
     }

@@ -80,15 +80,29 @@ pub fn check_nodes(config: &Config, facts: &[NodeReport]) -> (NodeCheck, Vec<Str
             refused.push(format!("{} {why}", who(r)));
         }
         match f.rank_binary() {
-            Some(b) if b.path.is_none() => refused.push(format!(
-                "{}: engine binary `{}` not found ({})",
-                who(r),
-                b.name,
-                match &config.nodes[r].engine_dir {
-                    Some(d) => format!("looked in engine_dir {}", d.display()),
-                    None => "looked on PATH; set engine_dir for this node".into(),
-                }
-            )),
+            Some(b) if b.path.is_none() => {
+                let aliases = crate::engine::binary_aliases(&b.name);
+                refused.push(format!(
+                    "{}: engine binary `{}`{} not found ({}){}",
+                    who(r),
+                    b.name,
+                    if aliases.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (nor {})", aliases.join(", "))
+                    },
+                    match &config.nodes[r].engine_dir {
+                        Some(d) => format!("looked in engine_dir {}", d.display()),
+                        None => "looked on PATH; set engine_dir for this node".into(),
+                    },
+                    if !aliases.is_empty() && f.engine == crate::config::EngineKind::LlamaRpc {
+                        "; Arch's official llama-cpp packages ship no rpc server: install an AUR \
+                         llama.cpp build (llama.cpp, llama.cpp-vulkan, -cuda, -hip) on every node"
+                    } else {
+                        ""
+                    }
+                ))
+            }
             _ => {}
         }
         match &f.model_at(&config.model().path).hash {
@@ -155,14 +169,27 @@ pub fn check_nodes(config: &Config, facts: &[NodeReport]) -> (NodeCheck, Vec<Str
         }
     }
     // On Arch, the engine package's version is the build's identity (GPU variants of one version
-    // may differ in name: prima-cpp-cuda on one node, prima-cpp on another).
+    // may differ in name: prima-cpp-cuda on one node, prima-cpp on another); two packagings of
+    // one engine (Arch's llama-cpp, the AUR's llama.cpp) are different builds.
     let packages: Vec<(usize, &InstalledPackage)> = ok
         .iter()
         .filter_map(|(r, f)| f.engine_package.as_ref().map(|p| (*r, p)))
         .collect();
     if let Some((r0, p0)) = packages.first() {
+        let family0 = crate::pacman::engine_family(&p0.name);
         for (r, p) in &packages[1..] {
-            if p.version != p0.version {
+            let family = crate::pacman::engine_family(&p.name);
+            if family != family0 {
+                refused.push(format!(
+                    "{} runs the engine from package {} ({}) but {} from {} ({}): install the same engine package on every node (GPU variants may differ)",
+                    who(*r),
+                    p.name,
+                    crate::pacman::family_origin(family),
+                    who(*r0),
+                    p0.name,
+                    crate::pacman::family_origin(family0)
+                ));
+            } else if p.version != p0.version {
                 refused.push(format!(
                     "{} has engine package {} {} but {} has {} {}: install the same version on every node",
                     who(*r),
@@ -237,7 +264,8 @@ pub fn running_generation(
 ) -> Option<u64> {
     let first = statuses.first()?.as_ref()?;
     let generation = first.generation;
-    if generation == 0 || statuses.len() != config.world() {
+    // Only a generation a coordinator can have issued is adopted (a node's absurd one is not).
+    if !crate::proto::plausible_generation(generation) || statuses.len() != config.world() {
         return None;
     }
     let runs = |plan: crate::plan::RingPlan| {
@@ -299,12 +327,14 @@ mod tests {
                 hash,
                 expected_sha256: None,
                 matches_expected: None,
+                hashed_bytes: None,
             },
             memory: None,
             cpu: None,
             gpus: vec![],
             network: vec![],
             tls: None,
+            rpc_cache: None,
         })
     }
 
@@ -443,6 +473,44 @@ mod tests {
     }
 
     #[test]
+    fn official_llama_cpp_variants_agree_but_an_aur_build_beside_them_is_refused() {
+        let pkg = |name: &str| {
+            Some(InstalledPackage {
+                name: name.into(),
+                version: "b9859-1".into(),
+            })
+        };
+        let with = |rank: u32, name: &str| {
+            let mut f = facts(rank, "b9859", done("aa"));
+            if let Ok(f) = &mut f {
+                f.engine_package = pkg(name);
+            }
+            f
+        };
+        assert_eq!(
+            check_nodes(
+                &config(),
+                &[with(0, "llama-cpp-vulkan"), with(1, "llama-cpp-rocm")]
+            )
+            .0,
+            NodeCheck::Ready
+        );
+        let NodeCheck::Refused(msg) = check_nodes(
+            &config(),
+            &[with(0, "llama-cpp"), with(1, "llama.cpp-vulkan")],
+        )
+        .0
+        else {
+            panic!("not refused")
+        };
+        assert!(
+            msg.contains("llama.cpp-vulkan (the AUR's llama.cpp")
+                && msg.contains("llama-cpp (Arch's official llama.cpp"),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn different_model_hashes_are_refused() {
         let f = vec![facts(0, "b1", done("aa")), facts(1, "b1", done("bb"))];
         let NodeCheck::Refused(msg) = check_nodes(&config(), &f).0 else {
@@ -478,6 +546,31 @@ mod tests {
         };
         assert!(
             msg.contains("`prima-cli` not found") && msg.contains("model file /m.gguf not found"),
+            "{msg}"
+        );
+    }
+
+    /// A llama.cpp worker where only Arch's official llama-cpp is installed has no rpc server:
+    /// the refusal names every name looked for and the package that has one.
+    #[test]
+    fn a_missing_rpc_server_names_its_other_names_and_the_aur_build() {
+        let mut worker = facts(1, "b1", HashState::NotRequired);
+        if let Ok(f) = &mut worker {
+            f.engine = EngineKind::LlamaRpc;
+            f.binaries[0] = BinaryFact {
+                name: "ggml-rpc-server".into(),
+                path: None,
+                used_by_this_rank: true,
+            };
+        }
+        let NodeCheck::Refused(msg) =
+            check_nodes(&config(), &[facts(0, "b1", done("aa")), worker]).0
+        else {
+            panic!("not refused")
+        };
+        assert!(
+            msg.contains("`ggml-rpc-server` (nor rpc-server, llama-rpc-server) not found")
+                && msg.contains("AUR llama.cpp build"),
             "{msg}"
         );
     }

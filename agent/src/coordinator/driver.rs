@@ -18,6 +18,7 @@ use super::actions;
 use super::check::{running_generation, NodeReport};
 use super::client::Nodes;
 use super::events::{self, Events, Narrator};
+use super::metrics::{Metrics, RankSample};
 use super::placement;
 use super::progress::{Activity, CpuSample, StallJudge};
 use super::state::{Action, Event, Phase, Supervisor};
@@ -76,6 +77,8 @@ pub struct Driver {
     pub activity: Activity,
     /// What happened to the ring, for `/api/v1/events`.
     pub events: Events,
+    /// Restarts and rank usage, for `/metrics`.
+    pub metrics: Metrics,
     /// Which model the ring runs and who waits for which (shared with the gateway).
     pub gate: ModelGate,
 }
@@ -150,6 +153,20 @@ impl Driver {
             run.tasks.spawn(async move {
                 tokio::select! {
                     _ = watch_node(nodes.as_ref(), rank, addr, &tx) => {}
+                    _ = stop.cancelled() => {}
+                }
+            });
+        }
+        {
+            let (config, nodes, metrics) = (
+                self.config.clone(),
+                self.nodes.clone(),
+                self.metrics.clone(),
+            );
+            let stop = shutdown.clone();
+            run.tasks.spawn(async move {
+                tokio::select! {
+                    _ = sample_ranks(&config, nodes.as_ref(), &metrics) => {}
                     _ = stop.cancelled() => {}
                 }
             });
@@ -230,7 +247,7 @@ impl Driver {
             .sup
             .handle(e.clone(), tokio::time::Instant::now().into_std());
         for draft in run.narrator.transition(&e, before, &run.sup) {
-            self.events.emit(draft);
+            self.emit(draft);
         }
         if run.sup.phase != before {
             log_phase(&run.sup, &mut run.restarts);
@@ -320,7 +337,7 @@ impl Driver {
                     "no requests for idle_unload_s: stopping the ring"
                 );
                 self.gate.unloaded();
-                self.events.emit(events::Draft {
+                self.emit(events::Draft {
                     generation: Some(run.sup.generation),
                     rank: None,
                     message: format!(
@@ -384,7 +401,7 @@ impl Driver {
         });
         tracing::info!(%fields, "model switch done");
         self.view.send_modify(|v| v.switches += 1);
-        self.events.emit(events::Draft {
+        self.emit(events::Draft {
             generation: Some(sup.generation),
             rank: None,
             message: format!(
@@ -482,8 +499,13 @@ impl Driver {
             v.placement = p;
         });
         if let Some(draft) = changed {
-            self.events.emit(draft);
+            self.emit(draft);
         }
+    }
+
+    fn emit(&self, draft: events::Draft) {
+        let e = self.events.emit(draft);
+        self.metrics.event(&e);
     }
 
     fn remember(&self, run: &Run, found: Placement) {
@@ -783,6 +805,41 @@ async fn sample_cpu(config: &Config, nodes: &dyn Nodes, generation: u64) -> Vec<
         }
     }))
     .await
+}
+
+/// How often every rank's CPU time and memory are sampled for `/metrics`.
+const RANK_SAMPLE_EVERY: Duration = Duration::from_secs(10);
+
+/// Samples every rank's usage for `/metrics` until cancelled; a node that does not answer is
+/// left out of that round.
+async fn sample_ranks(config: &Config, nodes: &dyn Nodes, metrics: &Metrics) {
+    let mut every = tokio::time::interval(RANK_SAMPLE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let rounds = futures_util::future::join_all(
+            config
+                .nodes
+                .iter()
+                .map(|n| async move { (n.rank, nodes.usage(n.agent_addr()).await) }),
+        )
+        .await;
+        metrics.set_ranks(
+            rounds
+                .into_iter()
+                .filter_map(|(rank, r)| {
+                    let u = r.ok()?;
+                    Some((
+                        rank,
+                        RankSample {
+                            cpu_usec: u.cpu_usec,
+                            memory_bytes: u.memory_bytes,
+                        },
+                    ))
+                })
+                .collect(),
+        );
+    }
 }
 
 /// How long one long poll of a node's status waits for a change. Short, because a frozen agent

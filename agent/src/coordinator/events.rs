@@ -120,6 +120,8 @@ fn rank_of(event: &Event) -> Option<u32> {
 #[derive(Debug, Default)]
 pub struct Narrator {
     last_failure: Option<(String, &'static str)>,
+    /// The reason the last phase event told: the next one repeats it only when it changed.
+    last_reason: Option<String>,
 }
 
 impl Narrator {
@@ -131,10 +133,11 @@ impl Narrator {
         let generation = (sup.generation > 0).then_some(sup.generation);
         let reason = sup.reason.clone().unwrap_or_default();
         let (from, to) = (before.as_str(), sup.phase.as_str());
+        let told = self.last_reason.replace(reason.clone());
         let mut out = vec![Draft {
             generation,
             rank: None,
-            message: if reason.is_empty() {
+            message: if reason.is_empty() || told.as_deref() == Some(reason.as_str()) {
                 format!("{from} → {to}")
             } else {
                 format!("{from} → {to}: {reason}")
@@ -480,6 +483,14 @@ mod tests {
         };
         assert_eq!((from.as_str(), to.as_str()), ("waiting_ready", "serving"));
         assert_eq!(d[4].rank, Some(2));
+        assert_eq!(
+            (d[3].message.as_str(), d[5].message.as_str()),
+            (
+                "serving → stopping: rank 2 exited with status 1",
+                "stopping → backing_off"
+            ),
+            "a reason is told once"
+        );
         assert_eq!(
             d[4].detail,
             EventDetail::Failure {

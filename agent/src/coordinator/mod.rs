@@ -15,6 +15,7 @@ pub mod dashboard;
 pub mod driver;
 pub mod events;
 pub mod gateway;
+pub mod metrics;
 pub mod placement;
 pub mod progress;
 pub mod state;
@@ -46,10 +47,18 @@ impl Coordinator {
                 heartbeat: Heartbeat::default(),
                 activity: progress::Activity::default(),
                 events: events::Events::default(),
+                metrics: metrics::Metrics::default(),
                 gate,
                 config,
             },
         }
+    }
+
+    /// Counts the ring's restarts and rank usage into `metrics` (the API's, from its gateway),
+    /// so that one `/metrics` shows both.
+    pub fn with_metrics(mut self, metrics: metrics::Metrics) -> Coordinator {
+        self.driver.metrics = metrics;
+        self
     }
 
     /// Work in flight at rank 0: the API registers its requests here.

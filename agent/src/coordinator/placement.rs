@@ -48,10 +48,7 @@ fn key(config: &Config) -> Option<Key> {
     })
 }
 
-/// Whether this config places layers with Halda (and so may remember what Halda chose).
-pub fn halda_places(config: &Config) -> bool {
-    config.cluster.engine == EngineKind::Prima && config.model().layer_windows.is_none()
-}
+pub use crate::plan::halda_places;
 
 /// Where the next ring's placement comes from, and the remembered placement if that is it.
 pub fn source(config: &Config) -> (Option<PlacementSource>, Option<Placement>) {

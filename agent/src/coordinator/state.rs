@@ -7,9 +7,9 @@
 
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::proto::ExitKind;
+use crate::proto::{ExitKind, MAX_GENERATION};
 
 /// Serving this long without a failure resets the backoff.
 pub const STABLE_AFTER: Duration = Duration::from_secs(60);
@@ -40,7 +40,7 @@ fn failure_shape(reason: &str) -> String {
     out
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     /// Some node is unreachable or still preparing (hashing its model).
@@ -147,6 +147,15 @@ pub enum Action {
     WaitReady { generation: u64 },
     StopRing { generation: u64 },
     Backoff { delay: Duration },
+}
+
+/// The generation after `current` and the `highest` any node reports, if it is one a
+/// coordinator may issue: checked, so a node's absurd generation can never make it wrap.
+pub fn next_generation(current: u64, highest: u64) -> Option<u64> {
+    current
+        .max(highest)
+        .checked_add(1)
+        .filter(|g| *g <= MAX_GENERATION)
 }
 
 #[derive(Debug, Clone)]
@@ -265,7 +274,24 @@ impl Supervisor {
                         vec![Action::WaitReady { generation }]
                     }
                     (NodeCheck::Ready, _) => {
-                        self.generation = self.generation.max(highest_generation) + 1;
+                        let Some(next) = next_generation(self.generation, highest_generation)
+                        else {
+                            tracing::warn!(
+                                highest_generation,
+                                "a node reports a generation no coordinator issues"
+                            );
+                            self.phase = Phase::Refused;
+                            self.reason = Some(format!(
+                                "a node reports generation {highest_generation}, beyond any a \
+                                 coordinator issues (at most {MAX_GENERATION}): on that node \
+                                 stop its rank (systemctl stop 'llm-rank*') and restart its \
+                                 agent, which then reports no generation"
+                            ));
+                            return vec![Action::CheckNodes {
+                                after: RECHECK_REFUSED,
+                            }];
+                        };
+                        self.generation = next;
                         self.phase = Phase::Starting;
                         self.reason = Some(format!("starting generation {}", self.generation));
                         vec![Action::StartRing {
@@ -567,6 +593,42 @@ mod tests {
         let mut s = s;
         assert_eq!(serve(&mut s, Instant::now()), 1);
         assert_eq!(s.reason, None);
+    }
+
+    /// A node once accepted `"generation": u64::MAX`; the next generation wrapped to 0 and
+    /// every later start was refused as stale. Now nothing wraps and the reason says why.
+    #[test]
+    fn an_absurd_node_generation_never_wraps_the_next_one() {
+        assert_eq!(next_generation(0, 0), Some(1));
+        assert_eq!(next_generation(7, 3), Some(8));
+        assert_eq!(next_generation(7, 30), Some(31));
+        assert_eq!(next_generation(0, MAX_GENERATION - 1), Some(MAX_GENERATION));
+        assert_eq!(next_generation(0, MAX_GENERATION), None);
+        assert_eq!(next_generation(0, u64::MAX), None);
+        let mut s = sup();
+        let a = s.handle(
+            Event::NodesChecked {
+                check: NodeCheck::Ready,
+                highest_generation: u64::MAX,
+                running_generation: None,
+            },
+            Instant::now(),
+        );
+        assert_eq!(
+            a,
+            vec![Action::CheckNodes {
+                after: RECHECK_REFUSED
+            }]
+        );
+        assert_eq!(s.phase, Phase::Refused);
+        assert_eq!(s.generation, 0, "no generation adopted or wrapped");
+        assert!(s
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("18446744073709551615"));
+        // Once the node no longer reports it, the ring starts after what was issued.
+        assert_eq!(serve(&mut s, Instant::now()), 1);
     }
 
     #[test]

@@ -5,20 +5,24 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::check::NodeReport;
 use super::state::{Phase, Supervisor};
 use crate::config::{Config, EngineKind};
 use crate::proto::{NodeFacts, Placement, PlacementSource, RankStatus};
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// Serialized for `/api/v1/cluster`, read back by `llm-agent status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClusterView {
     pub cluster: String,
     pub engine: EngineKind,
     pub model: ModelView,
     pub phase: Phase,
     pub generation: u64,
+    /// When the ring last started serving (RFC 3339, UTC); none while it does not serve.
+    #[serde(default)]
+    pub serving_since: Option<String>,
     /// Why the ring is not serving.
     pub reason: Option<String>,
     /// Failed attempts since the ring last served stably.
@@ -38,13 +42,13 @@ pub struct ClusterView {
     check_warnings: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelView {
     pub name: String,
     pub path: PathBuf,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeView {
     pub rank: u32,
     pub address: String,
@@ -61,7 +65,7 @@ pub struct NodeView {
     pub facts: Option<NodeFacts>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PlacementView {
     pub source: PlacementSource,
     /// Layers per node in config rank order (0: no place in the ring); unknown while Halda has
@@ -114,6 +118,7 @@ impl ClusterView {
             },
             phase: Phase::WaitingForNodes,
             generation: 0,
+            serving_since: None,
             reason: Some("checking the nodes".into()),
             failures: 0,
             restarts: 0,
@@ -155,6 +160,15 @@ impl ClusterView {
         let before = self.clone();
         self.phase = sup.phase;
         self.generation = sup.generation;
+        if sup.phase != Phase::Serving {
+            self.serving_since = None;
+        } else if self.serving_since.is_none() {
+            let since = std::time::SystemTime::now()
+                - sup
+                    .serving_since
+                    .map_or(std::time::Duration::ZERO, |t| t.elapsed());
+            self.serving_since = Some(humantime::format_rfc3339_seconds(since).to_string());
+        }
         self.reason = sup.reason.clone();
         self.failures = sup.failures;
         self.restarts = restarts;

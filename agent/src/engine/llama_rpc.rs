@@ -51,6 +51,8 @@ pub fn command(spec: &RankSpec, local: &LocalEngine) -> CommandSpec {
             spec.ports.server.to_string(),
             "--alias".into(),
             spec.model_name.clone(),
+            // Its Prometheus metrics, which the head's /metrics re-exports (llm_engine_*).
+            "--metrics".into(),
         ]);
         local.resolve(server)
     } else {
@@ -65,14 +67,31 @@ pub fn command(spec: &RankSpec, local: &LocalEngine) -> CommandSpec {
         }
         local.resolve(worker)
     };
+    // The rpc server writes nothing but its tensor cache (`-c`, kept under LLAMA_CACHE), so
+    // under systemd it may write that directory alone. llama-server keeps no fence here.
+    let (env, writable) = match (spec.is_head(), &local.rpc_cache) {
+        (true, _) => (Vec::new(), None),
+        (false, Some(dir)) => {
+            args.push("-c".into());
+            (
+                vec![(
+                    crate::node::rpc_cache::ENV.to_string(),
+                    dir.display().to_string(),
+                )],
+                Some(vec![dir.clone()]),
+            )
+        }
+        (false, None) => (Vec::new(), Some(Vec::new())),
+    };
     CommandSpec {
         program,
         args,
-        env: Vec::new(),
+        env,
         cwd: local.workdir.clone(),
         allowed_peers: super::allowed_peers(spec),
         stop_timeout: crate::proto::STOP_GRACE,
         keep_lines: Vec::new(),
+        writable,
     }
 }
 
@@ -93,6 +112,7 @@ mod tests {
             },
             engine_dir: None,
             workdir: PathBuf::from("/w"),
+            rpc_cache: None,
         }
     }
 
@@ -141,7 +161,7 @@ mod tests {
         assert_eq!(
             c.args.join(" "),
             "-m /models/m.gguf -c 2048 --rpc 10.0.0.2:50053,10.0.0.3:50054 -ngl 99 \
-             --tensor-split 1,3 -t 2 -np 4 --kv-unified --host 127.0.0.1 --port 18080 --alias smol"
+             --tensor-split 1,3 -t 2 -np 4 --kv-unified --host 127.0.0.1 --port 18080 --alias smol --metrics"
         );
     }
 
@@ -150,6 +170,29 @@ mod tests {
         let c = command(&spec(2), &local());
         assert_eq!(c.program, PathBuf::from("ggml-rpc-server"));
         assert_eq!(c.args.join(" "), "-H 10.0.0.3 -p 50054 -t 2");
+        assert_eq!(
+            c.writable,
+            Some(vec![]),
+            "without a cache it may write nothing"
+        );
+        assert!(c.env.is_empty());
+    }
+
+    #[test]
+    fn worker_with_a_cache_writes_it_and_nothing_else() {
+        let mut l = local();
+        l.rpc_cache = Some(PathBuf::from("/s/rpc-cache/rank2"));
+        let c = command(&spec(2), &l);
+        assert_eq!(c.args.join(" "), "-H 10.0.0.3 -p 50054 -t 2 -c");
+        assert_eq!(
+            c.env,
+            vec![("LLAMA_CACHE".to_string(), "/s/rpc-cache/rank2".to_string())]
+        );
+        assert_eq!(c.writable, Some(vec![PathBuf::from("/s/rpc-cache/rank2")]));
+        // The head never gets the rpc server's cache flag (its `-c` is the context size).
+        let head = command(&spec(0), &l);
+        assert!(head.env.is_empty() && head.writable.is_none());
+        assert_eq!(head.args.iter().filter(|a| *a == "-c").count(), 1);
     }
 
     #[test]

@@ -30,6 +30,11 @@ pub struct CommandSpec {
     /// Output lines containing one of these are kept whole for the agent to read back (see
     /// [`crate::runner::Runner::output_lines`]): prima's head prints its placement this way.
     pub keep_lines: Vec<String>,
+    /// `Some`: the process may write these paths and nothing else of the file system, where
+    /// the runner can enforce it (systemd: ProtectSystem=strict, PrivateTmp, ReadWritePaths;
+    /// the runner creates them for the rank user). `None`: no file system fence (prima's
+    /// profiler writes in `cwd`, llama-server may write slot files there).
+    pub writable: Option<Vec<PathBuf>>,
 }
 
 impl CommandSpec {
@@ -54,6 +59,9 @@ pub struct LocalEngine {
     pub binaries: Binaries,
     pub engine_dir: Option<PathBuf>,
     pub workdir: PathBuf,
+    /// llama-rpc workers with `model.rpc_cache`: the rpc server's cache directory (its
+    /// `LLAMA_CACHE`, see [`crate::node::rpc_cache`]).
+    pub rpc_cache: Option<PathBuf>,
 }
 
 impl LocalEngine {
@@ -65,10 +73,33 @@ impl LocalEngine {
         }
     }
 
-    /// Resolves a binary name to a path: inside `engine_dir` when configured, else on PATH.
-    /// Returns the bare name when nothing is found so the error names what was looked for.
+    /// Finds a binary by name: inside `engine_dir` when configured, else on PATH; a default
+    /// name is also looked for under the other names packages install it as
+    /// ([`binary_aliases`]).
+    pub fn find(&self, name: &str) -> Option<PathBuf> {
+        std::iter::once(name)
+            .chain(binary_aliases(name).iter().copied())
+            .find_map(|n| find_binary(n, self.engine_dir.as_deref()))
+    }
+
+    /// Resolves a binary name to a path ([`LocalEngine::find`]). Returns the bare name when
+    /// nothing is found so the error names what was looked for.
     pub fn resolve(&self, name: &str) -> PathBuf {
-        find_binary(name, self.engine_dir.as_deref()).unwrap_or_else(|| PathBuf::from(name))
+        self.find(name).unwrap_or_else(|| PathBuf::from(name))
+    }
+}
+
+/// Other names a default engine binary is installed as. llama.cpp's rpc server is
+/// `ggml-rpc-server` since upstream renamed it, `rpc-server` in older builds (AUR llama.cpp
+/// packages of those versions install it as /usr/bin/rpc-server), `llama-rpc-server` where a
+/// distribution renamed it. `llama-server` has that one name everywhere (Arch's official
+/// llama-cpp, llama-cpp-vulkan, llama-cpp-rocm and the AUR's llama.cpp* install
+/// /usr/bin/llama-server); prima.cpp's packages install prima-server/prima-cli. A name set in
+/// the config that is none of these (or a path) is used as given.
+pub fn binary_aliases(name: &str) -> &'static [&'static str] {
+    match name {
+        "ggml-rpc-server" => &["rpc-server", "llama-rpc-server"],
+        _ => &[],
     }
 }
 
@@ -145,6 +176,58 @@ pub fn explain_failure(engine: EngineKind, log_tail: &[String]) -> Option<&'stat
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Binaries;
+
+    fn local(dir: &Path, rpc_server: &str) -> LocalEngine {
+        LocalEngine {
+            binaries: Binaries {
+                prima_server: "prima-server".into(),
+                prima_worker: "prima-cli".into(),
+                llama_server: "llama-server".into(),
+                rpc_server: rpc_server.into(),
+            },
+            engine_dir: Some(dir.to_path_buf()),
+            workdir: dir.to_path_buf(),
+            rpc_cache: None,
+        }
+    }
+
+    fn exec(path: &Path) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(path, "#!/bin/sh\n").expect("write");
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+
+    /// The rpc server under each name packages install it as is found by the default name;
+    /// the upstream name wins when both are there, and an explicit name or path is used as given.
+    #[test]
+    fn the_rpc_server_is_found_under_every_packaged_name() {
+        for installed in ["ggml-rpc-server", "rpc-server", "llama-rpc-server"] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            exec(&dir.path().join(installed));
+            exec(&dir.path().join("llama-server"));
+            let l = local(dir.path(), "ggml-rpc-server");
+            let (server, worker) = l.names(EngineKind::LlamaRpc);
+            assert_eq!(l.resolve(worker), dir.path().join(installed), "{installed}");
+            assert_eq!(l.resolve(server), dir.path().join("llama-server"));
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        exec(&dir.path().join("rpc-server"));
+        exec(&dir.path().join("ggml-rpc-server"));
+        let l = local(dir.path(), "ggml-rpc-server");
+        assert_eq!(
+            l.resolve("ggml-rpc-server"),
+            dir.path().join("ggml-rpc-server")
+        );
+        // Configured explicitly: no other name is tried.
+        let l = local(dir.path(), "my-rpc");
+        assert_eq!(l.find("my-rpc"), None);
+        assert_eq!(l.resolve("my-rpc"), PathBuf::from("my-rpc"));
+        let path = dir.path().join("rpc-server");
+        let l = local(dir.path(), &path.display().to_string());
+        assert_eq!(l.resolve(&path.display().to_string()), path);
+        assert!(binary_aliases("llama-server").is_empty());
+    }
 
     #[test]
     fn classify_prima_drop_only_with_status_zero_and_message() {

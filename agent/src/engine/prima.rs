@@ -154,6 +154,8 @@ pub fn command(spec: &RankSpec, local: &LocalEngine) -> CommandSpec {
             spec.ports.server.to_string(),
             "--alias".into(),
             spec.model_name.clone(),
+            // Its Prometheus metrics, which the head's /metrics re-exports (llm_engine_*).
+            "--metrics".into(),
         ]);
     }
     CommandSpec {
@@ -168,6 +170,7 @@ pub fn command(spec: &RankSpec, local: &LocalEngine) -> CommandSpec {
         } else {
             Vec::new()
         },
+        writable: None,
     }
 }
 
@@ -197,6 +200,7 @@ mod tests {
             },
             engine_dir: Some(PathBuf::from("/opt/prima/bin")),
             workdir: PathBuf::from("/var/lib/llm-cluster/rank"),
+            rpc_cache: None,
         }
     }
 
@@ -245,7 +249,7 @@ mod tests {
             c.args.join(" "),
             "-m /models/m.gguf -c 1024 --world 3 --rank 0 --master 10.0.0.1 --next 10.0.0.2 \
              --data-port 9000 --signal-port 10000 -lw 10,10,10 -t 4 \
-             -np 2 --host 127.0.0.1 --port 18080 --alias m"
+             -np 2 --host 127.0.0.1 --port 18080 --alias m --metrics"
         );
         assert_eq!(c.cwd, PathBuf::from("/var/lib/llm-cluster/rank"));
     }

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -61,6 +62,8 @@ pub struct ModelHasher {
     finished: Arc<tokio::sync::watch::Sender<u64>>,
     /// Where finished hashes are kept across restarts.
     store: Option<PathBuf>,
+    /// Bytes hashed so far, per file being hashed.
+    progress: Arc<Mutex<HashMap<PathBuf, Arc<AtomicU64>>>>,
 }
 
 impl Default for ModelHasher {
@@ -69,6 +72,7 @@ impl Default for ModelHasher {
             state: Arc::default(),
             finished: Arc::new(tokio::sync::watch::Sender::new(0)),
             store: None,
+            progress: Arc::default(),
         }
     }
 }
@@ -146,19 +150,29 @@ impl ModelHasher {
             }
         }
         map.insert(path.to_path_buf(), (version, HashState::Hashing));
+        let counter = Arc::new(AtomicU64::new(0));
+        self.progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(path.to_path_buf(), counter.clone());
+        let progress = self.progress.clone();
         let state = self.state.clone();
         let finished = self.finished.clone();
         let store = self.store.clone();
         let p = path.to_path_buf();
         tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
-            let result = match sha256_file(&p) {
+            let result = match sha256_counted(&p, &counter) {
                 Ok(h) => HashState::Done { sha256: h },
                 Err(e) => HashState::Error {
                     message: format!("cannot read {}: {e}", p.display()),
                 },
             };
             tracing::info!(model = %p.display(), seconds = started.elapsed().as_secs_f64(), ?result, "model hashed");
+            progress
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&p);
             let mut map = state.lock().unwrap_or_else(|e| e.into_inner());
             map.insert(p, (version, result));
             if let Some(store) = &store {
@@ -169,12 +183,33 @@ impl ModelHasher {
         });
         (Some(size), HashState::Hashing)
     }
+
+    /// How many bytes of `path` the running hash has read; none when it is not being hashed.
+    pub fn hashed_bytes(&self, path: &Path) -> Option<u64> {
+        self.progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(path)
+            .map(|c| c.load(Ordering::Relaxed))
+    }
 }
 
-pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+/// The file's SHA-256, adding the bytes read to `done` as it goes.
+fn sha256_counted(path: &Path, done: &AtomicU64) -> std::io::Result<String> {
+    use std::io::Read;
     let mut f = std::fs::File::open(path)?;
     let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        h.update(&buf[..n]);
+        done.fetch_add(n as u64, Ordering::Relaxed);
+    }
     Ok(hex::encode(h.finalize()))
 }
 
@@ -192,13 +227,13 @@ pub async fn collect(
     let rank_bin = if rank == 0 { server } else { worker };
     let mut binaries = vec![BinaryFact {
         name: rank_bin.to_string(),
-        path: find_binary(rank_bin, local.engine_dir.as_deref()),
+        path: local.find(rank_bin),
         used_by_this_rank: true,
     }];
     if rank_bin != server {
         binaries.push(BinaryFact {
             name: server.to_string(),
-            path: find_binary(server, local.engine_dir.as_deref()),
+            path: local.find(server),
             used_by_this_rank: false,
         });
     }
@@ -241,6 +276,7 @@ pub async fn collect(
         gpus: gpus().await,
         network: Vec::new(),
         tls: None,
+        rpc_cache: None,
     }
 }
 
@@ -257,12 +293,17 @@ pub fn model_fact(
             (HashState::Done { sha256 }, Some(e)) => Some(sha256.eq_ignore_ascii_case(e)),
             _ => None,
         };
+        let hashed_bytes = match hash {
+            HashState::Hashing => hasher.hashed_bytes(model_path),
+            _ => None,
+        };
         ModelFact {
             path: model_path.to_path_buf(),
             size,
             hash,
             expected_sha256: expected_sha256.map(str::to_string),
             matches_expected,
+            hashed_bytes,
         }
     } else {
         ModelFact {
@@ -271,6 +312,7 @@ pub fn model_fact(
             hash: HashState::NotRequired,
             expected_sha256: expected_sha256.map(str::to_string),
             matches_expected: None,
+            hashed_bytes: None,
         }
     }
 }
@@ -429,6 +471,22 @@ mod tests {
             HashState::Done {
                 sha256: "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad".into()
             }
+        );
+    }
+
+    #[test]
+    fn hashing_counts_the_bytes_it_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("m.gguf");
+        std::fs::write(&p, vec![7u8; 3 << 20]).expect("write");
+        let done = AtomicU64::new(0);
+        let h = sha256_counted(&p, &done).expect("hash");
+        assert_eq!(done.load(Ordering::Relaxed), 3 << 20);
+        assert_eq!(h, hex::encode(Sha256::digest(vec![7u8; 3 << 20])));
+        assert_eq!(
+            ModelHasher::default().hashed_bytes(&p),
+            None,
+            "not being hashed"
         );
     }
 

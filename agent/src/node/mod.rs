@@ -5,6 +5,8 @@
 pub mod api;
 pub mod facts;
 mod listen;
+pub mod rpc_cache;
+pub mod verify;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,6 +76,10 @@ pub struct NodeAgent {
     reconcile: tokio::sync::Mutex<()>,
     network: std::sync::Mutex<Vec<KeyReport>>,
     tls: std::sync::OnceLock<Option<proto::TlsFact>>,
+    /// llama-rpc workers with `model.rpc_cache`: the rpc server's tensor cache, and what its
+    /// cleanup before the last start did.
+    rpc_cache: Option<rpc_cache::RpcCache>,
+    last_prune: std::sync::Mutex<Option<proto::RpcCachePrune>>,
 }
 
 impl NodeAgent {
@@ -90,10 +96,24 @@ impl NodeAgent {
                 config.source.display()
             )
         })?;
+        let rpc_cache = (config.cluster.engine == EngineKind::LlamaRpc
+            && rank != 0
+            && config.model().rpc_cache)
+            .then(|| {
+                let max = config.model().rpc_cache_max_bytes.unwrap_or_else(|| {
+                    rpc_cache::default_max_bytes(
+                        std::fs::metadata(&config.model().path)
+                            .ok()
+                            .map(|m| m.len()),
+                    )
+                });
+                rpc_cache::RpcCache::new(&config.cluster.state_dir, rank, max)
+            });
         let local = LocalEngine {
             binaries: config.binaries.clone(),
             engine_dir: node.engine_dir.clone(),
             workdir: config.cluster.state_dir.join(format!("rank{rank}")),
+            rpc_cache: rpc_cache.as_ref().map(|c| c.root.clone()),
         };
         let (status, _) = watch::channel(RankStatus::idle(rank, rand::random()));
         let hasher = ModelHasher::with_store(
@@ -112,6 +132,8 @@ impl NodeAgent {
             reconcile: tokio::sync::Mutex::new(()),
             network: std::sync::Mutex::new(Vec::new()),
             tls: std::sync::OnceLock::new(),
+            rpc_cache,
+            last_prune: std::sync::Mutex::new(None),
         });
         let weak = Arc::downgrade(&agent);
         tokio::spawn(async move {
@@ -227,10 +249,15 @@ impl NodeAgent {
             (RankPhase::Running, None) => Err("the running rank has no known pid".to_string()),
             (phase, _) => Err(format!("no rank running ({})", phase.as_str())),
         };
+        let memory = match (st.phase, st.pid) {
+            (RankPhase::Running, Some(pid)) => self.runner.memory_bytes(pid).ok(),
+            _ => None,
+        };
         RankUsage {
             generation: st.generation,
             cpu_usec: cpu.as_ref().ok().copied(),
             error: cpu.err(),
+            memory_bytes: memory,
         }
     }
 
@@ -304,6 +331,16 @@ impl NodeAgent {
             .cloned()
             .flatten()
             .map(|t| t.at(crate::tls::now_unix()));
+        if let Some(cache) = self.rpc_cache.clone() {
+            let last = self
+                .last_prune
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            f.rpc_cache = tokio::task::spawn_blocking(move || cache.fact(last))
+                .await
+                .ok();
+        }
         f
     }
 
@@ -312,24 +349,53 @@ impl NodeAgent {
         let _ = self.tls.set(fact);
     }
 
+    /// Cleans and bounds the rpc tensor cache before this node's rpc server starts (no rank
+    /// runs here now, so nothing writes the cache meanwhile). A failure is logged and the rank
+    /// starts anyway: the cache only saves transfer time.
+    async fn prune_rpc_cache(&self, spec: &RankSpec) {
+        let Some(cache) = self.rpc_cache.clone() else {
+            return;
+        };
+        let current = spec.model_name.clone();
+        // Every model of the config: a switch back must find its tensors still cached.
+        let configured: Vec<String> = self.config.models.iter().map(|m| m.name.clone()).collect();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let res = tokio::task::spawn_blocking(move || {
+            let configured: Vec<&str> = configured.iter().map(String::as_str).collect();
+            cache.prune(&current, &configured, now)
+        })
+        .await;
+        match res {
+            Ok(Ok(r)) => {
+                tracing::info!(
+                    rank = self.rank,
+                    verified = r.verified_entries,
+                    corrupt = r.corrupt_entries,
+                    removed = r.removed_entries,
+                    removed_bytes = r.removed_bytes,
+                    millis = r.millis,
+                    "rpc cache cleaned before the start"
+                );
+                *self.last_prune.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(rank = self.rank, error = %format!("{e:#}"), "cannot clean the rpc cache; starting anyway")
+            }
+            Err(e) => {
+                tracing::warn!(rank = self.rank, error = %e, "the rpc cache cleanup panicked; starting anyway")
+            }
+        }
+    }
+
     fn process_name(&self, generation: u64) -> String {
         proto::rank_process_name(self.rank, generation)
     }
 
     /// Makes `spec` the running rank.
     pub async fn apply(self: &Arc<Self>, spec: RankSpec) -> Result<RankStatus, ApplyError> {
-        if spec.node != self.rank {
-            return Err(ApplyError::Invalid(format!(
-                "this agent is node rank{}, not rank{}",
-                self.rank, spec.node
-            )));
-        }
-        if spec.engine != self.config.cluster.engine {
-            return Err(ApplyError::Invalid(format!(
-                "this node is configured for engine {}, not {}",
-                self.config.cluster.engine, spec.engine
-            )));
-        }
+        self.verify(&spec)?;
         let _guard = self.reconcile.lock().await;
         let current = self.status();
         match decide(&current, &spec) {
@@ -346,6 +412,7 @@ impl NodeAgent {
         if current.phase == RankPhase::Running {
             self.stop_current(&current).await;
         }
+        self.prune_rpc_cache(&spec).await;
         let cmd = engine::command(&spec, &self.local);
         let name = self.process_name(spec.generation);
         tracing::info!(rank = self.rank, generation = spec.generation, command = %cmd.display(), "starting rank");
@@ -381,6 +448,26 @@ impl NodeAgent {
             }
         }
         Ok(self.status())
+    }
+
+    /// Refuses a spec that is not what this node plans from its own config ([`verify`]).
+    fn verify(&self, spec: &RankSpec) -> Result<(), ApplyError> {
+        // The layer count, only where Halda's windows or GPU layers are to be checked against it.
+        let config = self
+            .config
+            .with_loaded(verify::spec_model(&self.config, spec));
+        let layers = (crate::plan::halda_places(&config)
+            && (spec.layer_windows.is_some() || spec.gpu_layers.is_some()))
+        .then(|| crate::gguf::read_info(&config.model().path).ok())
+        .flatten()
+        .map(|i| i.block_count);
+        verify::verify(&self.config, self.rank, spec, layers).map_err(|r| {
+            tracing::warn!(rank = self.rank, generation = spec.generation, fields = ?r.fields(), refusal = %r, "refused a rank spec that differs from this node's plan");
+            ApplyError::Invalid(format!(
+                "the spec differs from what this node plans from its config ({}): {r}",
+                self.config.source.display()
+            ))
+        })
     }
 
     /// Where the applied spec is kept, so a restarted agent knows what its running unit is.

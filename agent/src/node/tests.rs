@@ -64,12 +64,13 @@ async fn apply_is_idempotent_and_refuses_stale_generations() {
             current: 2
         }
     ));
+    // A spec the config does not plan is refused before any generation logic, naming the field.
     let mut changed = spec(&agent, 2);
     changed.ctx_size += 1;
-    assert!(matches!(
-        agent.apply(changed).await,
-        Err(ApplyError::Conflict(2))
-    ));
+    match agent.apply(changed).await {
+        Err(ApplyError::Invalid(why)) => assert!(why.contains("ctx_size"), "{why}"),
+        other => panic!("expected a refusal naming ctx_size, got {other:?}"),
+    }
     let newer = agent.apply(spec(&agent, 3)).await.expect("newer");
     assert_ne!(newer.pid, pid, "a new generation replaces the process");
     assert_eq!(newer.generation, 3);

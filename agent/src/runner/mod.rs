@@ -95,6 +95,24 @@ pub trait Runner: Send + Sync + 'static {
     fn cpu_usec(&self, pid: u32) -> Result<u64, String> {
         process_cpu_usec(pid)
     }
+
+    /// Memory the rank whose main process is `pid` uses, in bytes (for metrics). A child
+    /// process: its resident set.
+    fn memory_bytes(&self, pid: u32) -> Result<u64, String> {
+        process_memory_bytes(pid)
+    }
+}
+
+/// The resident set of a process, from /proc/PID/status (`VmRSS`, in kB).
+pub fn process_memory_bytes(pid: u32) -> Result<u64, String> {
+    let file = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&file).map_err(|e| format!("cannot read {file}: {e}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .ok_or_else(|| format!("no VmRSS in {file}"))
 }
 
 /// utime + stime of a process (all its threads), from /proc/PID/stat.
@@ -120,16 +138,31 @@ pub fn process_cpu_usec(pid: u32) -> Result<u64, String> {
     Ok((utime + stime).saturating_mul(1_000_000) / hz)
 }
 
-/// CPU time of the whole cgroup `pid` is in (a systemd unit: every process of the rank), from
-/// the cgroup v2 `cpu.stat`, which the kernel keeps without the cpu controller enabled.
-pub fn cgroup_cpu_usec(pid: u32) -> Result<u64, String> {
+/// `name` in the cgroup v2 directory of `pid`.
+fn cgroup_file(pid: u32, name: &str) -> Result<String, String> {
     let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
         .map_err(|e| format!("cannot read /proc/{pid}/cgroup: {e}"))?;
     let path = cg
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
         .ok_or_else(|| format!("process {pid} is in no cgroup v2 hierarchy"))?;
-    let file = format!("/sys/fs/cgroup{}/cpu.stat", path.trim());
+    Ok(format!("/sys/fs/cgroup{}/{name}", path.trim()))
+}
+
+/// Memory of the whole cgroup `pid` is in (a systemd unit: every process of the rank), from
+/// the cgroup v2 `memory.current`.
+pub fn cgroup_memory_bytes(pid: u32) -> Result<u64, String> {
+    let file = cgroup_file(pid, "memory.current")?;
+    let text = std::fs::read_to_string(&file).map_err(|e| format!("cannot read {file}: {e}"))?;
+    text.trim()
+        .parse()
+        .map_err(|_| format!("unexpected {file}: {text}"))
+}
+
+/// CPU time of the whole cgroup `pid` is in (a systemd unit: every process of the rank), from
+/// the cgroup v2 `cpu.stat`, which the kernel keeps without the cpu controller enabled.
+pub fn cgroup_cpu_usec(pid: u32) -> Result<u64, String> {
+    let file = cgroup_file(pid, "cpu.stat")?;
     let stat = std::fs::read_to_string(&file).map_err(|e| format!("cannot read {file}: {e}"))?;
     stat.lines()
         .find_map(|l| l.strip_prefix("usage_usec "))
@@ -141,27 +174,36 @@ pub fn cgroup_cpu_usec(pid: u32) -> Result<u64, String> {
 mod tests {
     use super::*;
 
-    fn spin(d: std::time::Duration) {
+    /// Works until `counter` has risen by `by` µs, or 30 s of wall time have passed: on a loaded
+    /// machine a fixed wall-clock spin may get little CPU, so the wait follows the counter itself.
+    fn spin_until_rises(counter: impl Fn() -> u64, by: u64) -> (u64, u64) {
+        let start = counter();
         let t = std::time::Instant::now();
         let mut x = 0u64;
-        while t.elapsed() < d {
-            x = std::hint::black_box(x.wrapping_add(1));
+        let mut now = start;
+        while now < start + by && t.elapsed() < std::time::Duration::from_secs(30) {
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+            now = counter();
         }
+        (start, now)
     }
 
     #[test]
     fn cpu_time_of_a_working_process_rises() {
         let me = std::process::id();
-        let before = process_cpu_usec(me).expect("own /proc stat");
-        spin(std::time::Duration::from_millis(200));
-        let after = process_cpu_usec(me).expect("own /proc stat");
+        let (before, after) =
+            spin_until_rises(|| process_cpu_usec(me).expect("own /proc stat"), 100_000);
         assert!(after >= before + 100_000, "{before} -> {after}");
         assert!(process_cpu_usec(u32::MAX).is_err(), "no such process");
+        let rss = process_memory_bytes(me).expect("own /proc status");
+        assert!(rss > 1 << 20, "{rss}");
+        assert!(process_memory_bytes(u32::MAX).is_err(), "no such process");
         // The cgroup counter exists wherever cgroup v2 is mounted (CI and the systemd hosts).
         if std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-            let a = cgroup_cpu_usec(me).expect("cgroup cpu.stat");
-            spin(std::time::Duration::from_millis(100));
-            assert!(cgroup_cpu_usec(me).expect("cgroup cpu.stat") > a);
+            let (a, b) = spin_until_rises(|| cgroup_cpu_usec(me).expect("cgroup cpu.stat"), 10_000);
+            assert!(b > a, "{a} -> {b}");
         }
     }
 }

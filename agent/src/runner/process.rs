@@ -360,6 +360,7 @@ mod tests {
             allowed_peers: vec![],
             stop_timeout: Duration::from_millis(300),
             keep_lines: vec!["KEEP".into()],
+            writable: None,
         }
     }
 

@@ -378,6 +378,15 @@ pub fn unit_properties<'a>(
     if let Some(u) = user {
         props.push(("User", Value::from(u)));
     }
+    if let Some(paths) = &cmd.writable {
+        // The whole file system read-only but for these paths, and a private /tmp.
+        props.push(("ProtectSystem", Value::from("strict")));
+        props.push(("PrivateTmp", Value::from(true)));
+        if !paths.is_empty() {
+            let paths: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+            props.push(("ReadWritePaths", Value::from(paths)));
+        }
+    }
     if !cmd.allowed_peers.is_empty() {
         props.push((
             "IPAddressDeny",
@@ -399,6 +408,10 @@ impl Runner for SystemdRunner {
     async fn start(&self, name: &str, cmd: &CommandSpec) -> Result<Started> {
         let unit = unit_name(name);
         self.prepare_workdir(&cmd.cwd)?;
+        // ReadWritePaths= of a missing path fails the unit; the rank user must own it.
+        for dir in cmd.writable.iter().flatten() {
+            self.prepare_workdir(dir)?;
+        }
         // A failed unit of the same name (an earlier attempt) would block the new one.
         let _ = self.manager.reset_failed_unit(&unit).await;
         let props = unit_properties(cmd, format!("llm-cluster {name}"), self.user.as_deref());
@@ -486,6 +499,10 @@ impl Runner for SystemdRunner {
         super::cgroup_cpu_usec(pid)
     }
 
+    fn memory_bytes(&self, pid: u32) -> Result<u64, String> {
+        super::cgroup_memory_bytes(pid)
+    }
+
     async fn output_lines(&self, name: &str, containing: &[&str]) -> Vec<String> {
         let mut lines = journal(&unit_name(name), &[], Duration::from_secs(10)).await;
         lines.retain(|l| containing.iter().any(|c| l.contains(c)));
@@ -508,6 +525,7 @@ mod tests {
             allowed_peers: vec!["10.0.0.1".parse().expect("ip")],
             stop_timeout: Duration::from_secs(2),
             keep_lines: vec![],
+            writable: Some(vec![PathBuf::from("/var/lib/llm-cluster/rpc-cache/rank1")]),
         };
         let props = unit_properties(&cmd, "d".into(), Some("llm-cluster"));
         let get = |k: &str| {
@@ -542,12 +560,27 @@ mod tests {
             get("IPAddressAllow")
         );
         assert!(!get("IPAddressDeny").is_empty());
+        assert_eq!(value("ProtectSystem"), Some(Value::from("strict")));
+        assert_eq!(value("PrivateTmp"), Some(Value::Bool(true)));
+        assert_eq!(
+            value("ReadWritePaths"),
+            Some(Value::from(vec![
+                "/var/lib/llm-cluster/rpc-cache/rank1".to_string()
+            ]))
+        );
         let mut open = cmd.clone();
         open.allowed_peers.clear();
+        open.writable = None;
         let props = unit_properties(&open, "d".into(), None);
-        assert!(props
-            .iter()
-            .all(|(n, _)| *n != "IPAddressDeny" && *n != "User"));
+        assert!(props.iter().all(|(n, _)| !matches!(
+            *n,
+            "IPAddressDeny" | "User" | "ProtectSystem" | "ReadWritePaths"
+        )));
+        // Writing nothing: read-only everywhere, no ReadWritePaths at all.
+        open.writable = Some(vec![]);
+        let props = unit_properties(&open, "d".into(), None);
+        assert!(props.iter().any(|(n, _)| *n == "ProtectSystem"));
+        assert!(props.iter().all(|(n, _)| *n != "ReadWritePaths"));
     }
 
     #[test]

@@ -14,6 +14,7 @@ use async_trait::async_trait;
 
 use super::*;
 use crate::coordinator::check::FactsError;
+use crate::proto::EventDetail;
 use crate::proto::{
     BinaryFact, HashState, ModelFact, NodeFacts, RankSpec, RankUsage, AGENT_VERSION,
     PROTOCOL_VERSION,
@@ -139,12 +140,14 @@ impl Nodes for FakeCluster {
                 hash: n.hash.lock().expect("hash").clone(),
                 expected_sha256: None,
                 matches_expected: None,
+                hashed_bytes: None,
             },
             memory: None,
             cpu: None,
             gpus: vec![],
             network: vec![],
             tls: None,
+            rpc_cache: None,
         })
     }
 
@@ -219,6 +222,7 @@ impl Nodes for FakeCluster {
             generation: st.generation,
             cpu_usec: Some(n.cpu_ms_per_s.load(Ordering::SeqCst) * elapsed_ms),
             error: None,
+            memory_bytes: None,
         })
     }
 
@@ -277,6 +281,8 @@ fn listen_after_start(fake: &Arc<FakeCluster>) {
 
 struct Running {
     view: watch::Receiver<ClusterView>,
+    events: crate::coordinator::events::Events,
+    metrics: crate::coordinator::metrics::Metrics,
     activity: Activity,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -285,19 +291,26 @@ struct Running {
 fn start(fake: &Arc<FakeCluster>) -> Running {
     let (view, rx) = watch::channel(ClusterView::initial(&fake.config));
     let activity = Activity::default();
+    let (events, metrics) = (
+        crate::coordinator::events::Events::default(),
+        crate::coordinator::metrics::Metrics::default(),
+    );
     let driver = Driver {
         config: fake.config.clone(),
         nodes: fake.clone(),
         view,
         heartbeat: Heartbeat::default(),
         activity: activity.clone(),
-        events: Default::default(),
+        events: events.clone(),
+        metrics: metrics.clone(),
         gate: crate::coordinator::switch::ModelGate::new(&fake.config),
     };
     let stop = CancellationToken::new();
     let task = tokio::spawn(driver.run(stop.clone(), true));
     Running {
         view: rx,
+        events,
+        metrics,
         activity,
         stop,
         task,
@@ -433,6 +446,32 @@ async fn a_lost_node_restarts_the_ring_once_it_is_back() {
     let back = serving_after(&mut r, v.generation).await;
     assert_eq!(back.restarts, 1);
     assert_eq!(back.nodes[2].state, "running");
+    // Told as events, counted as a restart.
+    let told = r.events.held(None);
+    let failure = told
+        .iter()
+        .find_map(|e| match &e.detail {
+            EventDetail::Failure { reason, cause } => Some((e.generation, reason, cause)),
+            _ => None,
+        })
+        .expect("a failure event");
+    assert_eq!(failure.0, Some(v.generation));
+    assert_eq!(failure.2, "stalled");
+    assert!(failure.1.contains("rank 2 cannot say"), "{failure:?}");
+    assert!(
+        told.iter().any(|e| e.generation == Some(back.generation)
+            && matches!(&e.detail, EventDetail::Restart { cause, .. } if cause == "stalled")),
+        "{told:#?}"
+    );
+    let last = told.last().expect("events");
+    assert_eq!(
+        last.detail,
+        EventDetail::Phase {
+            from: "waiting_ready".into(),
+            to: "serving".into()
+        }
+    );
+    assert_eq!(r.metrics.restarts_of("stalled"), 1);
     r.stop.cancel();
     r.task.await.expect("driver ends");
 }

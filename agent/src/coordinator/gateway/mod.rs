@@ -18,6 +18,7 @@ pub mod limits;
 pub mod request;
 pub mod usage;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -44,6 +45,7 @@ use limits::{Kind, Limits, Rates, Report, Scope, Verdict};
 use usage::{Meter, Usage};
 
 use super::api::{openai_error, read_body, Checks};
+use super::metrics::Metrics;
 use super::switch::{ModelGate, NotLoaded, Passed};
 
 /// How often the keys file is checked for a change (a stat, nothing more).
@@ -104,6 +106,8 @@ struct Shared {
     admission: Admission,
     usage: Mutex<Usage>,
     started: std::time::SystemTime,
+    /// Requests and latencies as counted at the API (`/metrics`).
+    metrics: Metrics,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -137,6 +141,7 @@ impl Gateway {
             admission,
             usage: Mutex::new(Usage::default()),
             started: std::time::SystemTime::now(),
+            metrics: Metrics::default(),
         }))
     }
 
@@ -235,6 +240,27 @@ impl Gateway {
         self.keys().is_some_and(|set| {
             bearer(headers.get(header::AUTHORIZATION)).is_some_and(|t| set.identify(t).is_some())
         })
+    }
+
+    /// The name requests are counted under: the key's, [`ANONYMOUS`] on an open API, or
+    /// `unauthenticated` for a request without a known key.
+    pub fn caller_name(&self, headers: &HeaderMap) -> String {
+        match self.keys() {
+            None => ANONYMOUS.into(),
+            Some(set) => bearer(headers.get(header::AUTHORIZATION))
+                .and_then(|t| set.identify(t))
+                .map_or_else(|| "unauthenticated".into(), |k| k.name.clone()),
+        }
+    }
+
+    /// The metrics this gateway's API counts (the coordinator adds the ring's).
+    pub fn metrics(&self) -> Metrics {
+        self.0.metrics.clone()
+    }
+
+    /// Usage per key and the admission's state, as `/metrics` reads them.
+    pub fn usage_snapshot(&self) -> (BTreeMap<String, usage::Counters>, admission::Snapshot) {
+        (lock(&self.0.usage).snapshot(), self.0.admission.snapshot())
     }
 
     pub fn usage_report(&self) -> serde_json::Value {
