@@ -8,6 +8,8 @@
 #                             direct vs coordinator vs nginx latency and throughput, and what slow
 #                             and huge requests get, with the agent's memory (bench/gateway.py;
 #                             installs Debian's nginx and wrk with apt-get when missing)
+#   scripts/bench.sh switch   model switch time between two models (drain, stop, start, first
+#                             token), idle and with a request in flight (bench/switch.py)
 #   scripts/bench.sh rpc-cache [--rate 100mbit] [--runs 3] [--models smollm2,wide]
 #                             llama-rpc ring restart without the rpc tensor cache, with it emptied
 #                             and with it filled, on systemd hosts over a tbf-shaped link; root
@@ -34,6 +36,7 @@ case "${1:-local}" in
   local) exec "$VENV/bin/python" bench/bench_local.py ;;
   bringup) exec "$VENV/bin/python" bench/bringup.py ;;
   gateway) shift; exec "$VENV/bin/python" bench/gateway.py "$@" ;;
+  switch) exec "$VENV/bin/python" bench/switch.py ;;
   rpc-cache) shift; exec "$VENV/bin/python" bench/rpc_cache.py "$@" ;;
   slots) exec "$VENV/bin/python" bench/slots.py ;;
   matrix)
@@ -46,5 +49,5 @@ case "${1:-local}" in
     fi
     exec "$LLM_AGENT_BIN" bench --matrix --model-file "$SMOLLM2_GGUF" --llama-dir "$LLAMA_CPP_DIR" \
       "${prima[@]}" "$@" ;;
-  *) echo "usage: scripts/bench.sh [local|bringup|gateway [speed|limits]|slots|rpc-cache [...]|matrix [bench flags]]" >&2; exit 2 ;;
+  *) echo "usage: scripts/bench.sh [local|bringup|gateway [speed|limits]|slots|rpc-cache [...]|matrix [bench flags]|switch]" >&2; exit 2 ;;
 esac

@@ -11,7 +11,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use crate::config::{self, Config};
+use crate::config::{self, Config, Model};
 use crate::gguf::{self, ModelInfo};
 
 pub fn run(path: &Path) -> ExitCode {
@@ -23,29 +23,37 @@ pub fn run(path: &Path) -> ExitCode {
             return ExitCode::from(crate::exit::USAGE);
         }
     };
-    let (model, notes) = match check_model(&config) {
-        Ok(Some(info)) => (
-            format!(
-                "{} ({}, {} layers)",
-                config.model.path.display(),
+    // Every configured model is checked, so a typo in a model the ring switches to later
+    // shows now, not at the switch.
+    let mut described = Vec::new();
+    let mut notes = Vec::new();
+    let mut failed = 0;
+    for model in &config.models {
+        match check_model(&config, model) {
+            Ok(Some(info)) => described.push(format!(
+                "{} = {} ({}, {} layers)",
+                model.name,
+                model.path.display(),
                 info.architecture,
                 info.block_count
-            ),
-            Vec::new(),
-        ),
-        Ok(None) => (
-            config.model.path.display().to_string(),
-            vec![absent_note(&config)],
-        ),
-        Err(e) => {
-            eprintln!("{e}");
-            eprintln!("1 problem(s) found");
-            return ExitCode::from(crate::exit::USAGE);
+            )),
+            Ok(None) => {
+                described.push(format!("{} = {}", model.name, model.path.display()));
+                notes.push(absent_note(&config, model));
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                failed += 1;
+            }
         }
-    };
-    let mut notes = notes;
+    }
+    if failed > 0 {
+        eprintln!("{failed} problem(s) found");
+        return ExitCode::from(crate::exit::USAGE);
+    }
+    let model = described.join(", ");
     if let Some(keys) = &config.api.api_keys_file {
-        match crate::coordinator::gateway::load_keys(keys, std::slice::from_ref(&config.model.name)) {
+        match crate::coordinator::gateway::load_keys(keys, &model_names(&config)) {
             Ok(_) => {}
             Err(_) if !keys.exists() => notes.push(format!(
                 "the API keys file {} is not on this machine (only rank 0 reads it); it was not checked",
@@ -70,16 +78,30 @@ pub fn run(path: &Path) -> ExitCode {
         eprintln!("warning: {w}");
     }
     println!(
-        "{}: ok — cluster `{}`, engine {}, {} node(s), model {model}",
+        "{}: ok — cluster `{}`, engine {}, {} node(s), {} {model}",
         path.display(),
         config.cluster.name,
         config.cluster.engine,
         config.world(),
+        if config.models.len() == 1 {
+            "model"
+        } else {
+            "models"
+        },
     );
     for n in notes {
         println!("note: {n}");
     }
     ExitCode::SUCCESS
+}
+
+/// Every name the gateway accepts for a configured model (keys may restrict to any of them).
+pub fn model_names(config: &Config) -> Vec<String> {
+    config
+        .models
+        .iter()
+        .flat_map(|m| std::iter::once(m.name.clone()).chain(m.aliases.iter().cloned()))
+        .collect()
 }
 
 /// Under `[tls]`, the files of every rank whose certificate is on this machine (a node holds
@@ -126,27 +148,27 @@ fn check_tls(config: &Config) -> anyhow::Result<Vec<String>> {
 }
 
 /// The model's header when the file is here; None when this machine has no such path.
-fn check_model(config: &Config) -> Result<Option<ModelInfo>, String> {
-    let path = &config.model.path;
+fn check_model(config: &Config, model: &Model) -> Result<Option<ModelInfo>, String> {
+    let path = &model.path;
     if let Err(e) = std::fs::metadata(path) {
         if e.kind() == std::io::ErrorKind::NotFound {
             return Ok(None);
         }
     }
     let info = gguf::read_info(path).map_err(|e| format!("{e:#}"))?;
-    if let Some(windows) = &config.model.layer_windows {
+    if let Some(windows) = &model.layer_windows {
         config::check_layer_total(windows, info.block_count)
-            .map_err(|e| format!("{}: {e}", config.source.display()))?;
+            .map_err(|e| format!("{}: model `{}`: {e}", config.source.display(), model.name))?;
     }
     Ok(Some(info))
 }
 
-fn absent_note(config: &Config) -> String {
+fn absent_note(config: &Config, model: &Model) -> String {
     let needed_by = match config.cluster.engine {
         config::EngineKind::Prima => "with prima every node needs the model",
         config::EngineKind::LlamaRpc => "with llama-rpc only rank 0 needs the model",
     };
-    let unchecked = if config.model.layer_windows.is_some() {
+    let unchecked = if model.layer_windows.is_some() {
         "; layer_windows were not checked against its layer count"
     } else {
         ""
@@ -154,7 +176,7 @@ fn absent_note(config: &Config) -> String {
     format!(
         "model {} is not on this machine, so it was not checked (the config is shared across \
          nodes; {needed_by}){unchecked}",
-        config.model.path.display()
+        model.path.display()
     )
 }
 
@@ -215,8 +237,8 @@ mod tests {
     fn a_model_that_is_not_here_is_a_note() {
         let dir = tempfile::tempdir().expect("temp dir");
         let c = config(&dir.path().join("elsewhere.gguf"), Some("[30]"));
-        assert_eq!(check_model(&c), Ok(None));
-        let note = absent_note(&c);
+        assert_eq!(check_model(&c, c.model()), Ok(None));
+        let note = absent_note(&c, c.model());
         assert!(note.contains("is not on this machine"), "{note}");
         assert!(
             note.contains("with prima every node needs the model"),
@@ -230,9 +252,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let model = dir.path().join("m.gguf");
         std::fs::write(&model, b"").expect("write");
-        let e = check_model(&config(&model, None)).expect_err("empty model");
+        let c = config(&model, None);
+        let e = check_model(&c, c.model()).expect_err("empty model");
         assert_eq!(e, format!("model {}: is empty (0 bytes)", model.display()));
-        let e = check_model(&config(dir.path(), None)).expect_err("directory");
+        let c = config(dir.path(), None);
+        let e = check_model(&c, c.model()).expect_err("directory");
         assert!(e.ends_with(": is a directory, not a GGUF file"), "{e}");
     }
 }

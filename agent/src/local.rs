@@ -82,6 +82,19 @@ pub struct UpArgs {
     /// api.max_connections_per_client: connections served at once from one address.
     #[arg(long)]
     pub max_connections_per_client: Option<u64>,
+    /// Another model the ring may switch to (repeatable; named from its file name): the config
+    /// then lists [[models]], `--model` first and loaded at start.
+    #[arg(long, value_name = "GGUF")]
+    pub also_model: Vec<PathBuf>,
+    /// cluster.min_residency_s: seconds a loaded model serves before a switch away.
+    #[arg(long, value_name = "SECONDS")]
+    pub min_residency: Option<u64>,
+    /// cluster.idle_unload_s: stop the ring after this many seconds without requests.
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_unload: Option<u64>,
+    /// cluster.switch_grace_s: seconds requests in flight may finish when a switch starts.
+    #[arg(long, value_name = "SECONDS")]
+    pub switch_grace: Option<u64>,
     /// api.metrics_listen: also serve `/metrics` here, without API keys.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
@@ -111,7 +124,10 @@ const LOCAL_AGENT_PORT: u16 = 17700;
 #[derive(Serialize)]
 struct LocalFile<'a> {
     cluster: LocalCluster<'a>,
-    model: LocalModel<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<LocalModel<'a>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    models: Vec<LocalModel<'a>>,
     api: LocalApi,
     ports: Ports,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -133,6 +149,12 @@ struct LocalCluster<'a> {
     engine: EngineKind,
     token_file: &'a Path,
     state_dir: &'a Path,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    min_residency_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idle_unload_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    switch_grace_s: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -262,12 +284,28 @@ pub fn local_config_text(args: &UpArgs, state_dir: &Path, token_file: &Path) -> 
             engine: args.engine,
             token_file,
             state_dir,
+            min_residency_s: args.min_residency,
+            idle_unload_s: args.idle_unload,
+            switch_grace_s: args.switch_grace,
         },
-        model: LocalModel {
+        model: args.also_model.is_empty().then(|| LocalModel {
             path: &args.model,
             ctx_size: args.ctx_size,
-            layer_windows,
+            layer_windows: layer_windows.clone(),
             slots: args.slots,
+        }),
+        models: if args.also_model.is_empty() {
+            Vec::new()
+        } else {
+            std::iter::once(&args.model)
+                .chain(&args.also_model)
+                .map(|path| LocalModel {
+                    path,
+                    ctx_size: args.ctx_size,
+                    layer_windows: layer_windows.clone(),
+                    slots: args.slots,
+                })
+                .collect()
         },
         api: LocalApi {
             listen: args.listen,
@@ -335,9 +373,22 @@ pub async fn up(args: UpArgs) -> Result<()> {
         .map(std::path::absolute)
         .transpose()
         .map_err(|e| crate::exit::Usage(format!("--api-keys: {e}")))?;
+    let also_model = args
+        .also_model
+        .iter()
+        .map(|m| {
+            std::fs::canonicalize(m).map_err(|e| {
+                crate::exit::Usage(format!(
+                    "--also-model {}: cannot read the model file: {e}",
+                    m.display()
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let args = UpArgs {
         model,
         api_keys,
+        also_model,
         ..args
     };
     let state_dir = match &args.state_dir {
@@ -451,10 +502,10 @@ fn print_ready(args: &UpArgs, config: &Config, secs: f64) {
          \x20 try:      curl {base}/v1/chat/completions -H 'Content-Type: application/json' \
          -d '{{\"model\": \"{}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n\
          Press Ctrl-C to stop every rank.",
-        config.model.name,
+        config.model().name,
         args.local,
         args.engine,
-        config.model.name
+        config.model().name
     );
 }
 
@@ -659,7 +710,7 @@ mod tests {
         let text =
             local_config_text(&t.up, Path::new("/s"), Path::new("/s/token")).expect("config text");
         let c = Config::parse(&text, Path::new("<t>")).expect("valid");
-        assert_eq!(c.model.layer_windows, Some(vec![10, 10, 10]));
+        assert_eq!(c.model().layer_windows, Some(vec![10, 10, 10]));
     }
 
     fn args(extra: &[&str]) -> UpArgs {
@@ -681,10 +732,10 @@ mod tests {
         let text = local_config_text(&a, &state, &token).expect("config text");
         let c = Config::parse(&text, Path::new("<t>"))
             .unwrap_or_else(|e| panic!("generated config does not load: {e}\n{text}"));
-        assert_eq!(c.model.path, Path::new(odd));
+        assert_eq!(c.model().path, Path::new(odd));
         assert_eq!(c.cluster.state_dir, state);
         assert_eq!(c.cluster.token_file, token);
-        assert_eq!(c.model.layer_windows, Some(vec![10, 10, 10]));
+        assert_eq!(c.model().layer_windows, Some(vec![10, 10, 10]));
         assert!(c
             .nodes
             .iter()
@@ -711,7 +762,7 @@ mod tests {
             c.api.api_keys_file.as_deref(),
             Some(Path::new("/etc/keys.toml"))
         );
-        assert_eq!(c.model.slots, 2);
+        assert_eq!(c.model().slots, 2);
         assert_eq!(
             (c.api.max_in_flight, c.api.queue_size, c.api.queue_timeout_s),
             (1, 3, 4)
@@ -722,7 +773,7 @@ mod tests {
             Path::new("<t>"),
         )
         .expect("valid");
-        assert_eq!((c.model.slots, c.api.max_in_flight), (4, 4));
+        assert_eq!((c.model().slots, c.api.max_in_flight), (4, 4));
         assert!(c.api.api_keys_file.is_none());
     }
 

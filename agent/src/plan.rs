@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::Serialize;
 
-use crate::config::{Config, EngineKind};
+use crate::config::{Config, EngineKind, Model};
 use crate::proto::{Placement, PortSpec, RankSpec};
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -29,16 +29,18 @@ impl RingPlan {
     }
 }
 
-/// Plans generation `generation` of the ring. Layer windows come from the config or, for
+/// Plans generation `generation` of the ring running `model`. Layer windows come from the config or, for
 /// prima without configured windows, from `remembered` (what Halda chose when the ring last
 /// served); a node the remembered placement gave no layers is left out of the ring, the others
 /// take consecutive ring ranks.
 pub fn plan(
     config: &Config,
+    model: &Model,
     generation: u64,
     remembered: Option<&Placement>,
 ) -> Result<RingPlan, String> {
-    let remembered = remembered.filter(|_| halda_places(config));
+    let remembered = remembered
+        .filter(|_| config.cluster.engine == EngineKind::Prima && model.layer_windows.is_none());
     if let Some(p) = remembered {
         if p.windows.len() != config.world() || p.windows.first().is_none_or(|w| *w == 0) {
             return Err(format!(
@@ -62,7 +64,7 @@ pub fn plan(
     let world = members.len() as u32;
     let windows: Option<Vec<u32>> = match remembered {
         Some(p) => Some(p.windows.iter().copied().filter(|w| *w > 0).collect()),
-        None => config.model.layer_windows.clone(),
+        None => model.layer_windows.clone(),
     };
     let ports = PortSpec {
         data: config.ports.data,
@@ -129,24 +131,24 @@ pub fn plan(
                 master: head,
                 next,
                 ports,
-                model_path: config.model.path.clone(),
-                model_name: config.model.name.clone(),
-                ctx_size: config.model.ctx_size,
+                model_path: model.path.clone(),
+                model_name: model.name.clone(),
+                ctx_size: model.ctx_size,
                 layer_windows: if is_head { windows.clone() } else { None },
                 tensor_split: if is_head {
-                    config.model.tensor_split.clone()
+                    model.tensor_split.clone()
                 } else {
                     None
                 },
-                prefetch: config.model.prefetch,
+                prefetch: model.prefetch,
                 threads: node.threads,
                 gpu_mem: node.gpu_mem,
                 gpu_layers,
                 rpc_workers,
                 peers: peers.clone(),
-                slots: is_head.then_some(config.model.slots),
+                slots: is_head.then_some(model.slots),
                 cache_idle_slots: (is_head && config.cluster.engine == EngineKind::LlamaRpc)
-                    .then_some(config.model.cache_idle_slots),
+                    .then_some(model.cache_idle_slots),
             })
         })
         .collect::<Result<_, String>>()?;
@@ -161,7 +163,7 @@ pub fn plan(
 /// Whether this config places layers with Halda (prima without configured windows), so the
 /// ring's membership and windows are chosen at run time rather than read from the config.
 pub fn halda_places(config: &Config) -> bool {
-    config.cluster.engine == EngineKind::Prima && config.model.layer_windows.is_none()
+    config.cluster.engine == EngineKind::Prima && config.model().layer_windows.is_none()
 }
 
 /// The rpc server of rank `rank` listens on `base + rank`, so ranks sharing an address never clash.
@@ -289,7 +291,7 @@ mod tests {
             "",
             &[("10.0.0.1", 7700), ("10.0.0.2", 7700), ("10.0.0.3", 7700)],
         );
-        let p = plan(&c, 4, None).expect("plan");
+        let p = plan(&c, c.model(), 4, None).expect("plan");
         let nexts: Vec<String> = p.ranks.iter().map(|r| r.next.to_string()).collect();
         assert_eq!(nexts, ["10.0.0.2", "10.0.0.3", "10.0.0.1"]);
         assert!(p
@@ -306,14 +308,14 @@ mod tests {
             "layer_windows = [10, 10, 10]",
             &[("10.0.0.1", 7700), ("10.0.0.2", 7700), ("10.0.0.3", 7700)],
         );
-        let p = plan(&c, 1, None).expect("plan");
+        let p = plan(&c, c.model(), 1, None).expect("plan");
         assert_eq!(p.ranks[0].layer_windows, Some(vec![10, 10, 10]));
         assert_eq!(p.ranks[1].layer_windows, None);
         let remembered = Placement {
             windows: vec![5, 20, 5],
             gpu_layers: None,
         };
-        let p = plan(&c, 1, Some(&remembered)).expect("plan");
+        let p = plan(&c, c.model(), 1, Some(&remembered)).expect("plan");
         assert_eq!(
             p.ranks[0].layer_windows,
             Some(vec![10, 10, 10]),
@@ -332,7 +334,7 @@ mod tests {
             windows: vec![1, 0, 29],
             gpu_layers: Some(vec![0, 0, 4]),
         };
-        let p = plan(&c, 7, Some(&halda)).expect("plan");
+        let p = plan(&c, c.model(), 7, Some(&halda)).expect("plan");
         assert_eq!(p.idle, vec![1]);
         let ring: Vec<(u32, u32, u32, String)> = p
             .ranks
@@ -351,12 +353,18 @@ mod tests {
             windows: vec![0, 15, 15],
             gpu_layers: None,
         };
-        assert!(plan(&c, 7, Some(&bad)).is_err(), "rank 0 always has layers");
+        assert!(
+            plan(&c, c.model(), 7, Some(&bad)).is_err(),
+            "rank 0 always has layers"
+        );
         let short = Placement {
             windows: vec![15, 15],
             gpu_layers: None,
         };
-        assert!(plan(&c, 7, Some(&short)).is_err(), "another node set");
+        assert!(
+            plan(&c, c.model(), 7, Some(&short)).is_err(),
+            "another node set"
+        );
     }
 
     #[test]
@@ -370,7 +378,7 @@ mod tests {
                 ("127.0.0.1", 7703),
             ],
         );
-        let p = plan(&c, 1, None).expect("plan");
+        let p = plan(&c, c.model(), 1, None).expect("plan");
         let w: Vec<String> = p.ranks[0]
             .rpc_workers
             .iter()
@@ -398,7 +406,7 @@ mod tests {
             "",
             &[("10.0.0.1", 7700), ("10.0.0.2", 7700), ("10.0.0.3", 7700)],
         );
-        let p = plan(&c, 1, None).expect("plan");
+        let p = plan(&c, c.model(), 1, None).expect("plan");
         let links = |r: usize| -> Vec<(u32, String)> {
             link_targets(&p.ranks[r])
                 .into_iter()
@@ -436,7 +444,7 @@ mod tests {
                 "",
                 &[("127.0.0.1", 1), ("127.0.0.1", 2), ("127.0.0.1", 3)],
             );
-            let p = plan(&c, 1, None).expect("plan");
+            let p = plan(&c, c.model(), 1, None).expect("plan");
             assert!(relay_links(&p).is_empty(), "{engine}");
             let listening = listening(&p);
             for s in &p.ranks {
@@ -465,7 +473,7 @@ mod tests {
         ] {
             let mut c = config(engine, "", &nodes[..n]);
             c.ports.relay_shift = 100;
-            let p = plan(&c, 1, None).expect("plan");
+            let p = plan(&c, c.model(), 1, None).expect("plan");
             let links = relay_links(&p);
             assert_eq!(links.len(), expected, "{engine} {n}: {links:?}");
             let listening = listening(&p);
@@ -493,7 +501,7 @@ mod tests {
         }
         let mut c = config("prima", "", &nodes[..3]);
         c.ports.relay_shift = 100;
-        let p = plan(&c, 1, None).expect("plan");
+        let p = plan(&c, c.model(), 1, None).expect("plan");
         let l: Vec<(u32, u32, &str, u16, u16)> = relay_links(&p)
             .into_iter()
             .map(|l| (l.from, l.to, l.kind, l.listen.port(), l.target.port()))
@@ -512,7 +520,7 @@ mod tests {
         );
         c.ports.relay_shift = 2;
         assert!(
-            plan(&c, 1, None).is_err(),
+            plan(&c, c.model(), 1, None).is_err(),
             "a shift below the world would collide"
         );
     }

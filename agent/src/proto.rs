@@ -299,6 +299,10 @@ pub struct NodeFacts {
     /// The Arch package that installed this rank's engine binary (pacman's local database).
     pub engine_package: Option<InstalledPackage>,
     pub model: ModelFact,
+    /// Every configured model's file on this node, in the config's order (`model` is the
+    /// default one's); empty from agents that predate several models.
+    #[serde(default)]
+    pub models: Vec<ModelFact>,
     pub memory: Option<MemoryFact>,
     pub cpu: Option<CpuFact>,
     pub gpus: Vec<GpuFact>,
@@ -371,6 +375,15 @@ pub struct RpcCachePrune {
 }
 
 impl NodeFacts {
+    /// The state of the model file at `path` (a configured model's), falling back to `model`
+    /// for agents that report one model only.
+    pub fn model_at(&self, path: &std::path::Path) -> &ModelFact {
+        self.models
+            .iter()
+            .find(|m| m.path == path)
+            .unwrap_or(&self.model)
+    }
+
     /// The binary this rank will run, if it was found.
     pub fn rank_binary(&self) -> Option<&BinaryFact> {
         self.binaries.iter().find(|b| b.used_by_this_rank)

@@ -147,8 +147,12 @@ pub async fn start_coordinator(
     gateway.spawn_reload();
     let tls = crate::tls::client_config_for(&config, 0)
         .context("rank 0: cannot set up TLS for the coordinator's connections to the nodes")?;
-    let coordinator = Coordinator::new(config.clone(), Arc::new(NodeClient::new(token_text, tls)?))
-        .with_metrics(gateway.metrics());
+    let coordinator = Coordinator::new(
+        config.clone(),
+        Arc::new(NodeClient::new(token_text, tls)?),
+        gateway.gate(),
+    )
+    .with_metrics(gateway.metrics());
     let view = coordinator.view();
     let heartbeat = coordinator.heartbeat();
     let metrics = match config.api.metrics_listen {

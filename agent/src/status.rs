@@ -111,6 +111,10 @@ pub fn stage(view: &ClusterView) -> (String, Option<u64>) {
             None,
         ),
         Phase::BackingOff => ("backing off before a restart".into(), None),
+        Phase::Unloaded => (
+            "unloaded when idle (the next request starts the ring)".into(),
+            None,
+        ),
         Phase::Refused => (
             format!("refused: {}", view.reason.as_deref().unwrap_or("")),
             None,
@@ -624,6 +628,7 @@ mod tests {
             binaries: vec![],
             engine_version: Some("version: 4589 (abc)".into()),
             engine_package: None,
+            models: Vec::new(),
             model: ModelFact {
                 path: "/m.gguf".into(),
                 size: Some(1000),

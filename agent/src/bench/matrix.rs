@@ -347,7 +347,7 @@ fn planned_links(argv: &[String], state: &Path) -> Result<Vec<crate::plan::Relay
     let text = crate::local::local_config_text(&up, state, &state.join("token"))?;
     let mut config = Config::parse(&text, Path::new("<bench --matrix>"))?;
     config.ports.relay_shift = up.relay_shift;
-    let plan = crate::plan::plan(&config, 1, None).map_err(anyhow::Error::msg)?;
+    let plan = crate::plan::plan(&config, config.model(), 1, None).map_err(anyhow::Error::msg)?;
     Ok(crate::plan::relay_links(&plan))
 }
 

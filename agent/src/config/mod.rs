@@ -76,7 +76,13 @@ pub struct Config {
     /// The file this came from (or a description for generated configs), for messages.
     pub source: PathBuf,
     pub cluster: Cluster,
-    pub model: Model,
+    /// Every configured model, in file order (the `[model]` form gives one). Read the one a
+    /// ring runs through [`Config::model`].
+    pub models: Vec<Model>,
+    /// Index into `models` of the model this config's ring runs: the default model as loaded,
+    /// another after [`Config::with_loaded`] (the coordinator switches by swapping configs).
+    pub loaded: usize,
+    pub switching: Switching,
     pub api: Api,
     pub ports: Ports,
     pub binaries: Binaries,
@@ -146,11 +152,26 @@ pub struct Cluster {
     pub rank_user: String,
 }
 
+/// How the one ring moves between configured models (`[cluster]` keys).
+#[derive(Debug, Clone, Serialize)]
+pub struct Switching {
+    /// Index into `Config::models` of the model loaded at start.
+    pub default_model: usize,
+    /// A loaded model serves at least this long before a switch away starts.
+    pub min_residency_s: u64,
+    /// Stop the ring after this long without requests (the next request starts it again).
+    pub idle_unload_s: Option<u64>,
+    /// How long requests in flight may finish when a switch starts, before the ring stops.
+    pub switch_grace_s: u64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Model {
     pub path: PathBuf,
     /// Name clients use in the `model` field and see in `/v1/models`.
     pub name: String,
+    /// Other names clients may send for this model.
+    pub aliases: Vec<String>,
     pub sha256: Option<String>,
     pub ctx_size: u32,
     /// prima only: explicit layer windows, one per rank (disables Halda's profiling).
@@ -285,6 +306,13 @@ pub struct Node {
     pub engine_dir: Option<PathBuf>,
 }
 
+impl Model {
+    /// Whether a client's `model` value names this model.
+    pub fn answers_to(&self, name: &str) -> bool {
+        self.name == name || self.aliases.iter().any(|a| a == name)
+    }
+}
+
 impl Node {
     pub fn agent_addr(&self) -> SocketAddr {
         SocketAddr::new(self.address, self.agent_port)
@@ -315,6 +343,35 @@ impl Config {
 
     pub fn node(&self, rank: u32) -> Option<&Node> {
         self.nodes.get(rank as usize)
+    }
+
+    /// The model this config's ring runs (the default model until a switch). Every reader of
+    /// "the loaded model" goes through here.
+    pub fn model(&self) -> &Model {
+        // Validation guarantees at least one model and an index in range; with_loaded keeps it.
+        &self.models[self.loaded.min(self.models.len().saturating_sub(1))]
+    }
+
+    /// The index of the model a client names, by name or alias.
+    #[allow(dead_code)] // read by the model switch and the node's spec check
+    pub fn find_model(&self, name: &str) -> Option<usize> {
+        self.models.iter().position(|m| m.answers_to(name))
+    }
+
+    /// This config with model `index` loaded (out of range: unchanged).
+    #[allow(dead_code)] // read by the model switch and the node's spec check
+    pub fn with_loaded(&self, index: usize) -> Config {
+        let mut c = self.clone();
+        if index < c.models.len() {
+            c.loaded = index;
+        }
+        c
+    }
+
+    /// Whether `path` is any configured model's file (the node accepts a spec naming it).
+    #[allow(dead_code)] // read by the model switch and the node's spec check
+    pub fn is_model_path(&self, path: &Path) -> bool {
+        self.models.iter().any(|m| m.path == path)
     }
 
     pub fn head(&self) -> &Node {

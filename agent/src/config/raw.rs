@@ -15,6 +15,9 @@ pub struct File {
     /// every other problem (serde's "missing field" carries no position).
     pub cluster: Option<Spanned<ClusterSection>>,
     pub model: Option<Spanned<ModelSection>>,
+    /// The several-models form: `[[models]]`, one entry per model. Exclusive with `[model]`.
+    #[serde(default)]
+    pub models: Vec<Spanned<ModelSection>>,
     #[serde(default)]
     pub api: ApiSection,
     #[serde(default)]
@@ -51,6 +54,25 @@ pub struct ClusterSection {
     pub state_dir: Spanned<PathBuf>,
     #[serde(default = "default_rank_user")]
     pub rank_user: String,
+    /// Name (or alias) of the model the ring loads at start; default: the first listed.
+    pub default_model: Option<Spanned<String>>,
+    #[serde(default = "default_min_residency")]
+    pub min_residency_s: Spanned<u64>,
+    pub idle_unload_s: Option<Spanned<u64>>,
+    #[serde(default = "default_switch_grace")]
+    pub switch_grace_s: Spanned<u64>,
+}
+
+// Long enough that alternating requests cannot make a ring reload back and forth (a reload of
+// a big model takes tens of seconds), short enough that a waiting request still gets its model
+// within a default queue timeout or two.
+fn default_min_residency() -> Spanned<u64> {
+    Spanned::new(0..0, 30)
+}
+
+// Requests already decoding when a switch begins get this long to finish before the ring stops.
+fn default_switch_grace() -> Spanned<u64> {
+    Spanned::new(0..0, 30)
 }
 
 fn default_rank_user() -> String {
@@ -69,7 +91,9 @@ fn default_state_dir() -> Spanned<PathBuf> {
 #[serde(deny_unknown_fields, expecting = "a [model] table")]
 pub struct ModelSection {
     pub path: Spanned<PathBuf>,
-    pub name: Option<String>,
+    pub name: Option<Spanned<String>>,
+    #[serde(default)]
+    pub aliases: Vec<Spanned<String>>,
     pub sha256: Option<Spanned<String>>,
     #[serde(default = "default_ctx")]
     pub ctx_size: Spanned<u32>,

@@ -41,7 +41,7 @@ fn good_config_is_sorted_by_rank_with_defaults() {
     assert_eq!(c.nodes[2].threads, Some(8));
     assert_eq!(c.ports.data, 9000);
     assert_eq!(c.api.listen.to_string(), "0.0.0.0:8080");
-    assert_eq!(c.model.name, "m");
+    assert_eq!(c.model().name, "m");
     assert_eq!(c.binaries.prima_server, "prima-server");
     assert_eq!(c.cluster.token_file, Path::new("/etc/llm-cluster/token"));
 }
@@ -301,7 +301,7 @@ fn a_gap_in_the_ranks_points_at_the_rank_beyond_it() {
 fn admission_defaults_follow_the_engines_slots() {
     let c = Config::parse(GOOD, Path::new("c.toml")).expect("valid");
     assert_eq!(
-        (c.model.slots, c.api.max_in_flight),
+        (c.model().slots, c.api.max_in_flight),
         (1, 1),
         "prima: one slot"
     );
@@ -311,7 +311,7 @@ fn admission_defaults_follow_the_engines_slots() {
                [[node]]\nrank = 0\naddress = \"10.0.0.1\"\n";
     let c = Config::parse(rpc, Path::new("c.toml")).expect("valid");
     assert_eq!(
-        (c.model.slots, c.api.max_in_flight),
+        (c.model().slots, c.api.max_in_flight),
         (4, 4),
         "llama-server's own default"
     );
@@ -321,7 +321,7 @@ fn admission_defaults_follow_the_engines_slots() {
     );
     let c = Config::parse(&text, Path::new("c.toml")).expect("valid");
     assert_eq!(
-        (c.model.slots, c.api.max_in_flight, c.api.queue_size),
+        (c.model().slots, c.api.max_in_flight, c.api.queue_size),
         (2, 3, 0)
     );
     assert_eq!(c.api.requests_per_minute, Some(600));
@@ -332,10 +332,10 @@ fn idle_slots_are_not_cached_unless_asked_and_only_on_llama_rpc() {
     let rpc = "[cluster]\nname = \"l\"\nengine = \"llama-rpc\"\n[model]\npath = \"/m.gguf\"\n\
                [[node]]\nrank = 0\naddress = \"10.0.0.1\"\n";
     let c = Config::parse(rpc, Path::new("c.toml")).expect("valid");
-    assert!(!c.model.cache_idle_slots);
+    assert!(!c.model().cache_idle_slots);
     let asked = rpc.replace("[[node]]", "cache_idle_slots = true\n[[node]]");
     let c = Config::parse(&asked, Path::new("c.toml")).expect("valid");
-    assert!(c.model.cache_idle_slots);
+    assert!(c.model().cache_idle_slots);
     let p = problems(&GOOD.replace(
         "layer_windows = [10, 10, 10]",
         "layer_windows = [10, 10, 10]\ncache_idle_slots = true",
@@ -415,6 +415,139 @@ layer_windows",
     assert_eq!(c.api.max_body_bytes, 4096);
 }
 
+const TWO_MODELS: &str = r#"
+[cluster]
+name = "homelab"
+engine = "llama-rpc"
+default_model = "coder"
+min_residency_s = 5
+idle_unload_s = 600
+
+[[models]]
+name = "chat"
+path = "/models/chat.gguf"
+aliases = ["gpt-4o"]
+ctx_size = 2048
+slots = 2
+
+[[models]]
+name = "coder"
+path = "/models/coder.gguf"
+tensor_split = [1]
+
+[[node]]
+rank = 0
+address = "192.168.1.10"
+
+[[node]]
+rank = 1
+address = "192.168.1.11"
+"#;
+
+#[test]
+fn several_models_with_names_aliases_and_a_default() {
+    let c = Config::parse(TWO_MODELS, Path::new("c.toml")).expect("valid");
+    let names: Vec<&str> = c.models.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["chat", "coder"]);
+    assert_eq!(
+        c.model().name,
+        "coder",
+        "the default model is the one loaded"
+    );
+    assert_eq!(c.find_model("gpt-4o"), Some(0));
+    assert_eq!(c.find_model("coder"), Some(1));
+    assert_eq!(c.find_model("other"), None);
+    assert_eq!(c.with_loaded(0).model().name, "chat");
+    assert_eq!(c.models[1].tensor_split, Some(vec![1.0]));
+    assert_eq!(
+        (c.switching.min_residency_s, c.switching.idle_unload_s),
+        (5, Some(600))
+    );
+    assert_eq!(c.switching.switch_grace_s, 30);
+    // Admission fits the model with the fewest slots; bodies the largest context.
+    assert_eq!(c.api.max_in_flight, 2);
+    assert!(c.is_model_path(Path::new("/models/chat.gguf")));
+    assert!(!c.is_model_path(Path::new("/models/other.gguf")));
+}
+
+#[test]
+fn the_single_model_form_is_one_model_named_from_its_file() {
+    let c = Config::parse(GOOD, Path::new("c.toml")).expect("valid");
+    assert_eq!(c.models.len(), 1);
+    assert_eq!(c.model().name, "m");
+    assert_eq!(c.switching.default_model, 0);
+    assert_eq!(c.switching.idle_unload_s, None);
+}
+
+#[test]
+fn mixing_both_forms_is_refused_with_the_new_form_shown() {
+    let text = TWO_MODELS.replace(
+        "[[models]]\nname = \"chat\"",
+        "[model]\npath = \"/models/x.gguf\"\n\n[[models]]\nname = \"chat\"",
+    );
+    let p = problems(&text);
+    assert!(!p.is_empty());
+    let all = p.join("\n");
+    assert!(
+        all.starts_with("c.toml:9:1: both [model] and [[models]]"),
+        "{all}"
+    );
+    assert!(all.contains("[[models]]\n  name = \"chat\""), "{all}");
+}
+
+#[test]
+fn every_model_is_validated_where_it_is_written() {
+    let text = TWO_MODELS
+        .replace("path = \"/models/chat.gguf\"", "path = \"chat.gguf\"")
+        .replace(
+            "tensor_split = [1]",
+            "tensor_split = [1, 2]\nsha256 = \"xyz\"",
+        );
+    let p = problems(&text);
+    assert_eq!(p.len(), 3, "{p:?}");
+    assert!(
+        p[0].starts_with("c.toml:11:8: model path must be absolute"),
+        "{}",
+        p[0]
+    );
+    assert!(
+        p[1].starts_with("c.toml:19:16: tensor_split has 2 entries"),
+        "{}",
+        p[1]
+    );
+    assert!(
+        p[2].starts_with("c.toml:20:10: sha256 must be 64"),
+        "{}",
+        p[2]
+    );
+}
+
+#[test]
+fn model_names_are_unique_and_the_default_must_exist() {
+    let text = TWO_MODELS
+        .replace("name = \"coder\"", "name = \"gpt-4o\"")
+        .replace("default_model = \"coder\"", "default_model = \"nope\"");
+    let p = problems(&text);
+    assert_eq!(p.len(), 2, "{p:?}");
+    assert!(
+        p[0].starts_with("c.toml:5:17: default_model `nope` is not a configured model (configured: chat, gpt-4o)"),
+        "{}",
+        p[0]
+    );
+    assert!(
+        p[1].starts_with(
+            "c.toml:17:8: model name `gpt-4o` is used twice (first by the model at line 9)"
+        ),
+        "{}",
+        p[1]
+    );
+    let p = problems(&TWO_MODELS.replace("idle_unload_s = 600", "idle_unload_s = 0"));
+    assert!(
+        p[0].starts_with("c.toml:7:17: idle_unload_s must be at least 1"),
+        "{p:?}"
+    );
+}
+
 #[test]
 fn tls_is_off_without_the_section_and_defaults_per_rank_with_it() {
     let c = Config::parse(GOOD, Path::new("c.toml")).expect("valid");
@@ -487,7 +620,7 @@ fn the_rpc_cache_is_on_for_llama_rpc_and_checked_where_it_does_not_apply() {
                [[node]]\nrank = 0\naddress = \"10.0.0.1\"\n";
     let c = Config::parse(rpc, Path::new("c.toml")).expect("valid");
     assert_eq!(
-        (c.model.rpc_cache, c.model.rpc_cache_max_bytes),
+        (c.model().rpc_cache, c.model().rpc_cache_max_bytes),
         (true, None)
     );
     let c = Config::parse(
@@ -495,13 +628,13 @@ fn the_rpc_cache_is_on_for_llama_rpc_and_checked_where_it_does_not_apply() {
         Path::new("c.toml"),
     )
     .expect("valid");
-    assert_eq!(c.model.rpc_cache_max_bytes, Some(1 << 30));
+    assert_eq!(c.model().rpc_cache_max_bytes, Some(1 << 30));
     let c = Config::parse(
         &rpc.replace("[[node]]", "rpc_cache = false\n[[node]]"),
         Path::new("c.toml"),
     )
     .expect("valid");
-    assert!(!c.model.rpc_cache);
+    assert!(!c.model().rpc_cache);
     let p = problems(&rpc.replace("[[node]]", "rpc_cache_max_bytes = 1000\n[[node]]"));
     assert_eq!(p.len(), 1, "{p:?}");
     assert!(
@@ -518,7 +651,7 @@ fn the_rpc_cache_is_on_for_llama_rpc_and_checked_where_it_does_not_apply() {
     );
     // prima has no rpc servers: off by default, and asking for it is a mistake.
     let c = Config::parse(GOOD, Path::new("c.toml")).expect("valid");
-    assert!(!c.model.rpc_cache);
+    assert!(!c.model().rpc_cache);
     let p = problems(&GOOD.replace("[model]\n", "[model]\nrpc_cache = true\n"));
     assert!(
         p.iter()

@@ -87,9 +87,20 @@ pub(super) fn parse(text: &str, source: &Path) -> Result<Config, ConfigError> {
         Ok(f) => f,
         Err(e) => return Err(fail(vec![toml_problem(text, &e)])),
     };
-    let (cluster, model) = match (file.cluster.take(), file.model.take()) {
-        (Some(c), Some(m)) => (c, m),
-        (c, m) => {
+    let single = file.model.take();
+    let several = std::mem::take(&mut file.models);
+    let (cluster, models) = match (file.cluster.take(), single, several.is_empty()) {
+        (Some(_), Some(m), false) => {
+            return Err(fail(vec![loc.at(
+                m.span(),
+                "both [model] and [[models]] are given: use one form. Several models are listed \
+                 as [[models]] entries, e.g.\n  [[models]]\n  name = \"chat\"\n  path = \"/…/chat.gguf\"\n\n  \
+                 [[models]]\n  name = \"coder\"\n  path = \"/…/coder.gguf\"\n(and [cluster] default_model = \"chat\")",
+            )]))
+        }
+        (Some(c), Some(m), true) => (c, vec![m]),
+        (Some(c), None, false) => (c, several),
+        (c, m, no_list) => {
             let mut problems = Vec::new();
             if c.is_none() {
                 problems.push(at_top(
@@ -97,17 +108,17 @@ pub(super) fn parse(text: &str, source: &Path) -> Result<Config, ConfigError> {
                      ([cluster] with name = \"…\" and engine = \"prima\" or \"llama-rpc\")",
                 ));
             }
-            if m.is_none() {
+            if m.is_none() && no_list {
                 problems.push(at_top(
                     "missing the [model] table: every config names its model \
-                     ([model] with path = \"/…/model.gguf\")",
+                     ([model] with path = \"/…/model.gguf\", or one [[models]] entry per model)",
                 ));
             }
             return Err(fail(problems));
         }
     };
     let mut problems = Vec::new();
-    let config = build(file, cluster, model, &loc, source, &mut problems);
+    let config = build(file, cluster, models, &loc, source, &mut problems);
     if problems.is_empty() {
         Ok(config)
     } else {
@@ -119,7 +130,7 @@ pub(super) fn parse(text: &str, source: &Path) -> Result<Config, ConfigError> {
 fn build(
     file: raw::File,
     cluster: Spanned<raw::ClusterSection>,
-    model: Spanned<raw::ModelSection>,
+    models_raw: Vec<Spanned<raw::ModelSection>>,
     loc: &Locator,
     source: &Path,
     problems: &mut Vec<Problem>,
@@ -249,8 +260,237 @@ fn build(
         });
     }
 
-    // --- model -------------------------------------------------------------------------
-    let m = model.into_inner();
+    // --- models ------------------------------------------------------------------------
+    let head_has_gpu = nodes.first().is_some_and(|n| n.gpu_mem > 0.0);
+    let mut names: BTreeMap<String, usize> = BTreeMap::new();
+    let mut models: Vec<Model> = Vec::new();
+    for m in models_raw {
+        let line = loc.at(m.span(), "").line.unwrap_or(0);
+        let name_span = m.get_ref().name.as_ref().map(Spanned::span);
+        let alias_spans: Vec<Range<usize>> =
+            m.get_ref().aliases.iter().map(Spanned::span).collect();
+        let model = build_model(m.into_inner(), engine, world, head_has_gpu, loc, problems);
+        let mut claim = |n: &str, span: Range<usize>, problems: &mut Vec<Problem>| {
+            if n.trim().is_empty() {
+                problems.push(loc.at(span, "a model name or alias must not be empty"));
+            } else if let Some(first) = names.get(n) {
+                problems.push(loc.at(
+                    span,
+                    format!(
+                        "model name `{n}` is used twice (first by the model at line {first}): \
+                         every name and alias must name one model"
+                    ),
+                ));
+            } else {
+                names.insert(n.to_string(), line);
+            }
+        };
+        claim(&model.name, name_span.unwrap_or(0..0), problems);
+        for (alias, span) in model.aliases.iter().zip(alias_spans) {
+            claim(alias, span, problems);
+        }
+        models.push(model);
+    }
+    let default_model = match &cluster.default_model {
+        Some(d) => match models.iter().position(|m| m.answers_to(d.get_ref())) {
+            Some(i) => i,
+            None => {
+                let known: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
+                problems.push(loc.at(
+                    d.span(),
+                    format!(
+                        "default_model `{}` is not a configured model (configured: {})",
+                        d.get_ref(),
+                        known.join(", ")
+                    ),
+                ));
+                0
+            }
+        },
+        None => 0,
+    };
+    if let Some(i) = cluster.idle_unload_s.as_ref().filter(|i| *i.get_ref() == 0) {
+        problems.push(loc.at(
+            i.span(),
+            "idle_unload_s must be at least 1 (omit it to keep the ring running when idle)",
+        ));
+    }
+    // The gateway admits what every model's engine decodes at once, and reads bodies as large
+    // as the largest context allows.
+    let slots = models.iter().map(|m| m.slots).min().unwrap_or(1);
+    let ctx_size = models.iter().map(|m| m.ctx_size).max().unwrap_or(1);
+
+    // --- api, ports ----------------------------------------------------------------------
+    let listen = *file.api.listen.get_ref();
+    let api = &file.api;
+    for (value, what, omitted) in [
+        (&api.max_in_flight, "max_in_flight", "the engine's slots"),
+        (&api.requests_per_minute, "requests_per_minute", "no limit"),
+        (&api.tokens_per_minute, "tokens_per_minute", "no limit"),
+    ] {
+        if let Some(v) = value.as_ref().filter(|v| *v.get_ref() == 0) {
+            problems.push(loc.at(
+                v.span(),
+                format!("{what} must be at least 1 (omit it for {omitted})"),
+            ));
+        }
+    }
+    if let Some(m) = &api.metrics_listen {
+        let (m_addr, l) = (*m.get_ref(), listen);
+        let overlap =
+            m_addr.ip() == l.ip() || m_addr.ip().is_unspecified() || l.ip().is_unspecified();
+        if overlap && m_addr.port() == l.port() {
+            problems.push(loc.at(
+                m.span(),
+                format!("api.metrics_listen ({m_addr}) uses the port of api.listen ({l}): give the metrics their own port, or leave metrics_listen out to scrape /metrics on the API port with a key"),
+            ));
+        }
+    }
+    if *api.queue_timeout_s.get_ref() == 0 {
+        problems.push(loc.at(
+            api.queue_timeout_s.span(),
+            "queue_timeout_s must be at least 1 (set queue_size = 0 for no queue)",
+        ));
+    }
+    let a = &file.api;
+    for (name, v) in [
+        ("header_timeout_s", &a.header_timeout_s),
+        ("body_timeout_s", &a.body_timeout_s),
+        ("idle_timeout_s", &a.idle_timeout_s),
+        ("max_connections", &a.max_connections),
+        ("max_connections_per_client", &a.max_connections_per_client),
+    ] {
+        if *v.get_ref() == 0 {
+            problems.push(loc.at(v.span(), format!("api.{name} must be at least 1")));
+        }
+    }
+    let max_body_bytes = match &a.max_body_bytes {
+        Some(b) if *b.get_ref() < 1024 => {
+            problems.push(loc.at(
+                b.span(),
+                "api.max_body_bytes must be at least 1024 (a chat request is a few hundred bytes)",
+            ));
+            *b.get_ref()
+        }
+        Some(b) => *b.get_ref(),
+        None => crate::coordinator::gateway::request::Rules::default_max_body(ctx_size),
+    };
+    let ports = Ports {
+        data: *file.ports.data.get_ref(),
+        signal: *file.ports.signal.get_ref(),
+        rpc: *file.ports.rpc.get_ref(),
+        server: *file.ports.server.get_ref(),
+        relay_shift: 0,
+    };
+    let w = world as u32;
+    for (name, p, span, span_needed) in [
+        (
+            "data",
+            &file.ports.data,
+            file.ports.data.span(),
+            engine == EngineKind::Prima,
+        ),
+        (
+            "signal",
+            &file.ports.signal,
+            file.ports.signal.span(),
+            engine == EngineKind::Prima,
+        ),
+        (
+            "rpc",
+            &file.ports.rpc,
+            file.ports.rpc.span(),
+            engine == EngineKind::LlamaRpc,
+        ),
+        ("server", &file.ports.server, file.ports.server.span(), true),
+    ] {
+        let base = u32::from(*p.get_ref());
+        if span_needed && (base == 0 || base + w > 65536) {
+            problems.push(loc.at(
+                span,
+                format!("ports.{name} = {base} leaves no room for {w} ranks (base + rank must stay <= 65535)"),
+            ));
+        }
+    }
+
+    let tls = file.tls.map(|t| tls_section(t, loc, problems));
+    let config = Config {
+        source: source.to_path_buf(),
+        cluster: Cluster {
+            name: cluster.name.into_inner(),
+            engine,
+            token_file: cluster.token_file,
+            state_dir: cluster.state_dir.into_inner(),
+            rank_user: cluster.rank_user,
+        },
+        models,
+        loaded: default_model,
+        switching: Switching {
+            default_model,
+            min_residency_s: *cluster.min_residency_s.get_ref(),
+            idle_unload_s: cluster.idle_unload_s.map(Spanned::into_inner),
+            switch_grace_s: *cluster.switch_grace_s.get_ref(),
+        },
+        api: Api {
+            listen,
+            max_in_flight: file
+                .api
+                .max_in_flight
+                .map_or(slots, |m| m.into_inner().max(1)),
+            queue_size: file.api.queue_size.into_inner(),
+            queue_timeout_s: file.api.queue_timeout_s.into_inner(),
+            requests_per_minute: file.api.requests_per_minute.map(Spanned::into_inner),
+            tokens_per_minute: file.api.tokens_per_minute.map(Spanned::into_inner),
+            header_timeout_s: *file.api.header_timeout_s.get_ref(),
+            body_timeout_s: *file.api.body_timeout_s.get_ref(),
+            idle_timeout_s: *file.api.idle_timeout_s.get_ref(),
+            max_connections: usize::try_from(*file.api.max_connections.get_ref())
+                .unwrap_or(usize::MAX),
+            max_connections_per_client: usize::try_from(
+                *file.api.max_connections_per_client.get_ref(),
+            )
+            .unwrap_or(usize::MAX),
+            max_body_bytes,
+            metrics_listen: file.api.metrics_listen.map(Spanned::into_inner),
+            api_keys_file: file.api.api_keys_file,
+        },
+        ports,
+        binaries: Binaries {
+            prima_server: file.binaries.prima_server,
+            prima_worker: file.binaries.prima_worker,
+            llama_server: file.binaries.llama_server,
+            rpc_server: file.binaries.rpc_server,
+        },
+        supervision: Supervision {
+            ready_timeout_s: file.supervision.ready_timeout_s,
+            backoff_initial_ms: file.supervision.backoff_initial_ms,
+            backoff_max_ms: file
+                .supervision
+                .backoff_max_ms
+                .max(file.supervision.backoff_initial_ms),
+            node_timeout_s: file.supervision.node_timeout_s,
+            stall_timeout_s: file.supervision.stall_timeout_s,
+            probe_interval_s: file.supervision.probe_interval_s,
+            restart_on_upgrade: file.supervision.restart_on_upgrade,
+        },
+        nodes,
+        tls,
+    };
+    if missing.is_empty() {
+        check_ports(&config, loc, &node_spans, problems);
+    }
+    config
+}
+
+/// One model entry, checked against the engine and the ring's shape.
+fn build_model(
+    m: raw::ModelSection,
+    engine: EngineKind,
+    world: usize,
+    head_has_gpu: bool,
+    loc: &Locator,
+    problems: &mut Vec<Problem>,
+) -> Model {
     if !m.path.get_ref().is_absolute() {
         problems.push(loc.at(
             m.path.span(),
@@ -289,7 +529,6 @@ fn build(
         }
         w.into_inner()
     });
-    let head_has_gpu = nodes.first().is_some_and(|n| n.gpu_mem > 0.0);
     let tensor_split = m.tensor_split.map(|t| {
         let devices = world.saturating_sub(1) + usize::from(head_has_gpu);
         if engine != EngineKind::LlamaRpc {
@@ -394,179 +633,27 @@ fn build(
         b.into_inner()
     });
     let path = m.path.into_inner();
-    let name = m.name.unwrap_or_else(|| {
+    let name = m.name.map(Spanned::into_inner).unwrap_or_else(|| {
         path.file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into())
     });
 
-    // --- api, ports ----------------------------------------------------------------------
-    let listen = *file.api.listen.get_ref();
-    let api = &file.api;
-    for (value, what, omitted) in [
-        (&api.max_in_flight, "max_in_flight", "the engine's slots"),
-        (&api.requests_per_minute, "requests_per_minute", "no limit"),
-        (&api.tokens_per_minute, "tokens_per_minute", "no limit"),
-    ] {
-        if let Some(v) = value.as_ref().filter(|v| *v.get_ref() == 0) {
-            problems.push(loc.at(
-                v.span(),
-                format!("{what} must be at least 1 (omit it for {omitted})"),
-            ));
-        }
+    Model {
+        path,
+        name,
+        aliases: m.aliases.into_iter().map(Spanned::into_inner).collect(),
+        sha256,
+        ctx_size: m.ctx_size.into_inner(),
+        layer_windows,
+        tensor_split,
+        prefetch,
+        remember_placement,
+        slots,
+        rpc_cache,
+        rpc_cache_max_bytes,
+        cache_idle_slots,
     }
-    if let Some(m) = &api.metrics_listen {
-        let (m_addr, l) = (*m.get_ref(), listen);
-        let overlap =
-            m_addr.ip() == l.ip() || m_addr.ip().is_unspecified() || l.ip().is_unspecified();
-        if overlap && m_addr.port() == l.port() {
-            problems.push(loc.at(
-                m.span(),
-                format!("api.metrics_listen ({m_addr}) uses the port of api.listen ({l}): give the metrics their own port, or leave metrics_listen out to scrape /metrics on the API port with a key"),
-            ));
-        }
-    }
-    if *api.queue_timeout_s.get_ref() == 0 {
-        problems.push(loc.at(
-            api.queue_timeout_s.span(),
-            "queue_timeout_s must be at least 1 (set queue_size = 0 for no queue)",
-        ));
-    }
-    let a = &file.api;
-    for (name, v) in [
-        ("header_timeout_s", &a.header_timeout_s),
-        ("body_timeout_s", &a.body_timeout_s),
-        ("idle_timeout_s", &a.idle_timeout_s),
-        ("max_connections", &a.max_connections),
-        ("max_connections_per_client", &a.max_connections_per_client),
-    ] {
-        if *v.get_ref() == 0 {
-            problems.push(loc.at(v.span(), format!("api.{name} must be at least 1")));
-        }
-    }
-    let ctx_size = *m.ctx_size.get_ref();
-    let max_body_bytes = match &a.max_body_bytes {
-        Some(b) if *b.get_ref() < 1024 => {
-            problems.push(loc.at(
-                b.span(),
-                "api.max_body_bytes must be at least 1024 (a chat request is a few hundred bytes)",
-            ));
-            *b.get_ref()
-        }
-        Some(b) => *b.get_ref(),
-        None => crate::coordinator::gateway::request::Rules::default_max_body(ctx_size),
-    };
-    let ports = Ports {
-        data: *file.ports.data.get_ref(),
-        signal: *file.ports.signal.get_ref(),
-        rpc: *file.ports.rpc.get_ref(),
-        server: *file.ports.server.get_ref(),
-        relay_shift: 0,
-    };
-    let w = world as u32;
-    for (name, p, span, span_needed) in [
-        (
-            "data",
-            &file.ports.data,
-            file.ports.data.span(),
-            engine == EngineKind::Prima,
-        ),
-        (
-            "signal",
-            &file.ports.signal,
-            file.ports.signal.span(),
-            engine == EngineKind::Prima,
-        ),
-        (
-            "rpc",
-            &file.ports.rpc,
-            file.ports.rpc.span(),
-            engine == EngineKind::LlamaRpc,
-        ),
-        ("server", &file.ports.server, file.ports.server.span(), true),
-    ] {
-        let base = u32::from(*p.get_ref());
-        if span_needed && (base == 0 || base + w > 65536) {
-            problems.push(loc.at(
-                span,
-                format!("ports.{name} = {base} leaves no room for {w} ranks (base + rank must stay <= 65535)"),
-            ));
-        }
-    }
-
-    let tls = file.tls.map(|t| tls_section(t, loc, problems));
-    let config = Config {
-        source: source.to_path_buf(),
-        cluster: Cluster {
-            name: cluster.name.into_inner(),
-            engine,
-            token_file: cluster.token_file,
-            state_dir: cluster.state_dir.into_inner(),
-            rank_user: cluster.rank_user,
-        },
-        model: Model {
-            path,
-            name,
-            sha256,
-            ctx_size: m.ctx_size.into_inner(),
-            layer_windows,
-            tensor_split,
-            prefetch,
-            remember_placement,
-            slots,
-            rpc_cache,
-            rpc_cache_max_bytes,
-            cache_idle_slots,
-        },
-        api: Api {
-            listen,
-            max_in_flight: file
-                .api
-                .max_in_flight
-                .map_or(slots, |m| m.into_inner().max(1)),
-            queue_size: file.api.queue_size.into_inner(),
-            queue_timeout_s: file.api.queue_timeout_s.into_inner(),
-            requests_per_minute: file.api.requests_per_minute.map(Spanned::into_inner),
-            tokens_per_minute: file.api.tokens_per_minute.map(Spanned::into_inner),
-            header_timeout_s: *file.api.header_timeout_s.get_ref(),
-            body_timeout_s: *file.api.body_timeout_s.get_ref(),
-            idle_timeout_s: *file.api.idle_timeout_s.get_ref(),
-            max_connections: usize::try_from(*file.api.max_connections.get_ref())
-                .unwrap_or(usize::MAX),
-            max_connections_per_client: usize::try_from(
-                *file.api.max_connections_per_client.get_ref(),
-            )
-            .unwrap_or(usize::MAX),
-            max_body_bytes,
-            metrics_listen: file.api.metrics_listen.map(Spanned::into_inner),
-            api_keys_file: file.api.api_keys_file,
-        },
-        ports,
-        binaries: Binaries {
-            prima_server: file.binaries.prima_server,
-            prima_worker: file.binaries.prima_worker,
-            llama_server: file.binaries.llama_server,
-            rpc_server: file.binaries.rpc_server,
-        },
-        supervision: Supervision {
-            ready_timeout_s: file.supervision.ready_timeout_s,
-            backoff_initial_ms: file.supervision.backoff_initial_ms,
-            backoff_max_ms: file
-                .supervision
-                .backoff_max_ms
-                .max(file.supervision.backoff_initial_ms),
-            node_timeout_s: file.supervision.node_timeout_s,
-            stall_timeout_s: file.supervision.stall_timeout_s,
-            probe_interval_s: file.supervision.probe_interval_s,
-            restart_on_upgrade: file.supervision.restart_on_upgrade,
-        },
-        nodes,
-        tls,
-    };
-    if missing.is_empty() {
-        check_ports(&config, loc, &node_spans, problems);
-    }
-    config
 }
 
 /// `[tls]` with its defaults filled in; every path must be absolute (the agent runs from `/`

@@ -35,8 +35,8 @@ pub async fn look_at_nodes(
         join_all(config.nodes.iter().map(|n| nodes.facts(n.agent_addr()))).await;
     let (mut check, warnings) = check::check_nodes(config, &facts);
     if check == NodeCheck::Ready {
-        if let Some(windows) = &config.model.layer_windows {
-            match crate::gguf::read_info(&config.model.path) {
+        if let Some(windows) = &config.model().layer_windows {
+            match crate::gguf::read_info(&config.model().path) {
                 Ok(info) => {
                     if let Err(e) = check_layer_total(windows, info.block_count) {
                         check = NodeCheck::Refused(format!("{}: {e}", config.source.display()));
@@ -91,7 +91,7 @@ pub async fn start_ring(
     remembered: Option<&Placement>,
     seen: &mpsc::UnboundedSender<(usize, RankStatus)>,
 ) -> Result<(), String> {
-    let plan = plan(config, generation, remembered)?;
+    let plan = plan(config, config.model(), generation, remembered)?;
     // Nodes the placement leaves out run nothing (an old generation may still run there).
     for &node in &plan.idle {
         let addr = config.nodes[node as usize].agent_addr();

@@ -86,8 +86,8 @@ impl Checks {
     pub fn from_config(c: &Config) -> Checks {
         Checks {
             rules: Rules {
-                model: c.model.name.clone(),
-                ctx_size: c.model.ctx_size,
+                model: c.model().name.clone(),
+                ctx_size: c.model().ctx_size,
                 max_body_bytes: c.api.max_body_bytes,
             },
             body_timeout: Duration::from_secs(c.api.body_timeout_s),
@@ -180,7 +180,7 @@ pub async fn serve(
     let listening = server::listen(addr, "the API (api.listen)", "api").await?;
     tracing::info!(%addr, "API listening");
     let signals = Signals::default();
-    let upstream = Upstream::new(upstream_port, engine_connections(config.model.slots))?;
+    let upstream = Upstream::new(upstream_port, engine_connections(config.model().slots))?;
     let app = router(
         view.clone(),
         upstream,
@@ -436,10 +436,61 @@ fn drain(
 /// Whether `requested` is the model served: its configured name, or a name the engine reports.
 async fn model_served(s: &ApiState, requested: &str, generation: u64) -> Result<(), Refusal> {
     let rules = &s.checks.rules;
-    if requested == rules.model {
+    // Any configured model or alias: the gateway let the request through only once it serves.
+    if requested == rules.model || s.gateway.gate().find(requested).is_some() {
         return Ok(());
     }
     request::check_model(requested, rules, &engine_names(s, generation).await)
+}
+
+/// `/v1/models`: every configured model, OpenAI's fields first, and in `llm_cluster` (which
+/// OpenAI clients ignore) its state: `loaded`, `switching` (the ring is moving to it),
+/// `available`, or `missing` with the nodes whose file is absent or does not match.
+fn model_listing(s: &ApiState) -> serde_json::Value {
+    let gate = s.gateway.gate();
+    let snap = gate.snapshot();
+    let view = s.view.borrow();
+    let data: Vec<serde_json::Value> = (0..gate.len())
+        .map(|i| {
+            let names = gate.names(i);
+            let path = gate.path(i);
+            let missing: Vec<u32> = view
+                .nodes
+                .iter()
+                .filter_map(|n| {
+                    let f = n.facts.as_ref()?;
+                    let fact = f.models.iter().find(|x| Some(x.path.as_path()) == path)?;
+                    let bad = matches!(
+                        fact.hash,
+                        crate::proto::HashState::Missing | crate::proto::HashState::Error { .. }
+                    ) || fact.matches_expected == Some(false);
+                    bad.then_some(n.rank)
+                })
+                .collect();
+            let state = if snap.target == Some(i) {
+                "switching"
+            } else if snap.loaded == i && !snap.unloaded && snap.target.is_none() && view.serving()
+            {
+                "loaded"
+            } else if !missing.is_empty() {
+                "missing"
+            } else {
+                "available"
+            };
+            json!({
+                "id": names.first(),
+                "object": "model",
+                "created": 0,
+                "owned_by": "llm-cluster",
+                "llm_cluster": {
+                    "state": state,
+                    "aliases": names.get(1..).unwrap_or_default(),
+                    "missing_on": missing,
+                },
+            })
+        })
+        .collect();
+    json!({ "object": "list", "data": data })
 }
 
 /// The names rank 0's engine reports in `/v1/models`, fetched once per generation (only
@@ -496,6 +547,9 @@ async fn proxy(State(s): State<ApiState>, req: Request) -> Response {
             }
         }
     };
+    if parts.method == Method::GET && path.split('?').next() == Some("/v1/models") {
+        return Json(model_listing(&s)).into_response();
+    }
     let gate = Gate::read(&s.view);
     if !gate.serving {
         return not_serving(&s.view);
@@ -554,8 +608,9 @@ async fn proxy(State(s): State<ApiState>, req: Request) -> Response {
         // Proxies between here and the client must not buffer the stream either.
         headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     }
+    let loaded = s.gateway.gate().loaded_name();
     let path = parts.uri.path();
-    let body = match Rewrite::for_request(gate.engine, path, &s.checks.rules.model) {
+    let body = match Rewrite::for_request(gate.engine, path, &loaded) {
         None => Body::new(Passed {
             upstream: incoming,
             lost,
@@ -773,6 +828,7 @@ mod tests {
             models: vec!["m".into()],
             keys_file: None,
             checks: Arc::new(checks()),
+            gate: crate::coordinator::switch::ModelGate::for_names(vec![vec!["m".into()]], 0, 8),
         };
         let keys = keys
             .map(|k| gateway::keys::parse(k, std::path::Path::new("keys"), &["m"]).expect("keys"));

@@ -106,21 +106,24 @@ pub fn check_nodes(config: &Config, facts: &[NodeReport]) -> (NodeCheck, Vec<Str
             }
             _ => {}
         }
-        match &f.model.hash {
+        match &f.model_at(&config.model().path).hash {
             HashState::Missing => refused.push(format!(
                 "{}: model file {} not found",
                 who(r),
-                f.model.path.display()
+                f.model_at(&config.model().path).path.display()
             )),
             HashState::Hashing => waiting.push(format!("{} is still hashing its model", who(r))),
             HashState::Error { message } => refused.push(format!("{}: {message}", who(r))),
             HashState::Done { sha256 } => {
-                if f.model.matches_expected == Some(false) {
+                if f.model_at(&config.model().path).matches_expected == Some(false) {
                     refused.push(format!(
                         "{}: model {} has sha256 {sha256}, but the config expects {}",
                         who(r),
-                        f.model.path.display(),
-                        f.model.expected_sha256.as_deref().unwrap_or("?")
+                        f.model_at(&config.model().path).path.display(),
+                        f.model_at(&config.model().path)
+                            .expected_sha256
+                            .as_deref()
+                            .unwrap_or("?")
                     ));
                 }
             }
@@ -203,7 +206,7 @@ pub fn check_nodes(config: &Config, facts: &[NodeReport]) -> (NodeCheck, Vec<Str
     // Every node that reads the model must read the same bytes.
     let hashes: Vec<(usize, &str)> = ok
         .iter()
-        .filter_map(|(r, f)| match &f.model.hash {
+        .filter_map(|(r, f)| match &f.model_at(&config.model().path).hash {
             HashState::Done { sha256 } => Some((*r, sha256.as_str())),
             _ => None,
         })
@@ -285,7 +288,7 @@ pub fn running_generation(
     let planned = [remembered, None];
     planned
         .iter()
-        .filter_map(|p| crate::plan::plan(config, generation, *p).ok())
+        .filter_map(|p| crate::plan::plan(config, config.model(), generation, *p).ok())
         .any(runs)
         .then_some(generation)
 }
@@ -485,6 +488,7 @@ mod tests {
             }],
             engine_version: Some(version.into()),
             engine_package: None,
+            models: Vec::new(),
             model: ModelFact {
                 path: PathBuf::from("/m.gguf"),
                 size: Some(1),
@@ -507,7 +511,7 @@ mod tests {
     }
 
     fn running(config: &Config, generation: u64) -> Vec<Option<RankStatus>> {
-        crate::plan::plan(config, generation, None)
+        crate::plan::plan(config, config.model(), generation, None)
             .expect("plan")
             .ranks
             .into_iter()

@@ -22,6 +22,7 @@ use super::metrics::{Metrics, RankSample};
 use super::placement;
 use super::progress::{Activity, CpuSample, StallJudge};
 use super::state::{Action, Event, Phase, Supervisor};
+use super::switch::{self, Decision, ModelGate};
 use super::view::PlacementView;
 use super::view::{ClusterView, Track};
 use crate::config::Config;
@@ -78,6 +79,19 @@ pub struct Driver {
     pub events: Events,
     /// Restarts and rank usage, for `/metrics`.
     pub metrics: Metrics,
+    /// Which model the ring runs and who waits for which (shared with the gateway).
+    pub gate: ModelGate,
+}
+
+/// A switch under way, with the times of its steps for the `switch` event.
+struct SwitchRun {
+    from: Option<usize>,
+    to: usize,
+    reason: String,
+    began: std::time::Instant,
+    /// In-flight requests finished (or the grace ran out) and the stop was asked for.
+    drained: Option<std::time::Instant>,
+    stopped: Option<std::time::Instant>,
 }
 
 /// The driver's mutable state within one run.
@@ -99,13 +113,14 @@ struct Run {
     /// A probe is out.
     probing: bool,
     narrator: Narrator,
+    switch: Option<SwitchRun>,
 }
 
 impl Driver {
     /// Supervises the ring until `shutdown` is cancelled. Then it stops every rank when
     /// `stop_ring_on_exit`; under systemd it leaves the ring serving for the next coordinator to
     /// adopt, so restarting the head's agent does not interrupt inference.
-    pub async fn run(self, shutdown: CancellationToken, stop_ring_on_exit: bool) {
+    pub async fn run(mut self, shutdown: CancellationToken, stop_ring_on_exit: bool) {
         let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();
         let s = &self.config.supervision;
         let (mut sup, first) = Supervisor::new(
@@ -131,7 +146,9 @@ impl Driver {
             sampling: false,
             probing: false,
             narrator: Narrator::default(),
+            switch: None,
         };
+        let mut gate_changed = self.gate.subscribe();
         for (rank, node) in self.config.nodes.iter().enumerate() {
             let (nodes, tx, stop) = (self.nodes.clone(), run.tx.clone(), shutdown.clone());
             let addr = node.agent_addr();
@@ -167,6 +184,7 @@ impl Driver {
                     tracing::info!("SIGUSR2: restarting the ring on the nodes' build if every node has the same one");
                     events.push(Event::RestartRequested);
                 }
+                _ = gate_changed.changed() => {}
                 _ = tick.tick() => {
                     self.watch_progress(&mut run, &mut events);
                     for (rank, t) in run.tracks.iter().enumerate() {
@@ -204,26 +222,9 @@ impl Driver {
                 },
             }
             for e in events {
-                let before = run.sup.phase;
-                let actions = run
-                    .sup
-                    .handle(e.clone(), tokio::time::Instant::now().into_std());
-                for draft in run.narrator.transition(&e, before, &run.sup) {
-                    self.emit(draft);
-                }
-                if run.sup.phase != before {
-                    log_phase(&run.sup, &mut run.restarts);
-                    if run.sup.phase == Phase::Serving {
-                        self.on_serving(&run);
-                    }
-                    run.judge = StallJudge::new(
-                        Duration::from_secs(self.config.supervision.stall_timeout_s),
-                        self.config.nodes.len(),
-                    );
-                }
-                self.publish(&run);
-                self.perform(&mut run, actions);
+                self.feed(&mut run, e);
             }
+            self.steer(&mut run);
             self.publish(&run);
         }
         run.tasks.close();
@@ -243,6 +244,180 @@ impl Driver {
                 "coordinator exiting; the ring's units keep running for the next coordinator"
             );
         }
+    }
+
+    /// Hands one event to the supervisor and performs what it decides.
+    fn feed(&self, run: &mut Run, e: Event) {
+        let before = run.sup.phase;
+        let actions = run
+            .sup
+            .handle(e.clone(), tokio::time::Instant::now().into_std());
+        for draft in run.narrator.transition(&e, before, &run.sup) {
+            self.emit(draft);
+        }
+        if run.sup.phase != before {
+            log_phase(&run.sup, &mut run.restarts);
+            if before == Phase::Stopping {
+                if let Some(sw) = run.switch.as_mut().filter(|s| s.stopped.is_none()) {
+                    sw.stopped = Some(std::time::Instant::now());
+                }
+            }
+            if run.sup.phase == Phase::Serving {
+                self.on_serving(run);
+            }
+            run.judge = StallJudge::new(
+                Duration::from_secs(self.config.supervision.stall_timeout_s),
+                self.config.nodes.len(),
+            );
+        }
+        self.publish(run);
+        if run.sup.phase == Phase::Serving && run.sup.phase != before {
+            // After the view says serving: a request the gate lets through reads the view next.
+            self.gate.serving(self.config.loaded);
+            if let Some(sw) = run.switch.take() {
+                self.switched(&run.sup, sw);
+            }
+        }
+        self.perform(run, actions);
+    }
+
+    /// Moves the ring between models as [`switch::decide`] says: begins a switch, finishes its
+    /// drain (all requests for the old model done, or the grace over) by stopping the ring with
+    /// the new model's config, unloads an idle ring, loads one a request waits for.
+    fn steer(&mut self, run: &mut Run) {
+        let sw = self.config.switching.clone();
+        let now = std::time::Instant::now();
+        let snap = self.gate.snapshot();
+        if let Some(active) = run.switch.as_mut() {
+            let grace = Duration::from_secs(sw.switch_grace_s);
+            if active.drained.is_none() && (snap.passed == 0 || active.began.elapsed() >= grace) {
+                active.drained = Some(now);
+                if snap.passed > 0 {
+                    tracing::warn!(
+                        in_flight = snap.passed,
+                        "switch grace over: stopping the ring under requests still in flight"
+                    );
+                }
+                let to = active.to;
+                let reason = format!(
+                    "switching to model `{}` ({})",
+                    self.gate.name(to),
+                    active.reason
+                );
+                self.config = Arc::new(self.config.with_loaded(to));
+                self.set_model_view();
+                self.feed(run, Event::Switch { reason });
+            }
+            return;
+        }
+        let decision = switch::decide(
+            &snap,
+            now,
+            Duration::from_secs(sw.min_residency_s),
+            sw.idle_unload_s.map(Duration::from_secs),
+        );
+        match decision {
+            Decision::Nothing => {}
+            Decision::Hold { until, .. } => self.gate.hold(until),
+            Decision::Switch { to, reason } => {
+                tracing::info!(
+                    from = self.gate.name(snap.loaded),
+                    to = self.gate.name(to),
+                    "switching the ring to another model"
+                );
+                self.gate.begin(to);
+                run.switch = Some(SwitchRun {
+                    from: Some(snap.loaded),
+                    to,
+                    reason,
+                    began: now,
+                    drained: None,
+                    stopped: None,
+                });
+                // The drain may be over at once (nothing in flight).
+                self.steer(run);
+            }
+            Decision::Unload => {
+                tracing::info!(
+                    model = self.gate.name(snap.loaded),
+                    "no requests for idle_unload_s: stopping the ring"
+                );
+                self.gate.unloaded();
+                self.emit(events::Draft {
+                    generation: Some(run.sup.generation),
+                    rank: None,
+                    message: format!(
+                        "unloading model `{}`: no requests for {} s",
+                        self.gate.name(snap.loaded),
+                        sw.idle_unload_s.unwrap_or(0)
+                    ),
+                    detail: switch_detail(serde_json::json!({
+                        "from": self.gate.name(snap.loaded),
+                        "to": null,
+                        "reason": "idle",
+                    })),
+                });
+                self.feed(run, Event::Unload);
+            }
+            Decision::Load { model } => {
+                self.gate.begin(model);
+                self.config = Arc::new(self.config.with_loaded(model));
+                self.set_model_view();
+                run.switch = Some(SwitchRun {
+                    from: None,
+                    to: model,
+                    reason: "a request arrived for the unloaded ring".into(),
+                    began: now,
+                    drained: Some(now),
+                    stopped: Some(now),
+                });
+                self.feed(run, Event::Load);
+            }
+        }
+    }
+
+    /// The view's model follows the loaded one.
+    fn set_model_view(&self) {
+        let m = self.config.model();
+        self.view.send_modify(|v| {
+            v.model.name = m.name.clone();
+            v.model.path = m.path.clone();
+        });
+    }
+
+    /// A switch is done: the `switch` event with its step times.
+    fn switched(&self, sup: &Supervisor, sw: SwitchRun) {
+        let now = std::time::Instant::now();
+        let ms = |a: Option<std::time::Instant>, b: Option<std::time::Instant>| match (a, b) {
+            (Some(a), Some(b)) => {
+                serde_json::json!(b.saturating_duration_since(a).as_millis() as u64)
+            }
+            _ => serde_json::Value::Null,
+        };
+        let from = sw.from.map(|m| self.gate.name(m).to_string());
+        let to = self.gate.name(sw.to).to_string();
+        let fields = serde_json::json!({
+            "from": from,
+            "to": to,
+            "reason": sw.reason,
+            "drain_ms": ms(Some(sw.began), sw.drained),
+            "stop_ms": ms(sw.drained, sw.stopped),
+            "start_ms": ms(sw.stopped, Some(now)),
+            "total_ms": ms(Some(sw.began), Some(now)),
+        });
+        tracing::info!(%fields, "model switch done");
+        self.view.send_modify(|v| v.switches += 1);
+        self.emit(events::Draft {
+            generation: Some(sup.generation),
+            rank: None,
+            message: format!(
+                "switched {} to model `{to}` in {} ms",
+                from.map(|f| format!("from model `{f}`"))
+                    .unwrap_or_else(|| "the unloaded ring".into()),
+                sw.began.elapsed().as_millis()
+            ),
+            detail: switch_detail(fields),
+        });
     }
 
     /// While serving: samples CPU time while work waits without output, asks the judge whether
@@ -297,7 +472,7 @@ impl Driver {
             .placement
             .as_ref()
             .is_some_and(|p| p.source == PlacementSource::Halda);
-        if !placed_by_halda || !self.config.model.remember_placement {
+        if !placed_by_halda || !self.config.model().remember_placement {
             return;
         }
         let generation = run.sup.generation;
@@ -505,6 +680,15 @@ impl Driver {
                 }
             }
         }
+    }
+}
+
+fn switch_detail(fields: serde_json::Value) -> crate::proto::EventDetail {
+    crate::proto::EventDetail::Switch {
+        fields: match fields {
+            serde_json::Value::Object(m) => m,
+            _ => serde_json::Map::new(),
+        },
     }
 }
 

@@ -162,6 +162,11 @@ impl Narrator {
             });
             return out;
         }
+        if sup.phase == Phase::Stopping && matches!(event, Event::Switch { .. } | Event::Unload) {
+            // A model switch or an idle unload stops the ring on purpose: the driver tells it
+            // as a `switch` event with its timings, not as a failure.
+            return out;
+        }
         let failure = match sup.phase {
             Phase::Stopping => Some(cause_of(event)),
             Phase::Refused if before == Phase::Stopping => Some("crash_loop"),
@@ -496,6 +501,29 @@ mod tests {
             running_generation: None,
             builds: vec![],
         }
+    }
+
+    #[test]
+    fn a_model_switch_or_an_idle_unload_is_no_failure() {
+        let d = narrate(vec![
+            checked(NodeCheck::Ready),
+            Event::RingStarted { generation: 1 },
+            Event::Ready { generation: 1 },
+            Event::Switch {
+                reason: "switching to model b".into(),
+            },
+            Event::RingStopped { generation: 1 },
+            checked(NodeCheck::Ready),
+            Event::RingStarted { generation: 2 },
+            Event::Ready { generation: 2 },
+            Event::Unload,
+            Event::RingStopped { generation: 2 },
+        ]);
+        let k = kinds(&d);
+        assert!(
+            !k.contains(&"failure") && !k.contains(&"restart"),
+            "{k:?} {d:?}"
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod placement;
 pub mod progress;
 pub mod state;
+pub mod switch;
 pub mod upstream;
 pub mod view;
 
@@ -37,17 +38,19 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    pub fn new(config: Arc<Config>, nodes: Arc<dyn Nodes>) -> Coordinator {
+    /// A coordinator switching models through `gate` (the gateway's, so requests wait on it).
+    pub fn new(config: Arc<Config>, nodes: Arc<dyn Nodes>, gate: switch::ModelGate) -> Coordinator {
         let (view, _) = watch::channel(ClusterView::initial(&config));
         Coordinator {
             driver: Driver {
-                config,
                 nodes,
                 view,
                 heartbeat: Heartbeat::default(),
                 activity: progress::Activity::default(),
                 events: events::Events::default(),
                 metrics: metrics::Metrics::default(),
+                gate,
+                config,
             },
         }
     }

@@ -35,9 +35,9 @@ struct Stored {
 
 fn key(config: &Config) -> Option<Key> {
     use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(&config.model.path).ok()?;
+    let meta = std::fs::metadata(&config.model().path).ok()?;
     Some(Key {
-        model: config.model.path.clone(),
+        model: config.model().path.clone(),
         model_size: meta.size(),
         model_mtime: (meta.mtime(), meta.mtime_nsec()),
         nodes: config
@@ -55,7 +55,7 @@ pub fn source(config: &Config) -> (Option<PlacementSource>, Option<Placement>) {
     if config.cluster.engine != EngineKind::Prima {
         return (None, None);
     }
-    if config.model.layer_windows.is_some() {
+    if config.model().layer_windows.is_some() {
         return (Some(PlacementSource::Config), None);
     }
     match load(config) {
@@ -66,7 +66,7 @@ pub fn source(config: &Config) -> (Option<PlacementSource>, Option<Placement>) {
 
 /// The remembered placement for this model and node set, if there is one and it is wanted.
 pub fn load(config: &Config) -> Option<Placement> {
-    if !halda_places(config) || !config.model.remember_placement {
+    if !halda_places(config) || !config.model().remember_placement {
         return None;
     }
     let path = file(&config.cluster.state_dir);
@@ -90,7 +90,7 @@ pub fn save(config: &Config, placement: &Placement) -> std::io::Result<()> {
     let Some(key) = key(config) else {
         return Err(std::io::Error::other(format!(
             "cannot read the model file {}",
-            config.model.path.display()
+            config.model().path.display()
         )));
     };
     let stored = Stored {
@@ -145,7 +145,7 @@ mod tests {
         );
         // The model file changes: the placement no longer applies.
         std::thread::sleep(std::time::Duration::from_millis(10));
-        std::fs::write(&c.model.path, b"GGUF2").expect("model");
+        std::fs::write(&c.model().path, b"GGUF2").expect("model");
         assert_eq!(load(&c), None);
         save(&c, &p).expect("save");
         assert_eq!(load(&c), Some(p.clone()));

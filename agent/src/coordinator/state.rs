@@ -58,6 +58,8 @@ pub enum Phase {
     Serving,
     Stopping,
     BackingOff,
+    /// Stopped after `idle_unload_s` without requests; the next request starts it.
+    Unloaded,
 }
 
 impl Phase {
@@ -71,6 +73,7 @@ impl Phase {
             Phase::Serving => "serving",
             Phase::Stopping => "stopping",
             Phase::BackingOff => "backing_off",
+            Phase::Unloaded => "unloaded",
         }
     }
 }
@@ -139,6 +142,15 @@ pub enum Event {
         generation: u64,
     },
     BackoffElapsed,
+    /// The driver moves the ring to another model (its config already names it): stop the
+    /// ring and start it again at once, which is no failure.
+    Switch {
+        reason: String,
+    },
+    /// Stop the ring for idleness.
+    Unload,
+    /// Start an unloaded ring.
+    Load,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -188,6 +200,18 @@ pub struct Supervisor {
     upgrade_restart: bool,
     /// A person asked for the restart; honoured by the next node check if every node agrees.
     restart_requested: bool,
+    /// What the current stop leads to.
+    after_stop: AfterStop,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum AfterStop {
+    /// A failure: back off, then start again.
+    Backoff,
+    /// A switch: start again at once.
+    Restart,
+    /// Idle: stay stopped.
+    Stay,
 }
 
 impl Supervisor {
@@ -209,6 +233,7 @@ impl Supervisor {
                 upgrade: None,
                 upgrade_restart: false,
                 restart_requested: false,
+                after_stop: AfterStop::Backoff,
             },
             vec![Action::CheckNodes {
                 after: Duration::ZERO,
@@ -258,6 +283,7 @@ impl Supervisor {
         self.serving_since = None;
         self.phase = Phase::Stopping;
         self.reason = Some(reason);
+        self.after_stop = AfterStop::Backoff;
         vec![Action::StopRing {
             generation: self.generation,
         }]
@@ -453,6 +479,67 @@ impl Supervisor {
                 }]
             }
             Event::RingStopped { generation }
+                if self.is_current(generation)
+                    && self.phase == Phase::Stopping
+                    && self.after_stop != AfterStop::Backoff =>
+            {
+                let after = std::mem::replace(&mut self.after_stop, AfterStop::Backoff);
+                if after == AfterStop::Stay {
+                    self.phase = Phase::Unloaded;
+                    self.reason = Some("unloaded after idle_unload_s without requests; the next request starts the ring".into());
+                    return vec![];
+                }
+                self.phase = Phase::WaitingForNodes;
+                vec![Action::CheckNodes {
+                    after: Duration::ZERO,
+                }]
+            }
+            Event::Switch { reason } if self.ring_active() || self.phase == Phase::BackingOff => {
+                self.serving_since = None;
+                self.reason = Some(reason);
+                self.failures = 0;
+                self.same_failure = None;
+                if self.phase == Phase::BackingOff {
+                    // Nothing runs: start the new model now instead of after the backoff.
+                    self.phase = Phase::WaitingForNodes;
+                    return vec![Action::CheckNodes {
+                        after: Duration::ZERO,
+                    }];
+                }
+                self.phase = Phase::Stopping;
+                self.after_stop = AfterStop::Restart;
+                vec![Action::StopRing {
+                    generation: self.generation,
+                }]
+            }
+            // A switch while the nodes are being checked or refused: the next check is for the
+            // new model already (the driver swapped the config).
+            Event::Switch { reason }
+                if matches!(self.phase, Phase::WaitingForNodes | Phase::Refused) =>
+            {
+                self.reason = Some(reason);
+                self.crash_loop = false;
+                vec![Action::CheckNodes {
+                    after: Duration::ZERO,
+                }]
+            }
+            Event::Unload if self.phase == Phase::Serving => {
+                self.serving_since = None;
+                self.phase = Phase::Stopping;
+                self.reason = Some("unloading: idle".into());
+                self.after_stop = AfterStop::Stay;
+                vec![Action::StopRing {
+                    generation: self.generation,
+                }]
+            }
+            Event::Load if self.phase == Phase::Unloaded => {
+                self.phase = Phase::WaitingForNodes;
+                self.reason = Some("loading: a request arrived".into());
+                vec![Action::CheckNodes {
+                    after: Duration::ZERO,
+                }]
+            }
+            Event::RingStopped { generation }
                 if self.is_current(generation) && self.phase == Phase::Stopping =>
             {
                 if self.upgrade_restart {
@@ -524,6 +611,55 @@ mod tests {
         );
         assert_eq!(s.phase, Phase::Serving);
         generation
+    }
+
+    #[test]
+    fn a_switch_stops_and_starts_at_once_without_counting_a_failure() {
+        let now = Instant::now();
+        let mut s = sup();
+        let g = serve(&mut s, now);
+        let a = s.handle(
+            Event::Switch {
+                reason: "switching to b".into(),
+            },
+            now,
+        );
+        assert_eq!(a, vec![Action::StopRing { generation: g }]);
+        assert_eq!(s.phase, Phase::Stopping);
+        assert_eq!(
+            s.handle(Event::RingStopped { generation: g }, now),
+            vec![Action::CheckNodes {
+                after: Duration::ZERO
+            }]
+        );
+        assert_eq!((s.phase, s.failures), (Phase::WaitingForNodes, 0));
+        let g2 = serve(&mut s, now);
+        assert_eq!(g2, g + 1);
+        // A failure after it still backs off.
+        assert!(crash(&mut s, g2, now) > Duration::ZERO);
+    }
+
+    #[test]
+    fn an_unload_stays_stopped_until_a_load() {
+        let now = Instant::now();
+        let mut s = sup();
+        let g = serve(&mut s, now);
+        assert_eq!(
+            s.handle(Event::Unload, now),
+            vec![Action::StopRing { generation: g }]
+        );
+        assert!(s
+            .handle(Event::RingStopped { generation: g }, now)
+            .is_empty());
+        assert_eq!(s.phase, Phase::Unloaded);
+        assert!(s.handle(Event::NodeChanged { rank: 0 }, now).is_empty());
+        assert_eq!(
+            s.handle(Event::Load, now),
+            vec![Action::CheckNodes {
+                after: Duration::ZERO
+            }]
+        );
+        assert_eq!(serve(&mut s, now), g + 1);
     }
 
     fn crash(s: &mut Supervisor, generation: u64, now: Instant) -> Duration {

@@ -32,6 +32,8 @@ pub struct ClusterView {
     /// A rolling upgrade under way: "upgrade pending: 2/3 nodes on ..." while the nodes differ
     /// (the ring serves on), "upgrade ready: ..." when a person must restart the ring.
     pub upgrade: Option<String>,
+    /// Model switches since this coordinator started (loads after an idle unload included).
+    pub switches: u64,
     /// What needs a person's attention without stopping the ring: the node checks' warnings,
     /// and agents that do not answer while their ring serves.
     pub warnings: Vec<String>,
@@ -84,7 +86,7 @@ impl PlacementView {
     ) -> Option<PlacementView> {
         let source = source?;
         let (windows, gpu_layers) = match source {
-            PlacementSource::Config => (config.model.layer_windows.clone(), None),
+            PlacementSource::Config => (config.model().layer_windows.clone(), None),
             PlacementSource::Remembered => (
                 remembered.map(|p| p.windows.clone()),
                 remembered.and_then(|p| p.gpu_layers.clone()),
@@ -114,8 +116,8 @@ impl ClusterView {
             cluster: config.cluster.name.clone(),
             engine: config.cluster.engine,
             model: ModelView {
-                name: config.model.name.clone(),
-                path: config.model.path.clone(),
+                name: config.model().name.clone(),
+                path: config.model().path.clone(),
             },
             phase: Phase::WaitingForNodes,
             generation: 0,
@@ -124,6 +126,7 @@ impl ClusterView {
             failures: 0,
             restarts: 0,
             upgrade: None,
+            switches: 0,
             warnings: vec![],
             placement: None,
             check_warnings: vec![],

@@ -245,7 +245,49 @@ pub async fn collect(
         Some(p) => cached_version(&p).await,
         None => None,
     };
-    let model = if needs_model {
+    let model = model_fact(model_path, expected_sha256, needs_model, hasher);
+    // Reading pacman's database blocks (a file list per package on a cache miss).
+    let engine_package = match binaries[0].path.clone() {
+        Some(p) => tokio::task::spawn_blocking(move || {
+            crate::pacman::owner_of(&crate::pacman::Layout::system(), &p)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "looking up the engine's pacman package failed");
+            None
+        }),
+        None => None,
+    };
+    NodeFacts {
+        agent_version: AGENT_VERSION.to_string(),
+        protocol_version: PROTOCOL_VERSION,
+        engine_package,
+        rank,
+        hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default(),
+        engine,
+        binaries,
+        engine_version,
+        model,
+        models: Vec::new(),
+        memory: memory(),
+        cpu: cpu(),
+        gpus: gpus().await,
+        network: Vec::new(),
+        tls: None,
+        rpc_cache: None,
+    }
+}
+
+/// One model file's state on this node: hashed when this rank reads the file itself.
+pub fn model_fact(
+    model_path: &Path,
+    expected_sha256: Option<&str>,
+    needs_model: bool,
+    hasher: &ModelHasher,
+) -> ModelFact {
+    if needs_model {
         let (size, hash) = hasher.state(model_path);
         let matches_expected = match (&hash, expected_sha256) {
             (HashState::Done { sha256 }, Some(e)) => Some(sha256.eq_ignore_ascii_case(e)),
@@ -272,37 +314,6 @@ pub async fn collect(
             matches_expected: None,
             hashed_bytes: None,
         }
-    };
-    // Reading pacman's database blocks (a file list per package on a cache miss).
-    let engine_package = match binaries[0].path.clone() {
-        Some(p) => tokio::task::spawn_blocking(move || {
-            crate::pacman::owner_of(&crate::pacman::Layout::system(), &p)
-        })
-        .await
-        .unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "looking up the engine's pacman package failed");
-            None
-        }),
-        None => None,
-    };
-    NodeFacts {
-        agent_version: AGENT_VERSION.to_string(),
-        protocol_version: PROTOCOL_VERSION,
-        engine_package,
-        rank,
-        hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default(),
-        engine,
-        binaries,
-        engine_version,
-        model,
-        memory: memory(),
-        cpu: cpu(),
-        gpus: gpus().await,
-        network: Vec::new(),
-        tls: None,
-        rpc_cache: None,
     }
 }
 

@@ -96,16 +96,19 @@ impl NodeAgent {
                 config.source.display()
             )
         })?;
-        let rpc_cache =
-            (config.cluster.engine == EngineKind::LlamaRpc && rank != 0 && config.model.rpc_cache)
-                .then(|| {
-                    let max = config.model.rpc_cache_max_bytes.unwrap_or_else(|| {
-                        rpc_cache::default_max_bytes(
-                            std::fs::metadata(&config.model.path).ok().map(|m| m.len()),
-                        )
-                    });
-                    rpc_cache::RpcCache::new(&config.cluster.state_dir, rank, max)
+        let rpc_cache = (config.cluster.engine == EngineKind::LlamaRpc
+            && rank != 0
+            && config.model().rpc_cache)
+            .then(|| {
+                let max = config.model().rpc_cache_max_bytes.unwrap_or_else(|| {
+                    rpc_cache::default_max_bytes(
+                        std::fs::metadata(&config.model().path)
+                            .ok()
+                            .map(|m| m.len()),
+                    )
                 });
+                rpc_cache::RpcCache::new(&config.cluster.state_dir, rank, max)
+            });
         let local = LocalEngine {
             binaries: config.binaries.clone(),
             engine_dir: node.engine_dir.clone(),
@@ -204,7 +207,7 @@ impl NodeAgent {
     /// planned from this node's own config: a peer that answers, even with a refusal (nothing
     /// listens before the ring starts), is reachable; a timeout or a routing error is not.
     pub async fn check_links(&self) -> Result<LinkReport, String> {
-        let plan = crate::plan::plan(&self.config, 0, None)?;
+        let plan = crate::plan::plan(&self.config, self.config.model(), 0, None)?;
         let spec = plan
             .for_node(self.rank)
             .cloned()
@@ -313,7 +316,10 @@ impl NodeAgent {
     /// the coordinator waits for the hash before it starts a ring.
     pub fn start_model_hash(&self) {
         if self.needs_model() {
-            self.hasher.state(&self.config.model.path);
+            // Every configured model: the ring may switch to any of them.
+            for m in &self.config.models {
+                self.hasher.state(&m.path);
+            }
         }
     }
 
@@ -335,12 +341,25 @@ impl NodeAgent {
             self.rank,
             self.config.cluster.engine,
             &self.local,
-            &self.config.model.path,
-            self.config.model.sha256.as_deref(),
+            &self.config.model().path,
+            self.config.model().sha256.as_deref(),
             self.needs_model(),
             &self.hasher,
         )
         .await;
+        f.models = self
+            .config
+            .models
+            .iter()
+            .map(|m| {
+                facts::model_fact(
+                    &m.path,
+                    m.sha256.as_deref(),
+                    self.needs_model(),
+                    &self.hasher,
+                )
+            })
+            .collect();
         f.network = self
             .network
             .lock()
@@ -378,8 +397,8 @@ impl NodeAgent {
             return;
         };
         let current = spec.model_name.clone();
-        // Every model of the config (one per config today).
-        let configured = [self.config.model.name.clone()];
+        // Every model of the config: a switch back must find its tensors still cached.
+        let configured: Vec<String> = self.config.models.iter().map(|m| m.name.clone()).collect();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -474,9 +493,12 @@ impl NodeAgent {
     /// Refuses a spec that is not what this node plans from its own config ([`verify`]).
     fn verify(&self, spec: &RankSpec) -> Result<(), ApplyError> {
         // The layer count, only where Halda's windows or GPU layers are to be checked against it.
-        let layers = (crate::plan::halda_places(&self.config)
+        let config = self
+            .config
+            .with_loaded(verify::spec_model(&self.config, spec));
+        let layers = (crate::plan::halda_places(&config)
             && (spec.layer_windows.is_some() || spec.gpu_layers.is_some()))
-        .then(|| crate::gguf::read_info(&self.config.model.path).ok())
+        .then(|| crate::gguf::read_info(&config.model().path).ok())
         .flatten()
         .map(|i| i.block_count);
         verify::verify(&self.config, self.rank, spec, layers).map_err(|r| {

@@ -31,7 +31,7 @@ fn setup(server_body: &str) -> (tempfile::TempDir, Arc<NodeAgent>) {
 
 fn spec(agent: &NodeAgent, generation: u64) -> RankSpec {
     let c = &agent.config;
-    let mut p = crate::plan::plan(c, generation, None).expect("plan");
+    let mut p = crate::plan::plan(c, c.model(), generation, None).expect("plan");
     p.ranks.remove(0)
 }
 
@@ -112,7 +112,7 @@ fn decide_table() {
     let base = RankStatus::idle(0, 1);
     let text = "[cluster]\nname=\"t\"\nengine=\"prima\"\n[model]\npath=\"/m\"\n[[node]]\nrank=0\naddress=\"127.0.0.1\"\n";
     let c = Config::parse(text, Path::new("t")).expect("config");
-    let s5 = crate::plan::plan(&c, 5, None)
+    let s5 = crate::plan::plan(&c, c.model(), 5, None)
         .expect("plan")
         .ranks
         .remove(0);

@@ -78,6 +78,11 @@ pub fn verify(
     if spec.engine != config.cluster.engine {
         return Err(Refusal::one("engine", config.cluster.engine, spec.engine));
     }
+    // Any configured model may be the one the ring runs (the coordinator switches between
+    // them): plan for the one the spec names; a path no model has is planned for the loaded
+    // model, so the mismatch names what was expected.
+    let spec_model = spec_model(config, spec);
+    let config = &config.with_loaded(spec_model);
     let mut wrong = Vec::new();
     if !plausible_generation(spec.generation) {
         wrong.push(Mismatch {
@@ -105,7 +110,7 @@ pub fn verify(
     } else {
         None
     };
-    let plan = crate::plan::plan(config, spec.generation, placement.as_ref())
+    let plan = crate::plan::plan(config, config.model(), spec.generation, placement.as_ref())
         .map_err(|e| Refusal::one("peers", format!("a ring this config can plan ({e})"), "-"))?;
     let Some(mut expected) = plan.for_node(node).cloned() else {
         return Err(Refusal::one("node", "a node of the ring", node));
@@ -210,6 +215,18 @@ fn members_of(config: &Config, spec: &RankSpec) -> Result<Vec<u32>, Mismatch> {
     Ok(members)
 }
 
+/// The index of the configured model a spec runs: the one with its path (and name, when two
+/// share a file), else the loaded one.
+pub fn spec_model(config: &Config, spec: &RankSpec) -> usize {
+    let by_path = |m: &&crate::config::Model| m.path == spec.model_path;
+    config
+        .models
+        .iter()
+        .position(|m| by_path(&m) && m.name == spec.model_name)
+        .or_else(|| config.models.iter().position(|m| by_path(&m)))
+        .unwrap_or(config.loaded)
+}
+
 /// Every field of `got` that differs from `want`, named as in the JSON.
 fn compare(want: &RankSpec, got: &RankSpec) -> Vec<Mismatch> {
     let mut out = Vec::new();
@@ -288,7 +305,7 @@ mod tests {
     }
 
     fn planned(c: &Config, node: u32) -> RankSpec {
-        plan(c, 7, None)
+        plan(c, c.model(), 7, None)
             .expect("plan")
             .for_node(node)
             .cloned()
@@ -315,6 +332,31 @@ mod tests {
         for n in 0..3 {
             assert_eq!(refused(&c, n, &planned(&c, n)), Vec::<&str>::new());
         }
+    }
+
+    #[test]
+    fn a_spec_for_any_configured_model_is_accepted_and_another_file_is_not() {
+        let text = "[cluster]\nname = \"t\"\nengine = \"llama-rpc\"\n\
+                    [[models]]\nname = \"a\"\npath = \"/a.gguf\"\n\
+                    [[models]]\nname = \"b\"\npath = \"/b.gguf\"\nctx_size = 1024\n\
+                    [[node]]\nrank = 0\naddress = \"10.0.0.1\"\n\
+                    [[node]]\nrank = 1\naddress = \"10.0.0.2\"\n";
+        let c = Config::parse(text, Path::new("t.toml")).expect("valid config");
+        let b = c.with_loaded(1);
+        for n in 0..2 {
+            assert_eq!(refused(&c, n, &planned(&b, n)), Vec::<&str>::new());
+        }
+        // The other model's file under this model's name and context is still refused.
+        let mixed = RankSpec {
+            ctx_size: 4096,
+            ..planned(&b, 0)
+        };
+        assert_eq!(refused(&c, 0, &mixed), vec!["ctx_size"]);
+        let other = RankSpec {
+            model_path: "/c.gguf".into(),
+            ..planned(&b, 0)
+        };
+        assert!(refused(&c, 0, &other).contains(&"model_path"));
     }
 
     #[test]
@@ -491,13 +533,13 @@ mod tests {
             windows: vec![1, 0, 29],
             gpu_layers: Some(vec![0, 0, 4]),
         };
-        let p = plan(&c, 9, Some(&remembered)).expect("plan");
+        let p = plan(&c, c.model(), 9, Some(&remembered)).expect("plan");
         let head = p.for_node(0).cloned().expect("head");
         let last = p.for_node(2).cloned().expect("node 2");
         assert_eq!(refused(&c, 0, &head), Vec::<&str>::new());
         assert_eq!(refused(&c, 2, &last), Vec::<&str>::new());
         // A fresh Halda start: the whole ring, no windows.
-        let fresh = plan(&c, 9, None).expect("plan");
+        let fresh = plan(&c, c.model(), 9, None).expect("plan");
         for n in 0..3 {
             let s = fresh.for_node(n).cloned().expect("rank");
             assert_eq!(refused(&c, n, &s), Vec::<&str>::new(), "node {n}");
@@ -545,7 +587,7 @@ mod tests {
             windows: vec![10, 0, 20],
             gpu_layers: None,
         };
-        let p = plan(&c, 3, Some(&remembered)).expect("plan");
+        let p = plan(&c, c.model(), 3, Some(&remembered)).expect("plan");
         for s in &p.ranks {
             assert_eq!(
                 refused(&c, s.node, s),

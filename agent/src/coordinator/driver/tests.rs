@@ -136,6 +136,7 @@ impl Nodes for FakeCluster {
             }],
             engine_version: Some(n.engine_version.lock().expect("version").clone()),
             engine_package: None,
+            models: Vec::new(),
             model: ModelFact {
                 path: "/m.gguf".into(),
                 size: Some(1),
@@ -305,6 +306,7 @@ fn start(fake: &Arc<FakeCluster>) -> Running {
         activity: activity.clone(),
         events: events.clone(),
         metrics: metrics.clone(),
+        gate: crate::coordinator::switch::ModelGate::new(&fake.config),
     };
     let stop = CancellationToken::new();
     let task = tokio::spawn(driver.run(stop.clone(), true));

@@ -45,6 +45,7 @@ use usage::{Meter, Usage};
 
 use super::api::{openai_error, read_body, Checks};
 use super::metrics::Metrics;
+use super::switch::{ModelGate, NotLoaded, Passed};
 
 /// How often the keys file is checked for a change (a stat, nothing more).
 const KEYS_POLL: Duration = Duration::from_secs(1);
@@ -70,11 +71,14 @@ pub struct Settings {
     /// How a body is read (size bound from the context, timeout): the same rules as the proxy's,
     /// since the guard reads the body first.
     pub checks: Arc<Checks>,
+    /// Requests for a configured model that is not loaded wait here for the switch.
+    pub gate: ModelGate,
 }
 
 impl Settings {
     pub fn from_config(c: &Config) -> Settings {
         Settings {
+            gate: ModelGate::new(c),
             max_in_flight: c.api.max_in_flight,
             queue_size: c.api.queue_size,
             queue_timeout: Duration::from_secs(c.api.queue_timeout_s),
@@ -82,7 +86,7 @@ impl Settings {
                 requests_per_minute: c.api.requests_per_minute,
                 tokens_per_minute: c.api.tokens_per_minute,
             },
-            models: vec![c.model.name.clone()],
+            models: crate::check_config::model_names(c),
             keys_file: c.api.api_keys_file.clone(),
             checks: Arc::new(Checks::from_config(c)),
         }
@@ -138,6 +142,11 @@ impl Gateway {
             started: std::time::SystemTime::now(),
             metrics: Metrics::default(),
         }))
+    }
+
+    /// Which model serves and who waits: shared with the coordinator, which switches.
+    pub fn gate(&self) -> ModelGate {
+        self.0.settings.gate.clone()
     }
 
     /// The gateway for `config`, with its keys file loaded (a bad one fails the start).
@@ -402,6 +411,25 @@ pub async fn guard(State(gw): State<Gateway>, req: Request, next: Next) -> Respo
         .get::<Arc<CancellationToken>>()
         .cloned()
         .unwrap_or_default();
+    // A configured model that is not loaded waits for the switch here, before it takes a
+    // place in the admission queue (which the loaded model's requests keep using meanwhile).
+    // A name no model answers to goes on as today: the proxy answers 404 model_not_found.
+    let gate = &gw.0.settings.gate;
+    let wanted = requested_model(&body).and_then(|n| gate.find(&n));
+    let timeout = gw.0.settings.queue_timeout;
+    let passed = tokio::select! {
+        r = gate.pass(wanted, timeout) => r,
+        _ = ending.cancelled() => Err(NotLoaded::TimedOut { retry_after_s: QUEUE_RETRY_AFTER_S }),
+    };
+    let passed = match passed {
+        Ok(p) => p,
+        Err(e) => {
+            lock(&gw.0.usage).entry(&caller.name).queue_rejected += 1;
+            let mut resp = model_refusal(&e, wanted.map(|m| gate.name(m)).unwrap_or(""), timeout);
+            rate_headers(resp.headers_mut(), &report);
+            return resp;
+        }
+    };
     let entered = tokio::select! {
         r = gw.0.admission.enter(&client, limits.max_concurrent) => r,
         _ = ending.cancelled() => Err(Refusal::ShuttingDown),
@@ -437,6 +465,7 @@ pub async fn guard(State(gw): State<Gateway>, req: Request, next: Next) -> Respo
             charged: 0,
             prompt_estimate,
             _permit: permit,
+            _passed: passed,
         }),
     };
     Response::from_parts(parts, Body::new(metered))
@@ -540,6 +569,35 @@ fn queue_refusal(refusal: Refusal, timeout: Duration) -> Response {
     resp
 }
 
+/// The 503 for a request whose model did not come in time (or had no room to wait).
+fn model_refusal(e: &NotLoaded, model: &str, timeout: Duration) -> Response {
+    let (code, message, retry) = match e {
+        NotLoaded::TimedOut { retry_after_s } => (
+            "model_switching",
+            format!(
+                "The model `{model}` is not loaded yet: the ring serves one model at a time and \
+                 this request waited {} s for the switch. Retry after {retry_after_s} s.",
+                timeout.as_secs()
+            ),
+            *retry_after_s,
+        ),
+        NotLoaded::Full => (
+            "queue_full",
+            format!("The model `{model}` is not loaded and the queue of requests waiting for a model is full. Retry shortly."),
+            QUEUE_RETRY_AFTER_S,
+        ),
+    };
+    let mut resp = openai_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        code,
+        &message,
+    );
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry.max(1)));
+    resp
+}
+
 /// A response's accounting: tokens charged so far, and the place at the engine it holds.
 struct Account {
     gw: Gateway,
@@ -548,6 +606,8 @@ struct Account {
     /// Charged as prompt tokens when the engine does not say (about 4 bytes a token).
     prompt_estimate: u64,
     _permit: Permit,
+    /// Holds off a switch away from this request's model until the response ends.
+    _passed: Passed,
 }
 
 impl Account {
@@ -673,6 +733,11 @@ mod tests {
                 models: vec!["smol".into()],
                 keys_file: None,
                 checks: Arc::new(test_checks()),
+                gate: crate::coordinator::switch::ModelGate::for_names(
+                    vec![vec!["smol".into()]],
+                    0,
+                    8,
+                ),
             },
             Some(set),
         )
@@ -789,6 +854,11 @@ mod tests {
                 models: vec!["smol".into()],
                 keys_file: None,
                 checks: Arc::new(test_checks()),
+                gate: crate::coordinator::switch::ModelGate::for_names(
+                    vec![vec!["smol".into()]],
+                    0,
+                    8,
+                ),
             },
             None,
         );
