@@ -230,14 +230,7 @@ pub fn spawn(
     signals: Signals,
     name: &'static str,
 ) -> Server {
-    spawn_after(
-        listener,
-        router,
-        signals,
-        name,
-        ConnLimits::CONTROL,
-        std::future::ready(()),
-    )
+    spawn_control(listener, router, signals, name, None)
 }
 
 /// As [`spawn`], with every connection a TLS handshake with `tls` first when it is given (the

@@ -988,8 +988,8 @@ mod tests {
 
     const MODELS: &str = r#"{"object":"list","data":[]}"#;
 
-    /// A narrow stand-in for rank 0's server on a loopback port: `/v1/models` answers
-    /// [`MODELS`] after a pause; returns the port and the most requests it held at once.
+    /// A narrow stand-in for rank 0's server on a loopback port: `POST /v1/completions`
+    /// answers [`MODELS`] (any JSON will do) after a pause; returns the port and the most requests it held at once.
     async fn stub_engine() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
         use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -1007,7 +1007,7 @@ mod tests {
                 ([(header::CONTENT_TYPE, "application/json")], MODELS)
             }
         };
-        let engine = Router::new().route("/v1/models", get(models));
+        let engine = Router::new().route("/v1/completions", post(models));
         tokio::spawn(async move { axum::serve(listener, engine).await });
         (port, seen)
     }
@@ -1017,9 +1017,11 @@ mod tests {
         let (port, most) = stub_engine().await;
         let (_tx, rx) = watch::channel(view(Phase::Serving));
         let app = app_to(rx, None, Upstream::new(port, 2).expect("upstream"));
+        // `/v1/models` is the coordinator's own answer: a completion is what reaches the engine.
         let get = || {
-            axum::http::Request::get("/v1/models")
-                .body(Body::empty())
+            axum::http::Request::post("/v1/completions")
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(r#"{"model":"m","prompt":"hi","max_tokens":1}"#))
                 .expect("request")
         };
         // Passed through, not re-chunked: the client gets the engine's Content-Length.

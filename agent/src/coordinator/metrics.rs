@@ -14,12 +14,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::upstream::Upstream;
-use axum::body::{Body, BodyDataStream, Bytes};
+use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use futures_util::Stream;
 use prometheus_client::encoding::text::encode_registry;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -54,16 +53,6 @@ const ROUTES: &[&str] = &[
     "/api/v1/usage",
     "/api/v1/events",
     "/metrics",
-];
-
-const PHASES: &[Phase] = &[
-    Phase::WaitingForNodes,
-    Phase::Refused,
-    Phase::Starting,
-    Phase::WaitingReady,
-    Phase::Serving,
-    Phase::Stopping,
-    Phase::BackingOff,
 ];
 
 /// Node states as `/api/v1/cluster` shows them.
@@ -395,12 +384,12 @@ fn scrape_registry(now: &Now<'_>, ranks: &BTreeMap<u32, RankSample>, engine_up: 
     );
 
     let phase = Family::<PhaseLabels, Gauge>::default();
-    for p in PHASES {
+    for p in Phase::ALL {
         phase
             .get_or_create(&PhaseLabels {
                 phase: p.as_str().into(),
             })
-            .set(i64::from(*p == v.phase));
+            .set(i64::from(p == v.phase));
     }
     r.register(
         "ring_phase",
@@ -635,19 +624,20 @@ pub async fn track(State(gw): State<Gateway>, req: Request, next: Next) -> Respo
         .is_some_and(|v| v.starts_with("text/event-stream"));
     let (parts, body) = resp.into_parts();
     let timed = Timed {
-        inner: body.into_data_stream(),
+        inner: body,
         metrics,
         route,
         started,
         first_pending: sse,
         ended: false,
     };
-    Response::from_parts(parts, Body::from_stream(timed))
+    Response::from_parts(parts, Body::new(timed))
 }
 
-/// A generation's body, timed: its first chunk (the first token of a stream) and its end.
+/// A generation's body, timed: its first chunk (the first token of a stream) and its end. A
+/// body of its own (not a stream) so that the engine's Content-Length passes through.
 struct Timed {
-    inner: BodyDataStream,
+    inner: Body,
     metrics: Metrics,
     route: &'static str,
     started: Instant,
@@ -664,24 +654,35 @@ impl Timed {
     }
 }
 
-impl Stream for Timed {
-    type Item = Result<Bytes, axum::Error>;
+impl http_body::Body for Timed {
+    type Data = Bytes;
+    type Error = axum::Error;
 
-    fn poll_next(
+    fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
         let this = &mut *self;
-        let item = std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_next(cx));
+        let item = std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_frame(cx));
         match &item {
-            Some(Ok(chunk)) if this.first_pending && !chunk.is_empty() => {
-                this.first_pending = false;
-                this.metrics.first_token(this.route, this.started.elapsed());
+            Some(Ok(frame)) => {
+                let data = frame.data_ref().is_some_and(|c| !c.is_empty());
+                if this.first_pending && data {
+                    this.first_pending = false;
+                    this.metrics.first_token(this.route, this.started.elapsed());
+                }
             }
-            Some(Ok(_)) => {}
             Some(Err(_)) | None => this.end(),
         }
         std::task::Poll::Ready(item)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -63,6 +63,18 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Every phase, for whoever lists them all (the metrics' `ring_phase` gauge).
+    pub const ALL: [Phase; 8] = [
+        Phase::WaitingForNodes,
+        Phase::Refused,
+        Phase::Starting,
+        Phase::WaitingReady,
+        Phase::Serving,
+        Phase::Stopping,
+        Phase::BackingOff,
+        Phase::Unloaded,
+    ];
+
     /// The name the API shows (the serde name).
     pub fn as_str(self) -> &'static str {
         match self {
@@ -1290,15 +1302,7 @@ mod name_tests {
     /// The names shown in messages are the ones the JSON APIs use.
     #[test]
     fn as_str_equals_the_serde_names() {
-        for p in [
-            Phase::WaitingForNodes,
-            Phase::Refused,
-            Phase::Starting,
-            Phase::WaitingReady,
-            Phase::Serving,
-            Phase::Stopping,
-            Phase::BackingOff,
-        ] {
+        for p in Phase::ALL {
             assert_eq!(serde_json::to_value(p).expect("json"), p.as_str());
         }
     }

@@ -558,15 +558,7 @@ fn queue_refusal(refusal: Refusal, timeout: Duration) -> Response {
             ),
         ),
     };
-    let mut resp = openai_error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "server_error",
-        code,
-        &message,
-    );
-    resp.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(QUEUE_RETRY_AFTER_S));
-    resp
+    unavailable(code, &message, QUEUE_RETRY_AFTER_S)
 }
 
 /// The 503 for a request whose model did not come in time (or had no room to wait).
@@ -587,14 +579,20 @@ fn model_refusal(e: &NotLoaded, model: &str, timeout: Duration) -> Response {
             QUEUE_RETRY_AFTER_S,
         ),
     };
+    unavailable(code, &message, retry.max(1))
+}
+
+/// A 503 in OpenAI's error shape with `Retry-After`: the gateway's answer whenever a request
+/// cannot be served now but can later.
+fn unavailable(code: &str, message: &str, retry_after_s: u64) -> Response {
     let mut resp = openai_error(
         StatusCode::SERVICE_UNAVAILABLE,
         "server_error",
         code,
-        &message,
+        message,
     );
     resp.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(retry.max(1)));
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
     resp
 }
 
