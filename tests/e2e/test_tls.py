@@ -8,6 +8,7 @@ dir had no CA. Port offset 1900."""
 
 import re
 import subprocess
+import time
 
 import pytest
 import requests
@@ -37,8 +38,15 @@ def refusal(exc_info):
     return str(exc_info.value)
 
 
-def log_since(cluster, start):
-    return cluster.log_path.read_text(errors="replace")[start:]
+def log_since(cluster, start, needles=()):
+    """The agents' log after `start`; with `needles`, waits (up to 10 s) until they are all in
+    it: the agent logs a refused handshake just after it has sent the alert the client sees."""
+    deadline = time.monotonic() + 10
+    while True:
+        log = cluster.log_path.read_text(errors="replace")[start:]
+        if all(n in log for n in needles) or time.monotonic() > deadline:
+            return log
+        time.sleep(0.1)
 
 
 def test_the_ring_serves_end_to_end_over_mutual_tls(tls_ring):
@@ -72,7 +80,7 @@ def test_a_client_without_a_certificate_is_refused_at_the_handshake(tls_ring):
                      headers={"Authorization": f"Bearer {tls_ring.token}"})
     print(f"\n[refusal] no client certificate: {refusal(e)}")
     assert "CERTIFICATE_REQUIRED" in refusal(e).upper().replace(" ", "_"), refusal(e)
-    log = log_since(tls_ring, start)
+    log = log_since(tls_ring, start, ("control connection refused", "peer sent no certificates"))
     assert "control connection refused" in log and "peer sent no certificates" in log, log[-2000:]
 
 
@@ -92,7 +100,7 @@ def test_a_client_with_a_certificate_from_another_ca_is_refused_at_the_handshake
                      headers={"Authorization": f"Bearer {tls_ring.token}"})
     print(f"\n[refusal] certificate from another CA: {refusal(e)}")
     assert "UNKNOWN_CA" in refusal(e).upper().replace(" ", "_"), refusal(e)
-    log = log_since(tls_ring, start)
+    log = log_since(tls_ring, start, ("control connection refused", "UnknownIssuer"))
     assert "control connection refused" in log and "UnknownIssuer" in log, log[-2000:]
     # And the other way round: a client that trusts only the other CA refuses the node.
     with pytest.raises(requests.exceptions.SSLError) as e:
@@ -108,7 +116,7 @@ def test_a_plaintext_request_to_a_node_port_is_refused_unread(tls_ring):
     print(f"\n[refusal] plaintext HTTP: {r.status_code} {r.text}")
     assert r.status_code == 400, r.text
     assert "speaks TLS only" in r.json()["error"], r.text
-    log = log_since(tls_ring, start)
+    log = log_since(tls_ring, start, ("plaintext HTTP refused",))
     assert "plaintext HTTP refused" in log, log[-2000:]
     # The ring is unaffected by all of the above.
     assert tls_ring.status()["phase"] == "serving"

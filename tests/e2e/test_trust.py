@@ -26,22 +26,28 @@ def trust_ring(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("trust")
     cluster = Cluster("llama-rpc", _env_path("LLAMA_CPP_DIR"), _env_path("SMOLLM2_GGUF"), OFFSET, tmp)
     with cluster.serving() as c:
-        c.token = (tmp / "state-llama-rpc" / "token").read_text().strip()
+        state = tmp / "state-llama-rpc"
+        c.token = (state / "token").read_text().strip()
+        # `up --local` runs the control plane over mutual TLS: speak as rank 0 (the coordinator)
+        # does, with its certificate, so only the spec itself can be refused.
+        pki = state / "pki"
+        c.tls = {"cert": (str(pki / "rank0.crt"), str(pki / "rank0.key")), "verify": str(pki / "ca.crt")}
         yield c
 
 
 def node_url(rank):
-    return f"http://127.0.0.1:{17700 + OFFSET + rank}/v1/rank"
+    return f"https://127.0.0.1:{17700 + OFFSET + rank}/v1/rank"
 
 
 def get_rank(cluster, rank):
-    r = requests.get(node_url(rank), headers={"Authorization": f"Bearer {cluster.token}"}, timeout=5)
+    r = requests.get(node_url(rank), headers={"Authorization": f"Bearer {cluster.token}"}, timeout=5,
+                     **cluster.tls)
     assert r.status_code == 200, r.text
     return r.json()
 
 
 def put_rank(cluster, rank, spec):
-    return requests.put(node_url(rank), json=spec, timeout=10,
+    return requests.put(node_url(rank), json=spec, timeout=10, **cluster.tls,
                         headers={"Authorization": f"Bearer {cluster.token}"})
 
 
