@@ -608,48 +608,40 @@ pub fn text_table(m: &Matrix) -> String {
     lats.dedup();
     let mut rings: Vec<(EngineKind, u32)> = m.cells.iter().map(|c| (c.engine, c.nodes)).collect();
     rings.dedup();
-    let header = |title: &str| {
-        let mut h = format!("\n{title}\n{:<11}{:>6}", "engine", "nodes");
+    // One table per figure: a row per ring, a column per latency, "failed" where a cell has none.
+    let table = |title: &str, cell: &dyn Fn(&Cell) -> Option<String>| {
+        let mut t = format!("\n{title}\n{:<11}{:>6}", "engine", "nodes");
         for l in &lats {
-            h.push_str(&format!("{:>16}", format!("{l} ms")));
+            t.push_str(&format!("{:>16}", format!("{l} ms")));
         }
-        h.push('\n');
-        h
+        t.push('\n');
+        for (e, n) in &rings {
+            t.push_str(&format!("{:<11}{:>6}", e.to_string(), n));
+            for l in &lats {
+                let s = m
+                    .cells
+                    .iter()
+                    .find(|c| c.engine == *e && c.nodes == *n && c.latency_ms == *l)
+                    .and_then(cell)
+                    .unwrap_or_else(|| "failed".into());
+                t.push_str(&format!("{s:>16}"));
+            }
+            t.push('\n');
+        }
+        t
     };
-    out.push_str(&header(
+    out.push_str(&table(
         "decode tok/s (p50; ratio vs 0 ms on the same ring)",
+        &|c| {
+            c.decode_tok_s.map(|d| match c.decode_ratio {
+                Some(r) => format!("{d:.1} = {r:.2}x"),
+                None => format!("{d:.1}"),
+            })
+        },
     ));
-    for (e, n) in &rings {
-        out.push_str(&format!("{:<11}{:>6}", e.to_string(), n));
-        for l in &lats {
-            let c = m
-                .cells
-                .iter()
-                .find(|c| c.engine == *e && c.nodes == *n && c.latency_ms == *l);
-            let s = match c.and_then(|c| c.decode_tok_s.map(|d| (d, c.decode_ratio))) {
-                Some((d, Some(r))) => format!("{d:.1} = {r:.2}x"),
-                Some((d, None)) => format!("{d:.1}"),
-                None => "failed".into(),
-            };
-            out.push_str(&format!("{s:>16}"));
-        }
-        out.push('\n');
-    }
-    out.push_str(&header("TTFT ms (p50)"));
-    for (e, n) in &rings {
-        out.push_str(&format!("{:<11}{:>6}", e.to_string(), n));
-        for l in &lats {
-            let c = m
-                .cells
-                .iter()
-                .find(|c| c.engine == *e && c.nodes == *n && c.latency_ms == *l);
-            let s = c
-                .and_then(|c| c.ttft_s)
-                .map_or("failed".into(), |t| format!("{:.0}", t * 1000.0));
-            out.push_str(&format!("{s:>16}"));
-        }
-        out.push('\n');
-    }
+    out.push_str(&table("TTFT ms (p50)", &|c| {
+        c.ttft_s.map(|t| format!("{:.0}", t * 1000.0))
+    }));
     out
 }
 
