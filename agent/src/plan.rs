@@ -131,7 +131,7 @@ pub fn plan(
                 master: head,
                 next,
                 ports,
-                model_path: model.path.clone(),
+                model_path: config.model_path(node.rank, model),
                 model_name: model.name.clone(),
                 ctx_size: model.ctx_size,
                 layer_windows: if is_head { windows.clone() } else { None },

@@ -431,6 +431,64 @@ pub struct ModelFact {
     /// While hashing: the bytes hashed so far (of `size`), for progress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hashed_bytes: Option<u64>,
+    /// The latest delivery of this file to this node since the agent started, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<TransferFact>,
+}
+
+/// `POST /v1/models/fetch`: get `model`'s file from node `from_rank` (the receiving node
+/// looks both up in its own config: nobody can point it at another address or path).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchRequest {
+    pub model: String,
+    pub from_rank: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransferState {
+    /// Bytes are arriving (or the source is still hashing its copy).
+    Running,
+    /// The whole file arrived, matched its sha256 and was renamed into place.
+    Done,
+    /// Given up; `error` says why. What arrived stays in the partial file for a resume, unless
+    /// it was the bytes that were wrong.
+    Failed,
+}
+
+/// One model file's delivery to a node, as the receiving node reports it (in its facts, and at
+/// `GET /v1/models/transfers`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransferFact {
+    pub model: String,
+    pub from_rank: u32,
+    pub state: TransferState,
+    /// The file's size once the source said it (0 before).
+    pub total_bytes: u64,
+    /// Bytes in the partial file so far, counting those kept from an earlier attempt.
+    pub done_bytes: u64,
+    /// Bytes already there when this attempt began (a resume), 0 for a fresh start.
+    pub resumed_from: u64,
+    /// Recent receive rate; none before the first second.
+    pub bytes_per_s: Option<f64>,
+    pub eta_s: Option<f64>,
+    /// What it is doing now, for people ("receiving", "waiting for rank 0 to hash its copy",
+    /// "verifying sha256").
+    pub activity: String,
+    pub error: Option<String>,
+    pub started_unix: u64,
+    pub finished_unix: Option<u64>,
+    /// Seconds from start to finish (or until now), and the mean rate over the bytes this
+    /// attempt received.
+    pub seconds: f64,
+}
+
+impl TransferFact {
+    /// Percent done, for "transferring 42 %".
+    pub fn percent(&self) -> Option<u32> {
+        (self.total_bytes > 0)
+            .then(|| ((self.done_bytes as f64 / self.total_bytes as f64) * 100.0).floor() as u32)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -617,6 +675,8 @@ pub enum EventDetail {
         #[serde(flatten)]
         fields: serde_json::Map<String, serde_json::Value>,
     },
+    /// A model delivery to `rank` started, resumed, ended or failed: the fields of its
+    /// [`TransferFact`] (`state` running, done or failed).
     Transfer {
         #[serde(flatten)]
         fields: serde_json::Map<String, serde_json::Value>,

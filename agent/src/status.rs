@@ -636,6 +636,7 @@ mod tests {
                 expected_sha256: None,
                 matches_expected: None,
                 hashed_bytes: hashed,
+                transfer: None,
             },
             memory: None,
             cpu: None,

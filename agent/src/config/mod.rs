@@ -91,6 +91,19 @@ pub struct Config {
     pub nodes: Vec<Node>,
     /// Mutual TLS on the control plane; `None`: plain HTTP (warned about at start).
     pub tls: Option<Tls>,
+    pub delivery: Delivery,
+}
+
+/// `[delivery]`: node agents fetch a missing or mismatched model file from a node that has it
+/// (see [`crate::node::deliver`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct Delivery {
+    /// The coordinator asks nodes to fetch what they lack; `false`: copy files yourself (the
+    /// Ansible model role), and a node without its file is refused as before.
+    pub enabled: bool,
+    /// The most a receiving node reads per second, in Mbit/s (`None`: as fast as the link), so
+    /// a transfer beside a serving ring leaves its traffic room.
+    pub max_mbit: Option<u64>,
 }
 
 /// Where the default `[tls]` files live (what `llm-agent pki` writes).
@@ -304,6 +317,9 @@ pub struct Node {
     pub threads: Option<u32>,
     /// Directory holding the engine binaries; PATH is searched when absent.
     pub engine_dir: Option<PathBuf>,
+    /// Where this node keeps model files, when not where `model.path` says: each model's file
+    /// is then `model_dir/<file name of model.path>` here (see [`Config::model_path`]).
+    pub model_dir: Option<PathBuf>,
 }
 
 impl Model {
@@ -368,10 +384,20 @@ impl Config {
         c
     }
 
-    /// Whether `path` is any configured model's file (the node accepts a spec naming it).
-    #[allow(dead_code)] // read by the model switch and the node's spec check
-    pub fn is_model_path(&self, path: &Path) -> bool {
-        self.models.iter().any(|m| m.path == path)
+    /// Where node `rank` keeps `model`'s file: `model.path`, or under the node's `model_dir`.
+    /// Every reader of a node's model path (its facts, its engine's command line, the plan the
+    /// coordinator sends, the node's check of it) goes through here.
+    pub fn model_path(&self, rank: u32, model: &Model) -> PathBuf {
+        match self.node(rank).and_then(|n| n.model_dir.as_ref()) {
+            Some(dir) => dir.join(model.path.file_name().unwrap_or(model.path.as_os_str())),
+            None => model.path.clone(),
+        }
+    }
+
+    /// Whether `rank`'s engine reads the model file itself: every prima rank; only rank 0 of a
+    /// llama.cpp RPC ring (its workers get the weights over the network).
+    pub fn reads_model(&self, rank: u32) -> bool {
+        self.cluster.engine == EngineKind::Prima || rank == 0
     }
 
     pub fn head(&self) -> &Node {

@@ -30,6 +30,30 @@ pub struct File {
     pub nodes: Vec<Spanned<NodeSection>>,
     /// Present (even empty): the control plane speaks mutual TLS.
     pub tls: Option<Spanned<TlsSection>>,
+    #[serde(default)]
+    pub delivery: DeliverySection,
+}
+
+/// `[delivery]`: how node agents copy model files from each other (see `node::deliver`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [delivery] table")]
+pub struct DeliverySection {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    pub max_mbit: Option<Spanned<u64>>,
+}
+
+impl Default for DeliverySection {
+    fn default() -> Self {
+        DeliverySection {
+            enabled: true,
+            max_mbit: None,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// `[tls]`: where the cluster CA and this node's certificate and key are. `{rank}` in `cert`
@@ -279,6 +303,7 @@ pub struct NodeSection {
     pub gpu_layers: Option<u32>,
     pub threads: Option<Spanned<u32>>,
     pub engine_dir: Option<PathBuf>,
+    pub model_dir: Option<Spanned<PathBuf>>,
 }
 
 fn default_gpu_mem() -> Spanned<f64> {

@@ -158,6 +158,7 @@ fn build(
             "no [[node]] entries: list at least one machine (rank 0 is the head node)",
         ));
     }
+    let mut model_dir_span: Option<Range<usize>> = None;
     for spanned in file.nodes {
         let span = spanned.span();
         let n = spanned.into_inner();
@@ -222,6 +223,18 @@ fn build(
                 ));
             }
         }
+        if let Some(d) = &n.model_dir {
+            model_dir_span.get_or_insert(d.span());
+            if !d.get_ref().is_absolute() {
+                problems.push(loc.at(
+                    d.span(),
+                    format!(
+                        "model_dir `{}` is relative: expected an absolute directory (e.g. \"/var/lib/llm-cluster/models\")",
+                        d.get_ref().display()
+                    ),
+                ));
+            }
+        }
         nodes.push(Node {
             rank: rank as u32,
             address,
@@ -230,6 +243,7 @@ fn build(
             gpu_layers: n.gpu_layers,
             threads: n.threads.map(|t| t.into_inner()),
             engine_dir: n.engine_dir,
+            model_dir: n.model_dir.map(Spanned::into_inner),
         });
         node_lines.push(span);
     }
@@ -290,6 +304,34 @@ fn build(
             claim(alias, span, problems);
         }
         models.push(model);
+    }
+    // A node's model_dir holds every model by its file name: two models with one file name
+    // would be one file there.
+    if let Some(dir_span) = model_dir_span {
+        let mut by_file: BTreeMap<std::ffi::OsString, &Model> = BTreeMap::new();
+        for m in &models {
+            let file = m
+                .path
+                .file_name()
+                .map(|f| f.to_os_string())
+                .unwrap_or_default();
+            match by_file.get(&file) {
+                Some(first) if first.path != m.path => problems.push(loc.at(
+                    dir_span.clone(),
+                    format!(
+                        "models `{}` and `{}` have the same file name {}: a node's model_dir \
+                         keeps every model under its file name, so give them different file names",
+                        first.name,
+                        m.name,
+                        file.to_string_lossy()
+                    ),
+                )),
+                Some(_) => {}
+                None => {
+                    by_file.insert(file, m);
+                }
+            }
+        }
     }
     let default_model = match &cluster.default_model {
         Some(d) => match models.iter().position(|m| m.answers_to(d.get_ref())) {
@@ -414,6 +456,21 @@ fn build(
     }
 
     let tls = file.tls.map(|t| tls_section(t, loc, problems));
+    if let Some(m) = file
+        .delivery
+        .max_mbit
+        .as_ref()
+        .filter(|m| *m.get_ref() == 0)
+    {
+        problems.push(loc.at(
+            m.span(),
+            "delivery.max_mbit must be at least 1 (omit it for no cap)",
+        ));
+    }
+    let delivery = Delivery {
+        enabled: file.delivery.enabled,
+        max_mbit: file.delivery.max_mbit.map(Spanned::into_inner),
+    };
     let config = Config {
         source: source.to_path_buf(),
         cluster: Cluster {
@@ -475,6 +532,7 @@ fn build(
         },
         nodes,
         tls,
+        delivery,
     };
     if missing.is_empty() {
         check_ports(&config, loc, &node_spans, problems);

@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use super::check::{self, NodeReport};
 use super::client::Nodes;
+use super::delivery;
 use super::state::NodeCheck;
 use crate::config::{check_layer_total, Config, EngineKind};
 use crate::plan::plan;
@@ -31,12 +32,13 @@ pub async fn look_at_nodes(
     nodes: &dyn Nodes,
     remembered: Option<&Placement>,
 ) -> NodesLook {
-    let facts: Vec<NodeReport> =
+    let mut facts: Vec<NodeReport> =
         join_all(config.nodes.iter().map(|n| nodes.facts(n.agent_addr()))).await;
+    deliver(config, nodes, &mut facts).await;
     let (mut check, warnings) = check::check_nodes(config, &facts);
     if check == NodeCheck::Ready {
         if let Some(windows) = &config.model().layer_windows {
-            match crate::gguf::read_info(&config.model().path) {
+            match crate::gguf::read_info(&config.model_path(0, config.model())) {
                 Ok(info) => {
                     if let Err(e) = check_layer_total(windows, info.block_count) {
                         check = NodeCheck::Refused(format!("{}: {e}", config.source.display()));
@@ -78,6 +80,43 @@ pub async fn look_at_nodes(
         facts,
         warnings,
         statuses,
+    }
+}
+
+/// Asks every node that lacks a model file to fetch it ([`delivery::plan`]) and puts the
+/// transfers' states into `facts`, so the check that follows waits for them instead of refusing
+/// the missing files.
+async fn deliver(config: &Config, nodes: &dyn Nodes, facts: &mut [NodeReport]) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let wanted = delivery::plan(config, facts, now);
+    let asked = join_all(wanted.iter().map(|d| async move {
+        let addr = config.nodes[d.rank as usize].agent_addr();
+        (d, nodes.fetch(addr, &d.request).await)
+    }))
+    .await;
+    for (d, answer) in asked {
+        match answer {
+            Ok(t) => {
+                tracing::info!(rank = d.rank, model = %d.request.model, from_rank = d.request.from_rank, "asked a node to fetch a model file");
+                let Some(Ok(f)) = facts.get_mut(d.rank as usize) else {
+                    continue;
+                };
+                let Some(i) = config.find_model(&d.request.model) else {
+                    continue;
+                };
+                if let Some(m) = f.models.get_mut(i) {
+                    m.transfer = Some(t.clone());
+                }
+                if i == config.loaded {
+                    f.model.transfer = Some(t);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(rank = d.rank, model = %d.request.model, error = %format!("{e:#}"), "cannot ask a node to fetch a model file")
+            }
+        }
     }
 }
 

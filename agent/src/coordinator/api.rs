@@ -445,7 +445,8 @@ async fn model_served(s: &ApiState, requested: &str, generation: u64) -> Result<
 
 /// `/v1/models`: every configured model, OpenAI's fields first, and in `llm_cluster` (which
 /// OpenAI clients ignore) its state: `loaded`, `switching` (the ring is moving to it),
-/// `available`, or `missing` with the nodes whose file is absent or does not match.
+/// `transferring NN %` (nodes are receiving its file, each in `transfers`), `available`, or
+/// `missing` with the nodes whose file is absent or does not match.
 fn model_listing(s: &ApiState) -> serde_json::Value {
     let gate = s.gateway.gate();
     let snap = gate.snapshot();
@@ -453,29 +454,51 @@ fn model_listing(s: &ApiState) -> serde_json::Value {
     let data: Vec<serde_json::Value> = (0..gate.len())
         .map(|i| {
             let names = gate.names(i);
-            let path = gate.path(i);
-            let missing: Vec<u32> = view
-                .nodes
-                .iter()
-                .filter_map(|n| {
-                    let f = n.facts.as_ref()?;
-                    let fact = f.models.iter().find(|x| Some(x.path.as_path()) == path)?;
-                    let bad = matches!(
-                        fact.hash,
-                        crate::proto::HashState::Missing | crate::proto::HashState::Error { .. }
-                    ) || fact.matches_expected == Some(false);
-                    bad.then_some(n.rank)
-                })
-                .collect();
-            let state = if snap.target == Some(i) {
-                "switching"
+            let mut missing: Vec<u32> = Vec::new();
+            let mut transfers: Vec<serde_json::Value> = Vec::new();
+            let (mut done, mut total) = (0u64, 0u64);
+            for n in &view.nodes {
+                let Some(fact) = n
+                    .facts
+                    .as_ref()
+                    .and_then(|f| super::delivery::model_fact(f, i, snap.loaded))
+                else {
+                    continue;
+                };
+                let bad = matches!(
+                    fact.hash,
+                    crate::proto::HashState::Missing | crate::proto::HashState::Error { .. }
+                ) || fact.matches_expected == Some(false);
+                let running = fact
+                    .transfer
+                    .as_ref()
+                    .filter(|t| t.state == crate::proto::TransferState::Running);
+                if let Some(t) = running.filter(|_| bad) {
+                    done += t.done_bytes;
+                    total += t.total_bytes;
+                    transfers.push(json!({
+                        "rank": n.rank,
+                        "from_rank": t.from_rank,
+                        "percent": t.percent(),
+                        "bytes_per_s": t.bytes_per_s,
+                        "eta_s": t.eta_s,
+                    }));
+                } else if bad {
+                    missing.push(n.rank);
+                }
+            }
+            let percent = (total > 0).then(|| (done as f64 / total as f64 * 100.0).floor() as u32);
+            let state = if snap.target == Some(i) && transfers.is_empty() {
+                "switching".to_string()
             } else if snap.loaded == i && !snap.unloaded && snap.target.is_none() && view.serving()
             {
-                "loaded"
+                "loaded".to_string()
+            } else if !transfers.is_empty() {
+                format!("transferring {} %", percent.unwrap_or(0))
             } else if !missing.is_empty() {
-                "missing"
+                "missing".to_string()
             } else {
-                "available"
+                "available".to_string()
             };
             json!({
                 "id": names.first(),
@@ -486,6 +509,7 @@ fn model_listing(s: &ApiState) -> serde_json::Value {
                     "state": state,
                     "aliases": names.get(1..).unwrap_or_default(),
                     "missing_on": missing,
+                    "transfers": transfers,
                 },
             })
         })

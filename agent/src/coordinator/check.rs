@@ -3,7 +3,7 @@
 use crate::config::Config;
 use crate::proto::{
     HashState, InstalledPackage, LinkReport, NodeFacts, Placement, RankPhase, RankStatus,
-    AGENT_VERSION, PROTOCOL_VERSION,
+    TransferState, AGENT_VERSION, PROTOCOL_VERSION,
 };
 
 use super::state::NodeCheck;
@@ -106,28 +106,41 @@ pub fn check_nodes(config: &Config, facts: &[NodeReport]) -> (NodeCheck, Vec<Str
             }
             _ => {}
         }
-        match &f.model_at(&config.model().path).hash {
-            HashState::Missing => refused.push(format!(
-                "{}: model file {} not found",
+        let path = config.model_path(r as u32, config.model());
+        let m = f.model_at(&path);
+        let transfer = m.transfer.as_ref();
+        match (&m.hash, transfer.map(|t| t.state)) {
+            (_, Some(TransferState::Running))
+                if matches!(m.hash, HashState::Missing) || m.matches_expected == Some(false) =>
+            {
+                waiting.push(format!(
+                    "{} is {}",
+                    who(r),
+                    transfer.map(super::delivery::describe).unwrap_or_default()
+                ))
+            }
+            (HashState::Missing, _) => refused.push(format!(
+                "{}: model file {} not found{}",
                 who(r),
-                f.model_at(&config.model().path).path.display()
+                m.path.display(),
+                delivery_note(config, transfer)
             )),
-            HashState::Hashing => waiting.push(format!("{} is still hashing its model", who(r))),
-            HashState::Error { message } => refused.push(format!("{}: {message}", who(r))),
-            HashState::Done { sha256 } => {
-                if f.model_at(&config.model().path).matches_expected == Some(false) {
+            (HashState::Hashing, _) => {
+                waiting.push(format!("{} is still hashing its model", who(r)))
+            }
+            (HashState::Error { message }, _) => refused.push(format!("{}: {message}", who(r))),
+            (HashState::Done { sha256 }, _) => {
+                if m.matches_expected == Some(false) {
                     refused.push(format!(
-                        "{}: model {} has sha256 {sha256}, but the config expects {}",
+                        "{}: model {} has sha256 {sha256}, but the config expects {}{}",
                         who(r),
-                        f.model_at(&config.model().path).path.display(),
-                        f.model_at(&config.model().path)
-                            .expected_sha256
-                            .as_deref()
-                            .unwrap_or("?")
+                        m.path.display(),
+                        m.expected_sha256.as_deref().unwrap_or("?"),
+                        delivery_note(config, transfer)
                     ));
                 }
             }
-            HashState::NotRequired => {}
+            (HashState::NotRequired, _) => {}
         }
         if f.engine_version.is_none() {
             warnings.push(format!(
@@ -206,9 +219,14 @@ pub fn check_nodes(config: &Config, facts: &[NodeReport]) -> (NodeCheck, Vec<Str
     // Every node that reads the model must read the same bytes.
     let hashes: Vec<(usize, &str)> = ok
         .iter()
-        .filter_map(|(r, f)| match &f.model_at(&config.model().path).hash {
-            HashState::Done { sha256 } => Some((*r, sha256.as_str())),
-            _ => None,
+        .filter_map(|(r, f)| {
+            match &f
+                .model_at(&config.model_path(*r as u32, config.model()))
+                .hash
+            {
+                HashState::Done { sha256 } => Some((*r, sha256.as_str())),
+                _ => None,
+            }
         })
         .collect();
     if let Some((r0, h0)) = hashes.first() {
@@ -236,6 +254,22 @@ pub fn check_nodes(config: &Config, facts: &[NodeReport]) -> (NodeCheck, Vec<Str
         NodeCheck::Ready
     };
     (verdict, warnings)
+}
+
+/// What a refusal of a missing or wrong model file adds about its delivery.
+fn delivery_note(config: &Config, transfer: Option<&crate::proto::TransferFact>) -> String {
+    match transfer {
+        Some(t) if t.state == TransferState::Failed => format!(
+            "; its delivery from rank {} failed: {} (asked again every {} s)",
+            t.from_rank,
+            t.error.as_deref().unwrap_or("no reason given"),
+            super::delivery::RETRY_AFTER_S
+        ),
+        _ if config.delivery.enabled => {
+            "; no node has a verified copy to deliver: put the file on one node (the head)".into()
+        }
+        _ => "; [delivery] is off: copy the file there".into(),
+    }
 }
 
 /// Why the ring cannot start yet for want of a link between ranks, naming each broken one, as
@@ -457,11 +491,54 @@ pub fn common_build(builds: &[Option<Build>]) -> Option<Build> {
     Some(known[1..].iter().fold((*first).clone(), |m, b| m.merged(b)))
 }
 
+/// Facts for tests elsewhere in the coordinator (a consistent prima node), to vary.
+#[cfg(test)]
+pub mod tests_support {
+    use crate::config::EngineKind;
+    use crate::proto::{
+        BinaryFact, HashState, ModelFact, NodeFacts, AGENT_VERSION, PROTOCOL_VERSION,
+    };
+    use std::path::PathBuf;
+
+    pub fn facts(rank: u32) -> NodeFacts {
+        NodeFacts {
+            agent_version: AGENT_VERSION.into(),
+            protocol_version: PROTOCOL_VERSION,
+            rank,
+            hostname: "h".into(),
+            engine: EngineKind::Prima,
+            binaries: vec![BinaryFact {
+                name: "prima-cli".into(),
+                path: Some(PathBuf::from("/usr/bin/prima-cli")),
+                used_by_this_rank: true,
+            }],
+            engine_version: Some("b1".into()),
+            engine_package: None,
+            models: Vec::new(),
+            model: ModelFact {
+                path: PathBuf::from("/m.gguf"),
+                size: Some(1),
+                hash: HashState::Done { sha256: "h".into() },
+                expected_sha256: None,
+                matches_expected: None,
+                hashed_bytes: None,
+                transfer: None,
+            },
+            memory: None,
+            cpu: None,
+            gpus: vec![],
+            network: vec![],
+            tls: None,
+            rpc_cache: None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::EngineKind;
-    use crate::proto::{BinaryFact, ModelFact};
+    use crate::proto::BinaryFact;
     use std::path::{Path, PathBuf};
 
     fn running_generation_of(c: &Config, statuses: &[Option<RankStatus>]) -> Option<u64> {
@@ -475,35 +552,10 @@ mod tests {
     }
 
     fn facts(rank: u32, version: &str, hash: HashState) -> NodeReport {
-        Ok(NodeFacts {
-            agent_version: AGENT_VERSION.into(),
-            protocol_version: PROTOCOL_VERSION,
-            rank,
-            hostname: "h".into(),
-            engine: EngineKind::Prima,
-            binaries: vec![BinaryFact {
-                name: "prima-cli".into(),
-                path: Some(PathBuf::from("/usr/bin/prima-cli")),
-                used_by_this_rank: true,
-            }],
-            engine_version: Some(version.into()),
-            engine_package: None,
-            models: Vec::new(),
-            model: ModelFact {
-                path: PathBuf::from("/m.gguf"),
-                size: Some(1),
-                hash,
-                expected_sha256: None,
-                matches_expected: None,
-                hashed_bytes: None,
-            },
-            memory: None,
-            cpu: None,
-            gpus: vec![],
-            network: vec![],
-            tls: None,
-            rpc_cache: None,
-        })
+        let mut f = tests_support::facts(rank);
+        f.engine_version = Some(version.into());
+        f.model.hash = hash;
+        Ok(f)
     }
 
     fn done(h: &str) -> HashState {

@@ -11,8 +11,8 @@ use async_trait::async_trait;
 
 use super::check::{FactsError, NodeReport};
 use crate::proto::{
-    FactsVersion, LinkReport, NodeFacts, RankPlacement, RankSpec, RankStatus, RankUsage, WaitQuery,
-    STOP_GRACE,
+    FactsVersion, FetchRequest, LinkReport, NodeFacts, RankPlacement, RankSpec, RankStatus,
+    RankUsage, TransferFact, WaitQuery, STOP_GRACE,
 };
 
 #[async_trait]
@@ -37,6 +37,8 @@ pub trait Nodes: Send + Sync + 'static {
     async fn links(&self, addr: SocketAddr) -> Result<LinkReport>;
     /// The placement prima's rank 0 printed when it scheduled the ring.
     async fn placement(&self, addr: SocketAddr) -> Result<RankPlacement>;
+    /// Asks the node to fetch a model file from another node; the transfer as it stands.
+    async fn fetch(&self, addr: SocketAddr, req: &FetchRequest) -> Result<TransferFact>;
     /// Whether rank 0's engine server, on this machine's loopback `port`, reports healthy.
     async fn head_healthy(&self, port: u16) -> bool;
     /// Sends a one-token completion through the ring (rank 0's server on loopback `port`) and
@@ -186,6 +188,18 @@ impl Nodes for NodeClient {
             .get(self.url(addr, "/v1/rank/placement"))
             .bearer_auth(&self.token)
             .timeout(Duration::from_secs(15))
+            .send()
+            .await?;
+        Ok(Self::check(resp).await?.json().await?)
+    }
+
+    async fn fetch(&self, addr: SocketAddr, req: &FetchRequest) -> Result<TransferFact> {
+        let resp = self
+            .http
+            .post(self.url(addr, "/v1/models/transfers"))
+            .bearer_auth(&self.token)
+            .json(req)
+            .timeout(Duration::from_secs(10))
             .send()
             .await?;
         Ok(Self::check(resp).await?.json().await?)

@@ -114,6 +114,8 @@ struct Run {
     probing: bool,
     narrator: Narrator,
     switch: Option<SwitchRun>,
+    /// Model deliveries already told as events.
+    transfers: super::delivery::Seen,
 }
 
 impl Driver {
@@ -147,6 +149,7 @@ impl Driver {
             probing: false,
             narrator: Narrator::default(),
             switch: None,
+            transfers: Default::default(),
         };
         let mut gate_changed = self.gate.subscribe();
         for (rank, node) in self.config.nodes.iter().enumerate() {
@@ -202,6 +205,9 @@ impl Driver {
                     Msg::Event(e) => events.push(e),
                     Msg::Node { rank, status } => observe(&mut run, rank, *status, &mut events),
                     Msg::Facts(facts, warnings) => {
+                        for (rank, t) in super::delivery::changes(&mut run.transfers, &facts) {
+                            self.emit(transfer_event(rank, &t));
+                        }
                         self.view.send_modify(|v| v.update_facts(&facts, warnings));
                     }
                     Msg::Usage(generation, samples) => {
@@ -680,6 +686,46 @@ impl Driver {
                 }
             }
         }
+    }
+}
+
+/// A delivery that started, resumed, finished or failed, for `/api/v1/events` and the counter.
+fn transfer_event(rank: u32, t: &crate::proto::TransferFact) -> events::Draft {
+    use crate::node::deliver::human_bytes;
+    use crate::proto::TransferState;
+    let message = match t.state {
+        TransferState::Running if t.resumed_from > 0 => format!(
+            "rank {rank} resumes receiving model {} from rank {} at byte {}",
+            t.model, t.from_rank, t.resumed_from
+        ),
+        TransferState::Running => format!(
+            "rank {rank} receives model {} from rank {}",
+            t.model, t.from_rank
+        ),
+        TransferState::Done => format!(
+            "rank {rank} received model {} from rank {}: {} in {:.1} s ({}/s), sha256 verified",
+            t.model,
+            t.from_rank,
+            human_bytes(t.total_bytes.saturating_sub(t.resumed_from)),
+            t.seconds,
+            human_bytes(t.bytes_per_s.unwrap_or(0.0) as u64)
+        ),
+        TransferState::Failed => format!(
+            "rank {rank} could not receive model {} from rank {}: {}",
+            t.model,
+            t.from_rank,
+            t.error.as_deref().unwrap_or("no reason given")
+        ),
+    };
+    let fields = match serde_json::to_value(t) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    events::Draft {
+        generation: None,
+        rank: Some(rank),
+        message,
+        detail: crate::proto::EventDetail::Transfer { fields },
     }
 }
 

@@ -87,6 +87,11 @@ struct RouteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CauseLabels {
     cause: String,
 }
@@ -151,7 +156,7 @@ struct Inner {
     ttft: HistogramFamily<RouteLabels>,
     restarts: Family<CauseLabels, Counter>,
     switches: Counter,
-    transfers: Counter,
+    transfers: Family<ResultLabels, Counter>,
     ranks: Mutex<BTreeMap<u32, RankSample>>,
 }
 
@@ -193,10 +198,16 @@ impl Default for Metrics {
             "Model switches of the ring",
             switches.clone(),
         );
-        let transfers = Counter::default();
+        let transfers = Family::<ResultLabels, Counter>::default();
+        // Both results from the start, so a rate() over them has a zero to begin from.
+        for result in ["done", "failed"] {
+            drop(transfers.get_or_create(&ResultLabels {
+                result: result.into(),
+            }));
+        }
         registry.register(
             "model_transfers",
-            "Model file transfers to nodes",
+            "Model file deliveries to nodes that ended, by result (done: verified and in place)",
             transfers.clone(),
         );
         Metrics(Arc::new(Inner {
@@ -258,8 +269,19 @@ impl Metrics {
             EventDetail::Switch { .. } => {
                 self.0.switches.inc();
             }
-            EventDetail::Transfer { .. } => {
-                self.0.transfers.inc();
+            EventDetail::Transfer { fields } => {
+                if let Some(result) = fields
+                    .get("state")
+                    .and_then(|s| s.as_str())
+                    .filter(|s| matches!(*s, "done" | "failed"))
+                {
+                    self.0
+                        .transfers
+                        .get_or_create(&ResultLabels {
+                            result: result.into(),
+                        })
+                        .inc();
+                }
             }
             _ => {}
         }
@@ -805,7 +827,8 @@ llm_engine_n_decode_total 9\n"
             "llm_cluster_time_to_first_token_seconds_count{route=\"/v1/chat/completions\"} 1",
             "llm_cluster_ring_restarts_total{cause=\"rank_exited\"} 1",
             "llm_cluster_model_switches_total 0",
-            "llm_cluster_model_transfers_total 0",
+            "llm_cluster_model_transfers_total{result=\"done\"} 0",
+            "llm_cluster_model_transfers_total{result=\"failed\"} 0",
             "llm_cluster_prompt_tokens_total{key=\"alice\"} 31",
             "llm_cluster_completion_tokens_total{key=\"alice\"} 7",
             "llm_cluster_queue_rejected_total{key=\"alice\"} 1",

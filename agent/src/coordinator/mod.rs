@@ -12,6 +12,7 @@ pub mod check;
 pub mod client;
 pub mod compat;
 pub mod dashboard;
+pub mod delivery;
 pub mod driver;
 pub mod events;
 pub mod gateway;

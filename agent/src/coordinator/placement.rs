@@ -35,7 +35,7 @@ struct Stored {
 
 fn key(config: &Config) -> Option<Key> {
     use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(&config.model().path).ok()?;
+    let meta = std::fs::metadata(config.model_path(0, config.model())).ok()?;
     Some(Key {
         model: config.model().path.clone(),
         model_size: meta.size(),

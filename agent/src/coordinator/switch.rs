@@ -123,7 +123,6 @@ pub struct ModelGate {
     changed: watch::Sender<u64>,
     /// Names and aliases, by model index (the config's order).
     names: Arc<[Vec<String>]>,
-    paths: Arc<[std::path::PathBuf]>,
     max_waiting: usize,
 }
 
@@ -185,9 +184,7 @@ impl ModelGate {
                     .collect()
             })
             .collect();
-        let mut g = ModelGate::for_names(names, config.loaded, config.api.queue_size as usize);
-        g.paths = config.models.iter().map(|m| m.path.clone()).collect();
-        g
+        ModelGate::for_names(names, config.loaded, config.api.queue_size as usize)
     }
 
     pub fn len(&self) -> usize {
@@ -197,11 +194,6 @@ impl ModelGate {
     /// Model `model`'s name, then its aliases.
     pub fn names(&self, model: usize) -> &[String] {
         self.names.get(model).map_or(&[], |n| n.as_slice())
-    }
-
-    /// Model `model`'s file, when the gate was made from a config.
-    pub fn path(&self, model: usize) -> Option<&std::path::Path> {
-        self.paths.get(model).map(|p| p.as_path())
     }
 
     /// A gate for models known by `names` (name first, then aliases), `loaded` serving.
@@ -224,7 +216,6 @@ impl ModelGate {
             })),
             changed,
             names: names.into(),
-            paths: Arc::from(Vec::new()),
             max_waiting,
         }
     }

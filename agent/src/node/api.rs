@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use axum::extract::{Query, Request, State};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -17,7 +18,9 @@ use serde_json::json;
 
 use super::{ApplyError, NodeAgent};
 use crate::auth::{bearer, Secret};
-use crate::proto::{RankPlacement, RankSpec, RankStatus, RankUsage, WaitQuery, MAX_WAIT};
+use crate::proto::{
+    FetchRequest, RankPlacement, RankSpec, RankStatus, RankUsage, WaitQuery, MAX_WAIT,
+};
 use crate::server::{self, Server, Signals};
 
 #[derive(Clone)]
@@ -39,6 +42,8 @@ pub(super) const ROUTES: &[Route] = &[
     ("/v1/rank/usage", || get(usage)),
     ("/v1/rank/placement", || get(placement)),
     ("/v1/links", || get(links)),
+    ("/v1/models/transfers", || get(transfers).post(fetch)),
+    ("/v1/models/{name}/file", || get(model_file)),
 ];
 
 pub fn router(agent: Arc<NodeAgent>, token: Secret, stopping: CancellationToken) -> Router {
@@ -134,4 +139,27 @@ async fn usage(State(s): State<AppState>) -> Json<RankUsage> {
 
 async fn stop(State(s): State<AppState>) -> Json<RankStatus> {
     Json(s.agent.stop().await)
+}
+
+/// Every model delivery to this node since its agent started.
+async fn transfers(State(s): State<AppState>) -> Response {
+    Json(s.agent.deliveries.all()).into_response()
+}
+
+/// Starts fetching a model's file from another node (202), or answers with the fetch already
+/// running for it.
+async fn fetch(State(s): State<AppState>, Json(req): Json<FetchRequest>) -> Response {
+    match s.agent.fetch_model(&req) {
+        Ok(fact) => (StatusCode::ACCEPTED, Json(fact)).into_response(),
+        Err((status, why)) => error(status, why),
+    }
+}
+
+/// This node's copy of a model, for another node's fetch.
+async fn model_file(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    s.agent.serve_model_file(&name, &headers)
 }

@@ -184,6 +184,24 @@ impl ModelHasher {
         (Some(size), HashState::Hashing)
     }
 
+    /// Records `sha256` as the hash of `path` as it is now: a delivered file was hashed as it
+    /// arrived, and hashing 40 GB again would keep the ring waiting for nothing.
+    pub fn record(&self, path: &Path, sha256: String) {
+        let Ok(meta) = std::fs::metadata(path) else {
+            return;
+        };
+        let mut map = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        map.insert(
+            path.to_path_buf(),
+            (FileVersion::of(&meta), HashState::Done { sha256 }),
+        );
+        if let Some(store) = &self.store {
+            Self::save(store, &map);
+        }
+        drop(map);
+        self.finished.send_modify(|n| *n += 1);
+    }
+
     /// How many bytes of `path` the running hash has read; none when it is not being hashed.
     pub fn hashed_bytes(&self, path: &Path) -> Option<u64> {
         self.progress
@@ -304,6 +322,7 @@ pub fn model_fact(
             expected_sha256: expected_sha256.map(str::to_string),
             matches_expected,
             hashed_bytes,
+            transfer: None,
         }
     } else {
         ModelFact {
@@ -313,6 +332,7 @@ pub fn model_fact(
             expected_sha256: expected_sha256.map(str::to_string),
             matches_expected: None,
             hashed_bytes: None,
+            transfer: None,
         }
     }
 }

@@ -3,6 +3,7 @@
 //! repeating a request is harmless and a late request from an older ring is refused.
 
 pub mod api;
+pub mod deliver;
 pub mod facts;
 mod listen;
 pub mod rpc_cache;
@@ -80,6 +81,8 @@ pub struct NodeAgent {
     /// cleanup before the last start did.
     rpc_cache: Option<rpc_cache::RpcCache>,
     last_prune: std::sync::Mutex<Option<proto::RpcCachePrune>>,
+    /// Model files fetched from other nodes ([`deliver`]).
+    pub deliveries: deliver::Deliveries,
 }
 
 impl NodeAgent {
@@ -102,7 +105,7 @@ impl NodeAgent {
             .then(|| {
                 let max = config.model().rpc_cache_max_bytes.unwrap_or_else(|| {
                     rpc_cache::default_max_bytes(
-                        std::fs::metadata(&config.model().path)
+                        std::fs::metadata(config.model_path(rank, config.model()))
                             .ok()
                             .map(|m| m.len()),
                     )
@@ -134,6 +137,7 @@ impl NodeAgent {
             tls: std::sync::OnceLock::new(),
             rpc_cache,
             last_prune: std::sync::Mutex::new(None),
+            deliveries: deliver::Deliveries::default(),
         });
         let weak = Arc::downgrade(&agent);
         tokio::spawn(async move {
@@ -318,14 +322,149 @@ impl NodeAgent {
         if self.needs_model() {
             // Every configured model: the ring may switch to any of them.
             for m in &self.config.models {
-                self.hasher.state(&m.path);
+                self.hasher.state(&self.config.model_path(self.rank, m));
             }
         }
     }
 
     /// Whether this node's rank reads the model file itself.
     fn needs_model(&self) -> bool {
-        self.config.cluster.engine == EngineKind::Prima || self.rank == 0
+        self.config.reads_model(self.rank)
+    }
+
+    /// Serves this node's copy of model `name` to another node ([`deliver::serve`]). A node
+    /// whose rank does not read the model (a llama.cpp rpc worker) hashes a copy it has on the
+    /// first request.
+    pub fn serve_model_file(
+        &self,
+        name: &str,
+        headers: &axum::http::HeaderMap,
+    ) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        let Some(model) = self.config.find_model(name).map(|i| &self.config.models[i]) else {
+            return (
+                axum::http::StatusCode::NOT_FOUND,
+                axum::Json(serde_json::json!({
+                    "error": format!("no model named {name} in {}", self.config.source.display())
+                })),
+            )
+                .into_response();
+        };
+        let path = self.config.model_path(self.rank, model);
+        let state = self.hasher.state(&path);
+        deliver::serve(
+            self.rank,
+            &model.name,
+            &path,
+            model.sha256.as_deref(),
+            state,
+            self.hasher.hashed_bytes(&path),
+            headers,
+        )
+    }
+
+    /// Starts fetching `req.model`'s file from `req.from_rank` in the background; the fact of
+    /// the transfer (a running one if there is one) comes back at once.
+    pub fn fetch_model(
+        self: &Arc<Self>,
+        req: &proto::FetchRequest,
+    ) -> Result<proto::TransferFact, (axum::http::StatusCode, String)> {
+        use axum::http::StatusCode;
+        let source = self.config.source.display();
+        let model = self
+            .config
+            .find_model(&req.model)
+            .map(|i| self.config.models[i].clone())
+            .ok_or_else(|| {
+                (
+                    StatusCode::NOT_FOUND,
+                    format!("no model named {} in {source}", req.model),
+                )
+            })?;
+        if !self.config.delivery.enabled {
+            return Err((
+                StatusCode::CONFLICT,
+                format!(
+                    "model delivery is off on rank {} ([delivery] enabled = false in {source})",
+                    self.rank
+                ),
+            ));
+        }
+        let from = self.config.node(req.from_rank).ok_or_else(|| {
+            (
+                StatusCode::BAD_REQUEST,
+                format!("no [[node]] with rank = {} in {source}", req.from_rank),
+            )
+        })?;
+        if req.from_rank == self.rank {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                format!("rank {} cannot fetch a model from itself", self.rank),
+            ));
+        }
+        let token = crate::auth::load_token(&self.config.cluster.token_file)
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
+        let tls = crate::tls::client_config_for(&self.config, self.rank)
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut url = reqwest::Url::parse(&format!("{scheme}://{}/", from.agent_addr()))
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        if let Ok(mut segments) = url.path_segments_mut() {
+            segments
+                .clear()
+                .extend(["v1", "models", &model.name, "file"]);
+        }
+        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
+        if let Some(tls) = tls {
+            builder = builder.use_preconfigured_tls(tls);
+        }
+        let client = builder
+            .build()
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let fact = match self.deliveries.begin(&model.name, req.from_rank) {
+            Ok(f) => f,
+            Err(running) => return Ok(*running),
+        };
+        let me = self.config.node(self.rank).map(|n| n.agent_addr());
+        let fetch = deliver::Fetch {
+            model: model.name.clone(),
+            from_rank: req.from_rank,
+            url: url.to_string(),
+            token,
+            dest: self.config.model_path(self.rank, &model),
+            expected: model.sha256.clone(),
+            max_mbit: self.config.delivery.max_mbit,
+            who: match me {
+                Some(a) => format!("rank {} ({a})", self.rank),
+                None => format!("rank {}", self.rank),
+            },
+        };
+        let first = fact.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let dest = fetch.dest.clone();
+        let weak = Arc::downgrade(self);
+        let notify = {
+            let weak = weak.clone();
+            move || {
+                if let Some(a) = weak.upgrade() {
+                    a.update(|s| s.facts_version += 1);
+                }
+            }
+        };
+        tracing::info!(rank = self.rank, model = %model.name, from_rank = req.from_rank, dest = %dest.display(), "fetching a model file");
+        tokio::spawn(async move {
+            match deliver::run(fetch, client, fact, notify).await {
+                Ok(sha) => {
+                    if let Some(a) = weak.upgrade() {
+                        a.hasher.record(&dest, sha);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(model = %model.name, error = %e, "model delivery failed");
+                }
+            }
+        });
+        self.update(|s| s.facts_version += 1);
+        Ok(first)
     }
 
     /// Checks (and with `apply`, sets) the network tuning, logs it and keeps it for the facts.
@@ -341,7 +480,7 @@ impl NodeAgent {
             self.rank,
             self.config.cluster.engine,
             &self.local,
-            &self.config.model().path,
+            &self.config.model_path(self.rank, self.config.model()),
             self.config.model().sha256.as_deref(),
             self.needs_model(),
             &self.hasher,
@@ -352,14 +491,17 @@ impl NodeAgent {
             .models
             .iter()
             .map(|m| {
-                facts::model_fact(
-                    &m.path,
+                let mut fact = facts::model_fact(
+                    &self.config.model_path(self.rank, m),
                     m.sha256.as_deref(),
                     self.needs_model(),
                     &self.hasher,
-                )
+                );
+                fact.transfer = self.deliveries.fact(&m.name);
+                fact
             })
             .collect();
+        f.model.transfer = self.deliveries.fact(&self.config.model().name);
         f.network = self
             .network
             .lock()
@@ -498,7 +640,7 @@ impl NodeAgent {
             .with_loaded(verify::spec_model(&self.config, spec));
         let layers = (crate::plan::halda_places(&config)
             && (spec.layer_windows.is_some() || spec.gpu_layers.is_some()))
-        .then(|| crate::gguf::read_info(&config.model().path).ok())
+        .then(|| crate::gguf::read_info(&config.model_path(self.rank, config.model())).ok())
         .flatten()
         .map(|i| i.block_count);
         verify::verify(&self.config, self.rank, spec, layers).map_err(|r| {

@@ -218,7 +218,7 @@ fn members_of(config: &Config, spec: &RankSpec) -> Result<Vec<u32>, Mismatch> {
 /// The index of the configured model a spec runs: the one with its path (and name, when two
 /// share a file), else the loaded one.
 pub fn spec_model(config: &Config, spec: &RankSpec) -> usize {
-    let by_path = |m: &&crate::config::Model| m.path == spec.model_path;
+    let by_path = |m: &&crate::config::Model| config.model_path(spec.node, m) == spec.model_path;
     config
         .models
         .iter()

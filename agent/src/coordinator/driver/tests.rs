@@ -144,6 +144,7 @@ impl Nodes for FakeCluster {
                 expected_sha256: None,
                 matches_expected: None,
                 hashed_bytes: None,
+                transfer: None,
             },
             memory: None,
             cpu: None,
@@ -175,6 +176,15 @@ impl Nodes for FakeCluster {
         }
         let st = rx.borrow().clone();
         Ok(st)
+    }
+
+    async fn fetch(
+        &self,
+        _addr: SocketAddr,
+        req: &crate::proto::FetchRequest,
+    ) -> anyhow::Result<crate::proto::TransferFact> {
+        // Mock for the driver tests: the fake nodes have every file, so nothing asks.
+        bail!("the fake cluster delivers no model {}", req.model)
     }
 
     async fn apply(&self, addr: SocketAddr, spec: &RankSpec) -> anyhow::Result<RankStatus> {
