@@ -98,6 +98,17 @@ pub struct UpArgs {
     /// api.metrics_listen: also serve `/metrics` here, without API keys.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    /// model_dir of one rank, as RANK=DIR (repeatable): that rank keeps model files in DIR,
+    /// so a local cluster can have nodes without the file, which the coordinator then
+    /// delivers to them from a node that has it.
+    #[arg(long, value_name = "RANK=DIR")]
+    pub node_model_dir: Vec<String>,
+    /// model.sha256 of `--model`: every copy is checked against it, and a wrong one replaced.
+    #[arg(long, value_name = "HEX")]
+    pub model_sha256: Option<String>,
+    /// delivery.max_mbit: the most a node receives per second when it fetches a model file.
+    #[arg(long, value_name = "MBIT", value_parser = clap::value_parser!(u64).range(1..))]
+    pub transfer_max_mbit: Option<u64>,
     /// For `llm-agent bench --matrix` only: ranks dial their peers this many ports away from
     /// where the peers listen, where the bench's delaying relays wait (0: directly).
     #[arg(long, default_value_t = 0, hide = true)]
@@ -135,6 +146,13 @@ struct LocalFile<'a> {
     supervision: LocalSupervision,
     node: Vec<LocalNode<'a>>,
     tls: LocalTls,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delivery: Option<LocalDelivery>,
+}
+
+#[derive(Serialize)]
+struct LocalDelivery {
+    max_mbit: u64,
 }
 
 /// The throwaway PKI of [`throwaway_pki`], in the state dir.
@@ -160,6 +178,8 @@ struct LocalCluster<'a> {
 #[derive(Serialize)]
 struct LocalModel<'a> {
     path: &'a Path,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sha256: Option<&'a str>,
     ctx_size: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     layer_windows: Option<Vec<u32>>,
@@ -213,6 +233,8 @@ struct LocalNode<'a> {
     threads: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     engine_dir: Option<&'a Path>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model_dir: Option<PathBuf>,
 }
 
 /// The default ports moved by `--port-offset`, checked up front: every rank adds its rank to
@@ -255,6 +277,34 @@ fn offset_ports(offset: u16, ranks: u32) -> Result<(Ports, Vec<u16>)> {
     Ok((ports, agent_ports))
 }
 
+/// `--node-model-dir RANK=DIR` values, by rank; DIR made absolute.
+fn parse_model_dirs(
+    values: &[String],
+    ranks: u32,
+) -> Result<std::collections::BTreeMap<u32, PathBuf>> {
+    let mut out = std::collections::BTreeMap::new();
+    for v in values {
+        let (rank, dir) = v.split_once('=').with_context(|| {
+            format!("--node-model-dir `{v}`: expected RANK=DIR, e.g. 1=/tmp/models1")
+        })?;
+        let rank: u32 = rank
+            .trim()
+            .parse()
+            .ok()
+            .filter(|r| *r < ranks)
+            .with_context(|| {
+                format!(
+                    "--node-model-dir `{v}`: `{rank}` is not a rank of this cluster (0..{})",
+                    ranks - 1
+                )
+            })?;
+        let dir = std::path::absolute(dir.trim())
+            .with_context(|| format!("--node-model-dir `{v}`: cannot make {dir} absolute"))?;
+        out.insert(rank, dir);
+    }
+    Ok(out)
+}
+
 fn parse_layer_windows(text: &str) -> Result<Vec<u32>> {
     text.split(',')
         .map(|w| w.trim().parse::<u32>())
@@ -266,6 +316,7 @@ fn parse_layer_windows(text: &str) -> Result<Vec<u32>> {
 
 pub fn local_config_text(args: &UpArgs, state_dir: &Path, token_file: &Path) -> Result<String> {
     let (ports, agent_ports) = offset_ports(args.port_offset, args.local)?;
+    let model_dirs = parse_model_dirs(&args.node_model_dir, args.local)?;
     let layer_windows = args
         .layer_windows
         .as_deref()
@@ -290,6 +341,7 @@ pub fn local_config_text(args: &UpArgs, state_dir: &Path, token_file: &Path) -> 
         },
         model: args.also_model.is_empty().then(|| LocalModel {
             path: &args.model,
+            sha256: args.model_sha256.as_deref(),
             ctx_size: args.ctx_size,
             layer_windows: layer_windows.clone(),
             slots: args.slots,
@@ -299,8 +351,10 @@ pub fn local_config_text(args: &UpArgs, state_dir: &Path, token_file: &Path) -> 
         } else {
             std::iter::once(&args.model)
                 .chain(&args.also_model)
-                .map(|path| LocalModel {
+                .enumerate()
+                .map(|(i, path)| LocalModel {
                     path,
+                    sha256: args.model_sha256.as_deref().filter(|_| i == 0),
                     ctx_size: args.ctx_size,
                     layer_windows: layer_windows.clone(),
                     slots: args.slots,
@@ -339,11 +393,15 @@ pub fn local_config_text(args: &UpArgs, state_dir: &Path, token_file: &Path) -> 
                 agent_port,
                 threads: args.threads,
                 engine_dir: args.engine_dir.as_deref(),
+                model_dir: model_dirs.get(&rank).cloned(),
             })
             .collect(),
         tls: LocalTls {
             dir: pki_dir(state_dir),
         },
+        delivery: args
+            .transfer_max_mbit
+            .map(|max_mbit| LocalDelivery { max_mbit }),
     };
     toml::to_string(&file).context(
         "cannot write the generated config: the model, engine and state paths must be valid UTF-8",
@@ -355,6 +413,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
     // Flag errors first, before anything is created on disk; they are usage errors (exit 2).
     let usage = |e: anyhow::Error| crate::exit::Usage(format!("{e:#}"));
     offset_ports(args.port_offset, args.local).map_err(usage)?;
+    parse_model_dirs(&args.node_model_dir, args.local).map_err(usage)?;
     args.layer_windows
         .as_deref()
         .map(parse_layer_windows)

@@ -83,7 +83,7 @@ pub fn parse_content_range(value: &str) -> Option<(u64, u64)> {
 /// Why there is no room for the rest of a file, if there is none. Pure.
 pub fn space_shortfall(total: u64, have: u64, free: u64) -> Option<u64> {
     let need = total.saturating_sub(have);
-    (free < need).then_some(need - free)
+    (free < need).then(|| need - free)
 }
 
 /// When `bytes` should have been read, at `max_mbit`, counted from the start. Pure.
@@ -329,6 +329,9 @@ pub struct Fetch {
     pub max_mbit: Option<u64>,
     /// "rank 1 (10.0.0.2:7700)", for messages.
     pub who: String,
+    /// Told the hash of the file put in place, before anyone hears the transfer is done: the
+    /// bytes were hashed as they arrived, and a second hash of 40 GB would delay the ring.
+    pub hasher: super::facts::ModelHasher,
 }
 
 /// Progress as the receive loop sees it; written into the shared fact.
@@ -366,6 +369,17 @@ impl Meter {
             return true;
         }
         false
+    }
+}
+
+/// Marks a transfer whose task died (a panic) as failed, so that nobody waits on it forever.
+pub fn mark_lost(fact: &Mutex<TransferFact>, why: String) {
+    let mut f = fact.lock().unwrap_or_else(|e| e.into_inner());
+    if f.state == TransferState::Running {
+        f.state = TransferState::Failed;
+        f.activity = "failed".into();
+        f.error = Some(why);
+        f.finished_unix = Some(now_unix());
     }
 }
 
@@ -530,7 +544,7 @@ async fn receive(
     if let Some(missing) = space_shortfall(total, offset, free) {
         let need = total - offset;
         return Err(format!(
-            "not enough free space on {} for model {}: {} needs {need} bytes more ({}), {free} bytes ({}) are free: {missing} bytes ({}) missing{}",
+            "not enough free space on {} for model {} in {}: {need} bytes ({}) needed, {free} bytes ({}) free, {missing} bytes ({}) missing{}",
             fetch.who,
             fetch.model,
             dir.display(),
@@ -637,6 +651,7 @@ async fn receive(
     if let Ok(d) = std::fs::File::open(&dir) {
         let _ = d.sync_all();
     }
+    fetch.hasher.record(dest, got.clone());
     tracing::info!(model = %fetch.model, from_rank = fetch.from_rank, bytes = total - offset, seconds = began.elapsed().as_secs_f64(), "model file received and verified");
     Ok(got)
 }

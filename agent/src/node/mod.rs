@@ -438,6 +438,7 @@ impl NodeAgent {
                 Some(a) => format!("rank {} ({a})", self.rank),
                 None => format!("rank {}", self.rank),
             },
+            hasher: self.hasher.clone(),
         };
         let first = fact.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let dest = fetch.dest.clone();
@@ -451,16 +452,22 @@ impl NodeAgent {
             }
         };
         tracing::info!(rank = self.rank, model = %model.name, from_rank = req.from_rank, dest = %dest.display(), "fetching a model file");
+        let shared = fact.clone();
+        let task = tokio::spawn(deliver::run(fetch, client, fact, notify));
         tokio::spawn(async move {
-            match deliver::run(fetch, client, fact, notify).await {
-                Ok(sha) => {
-                    if let Some(a) = weak.upgrade() {
-                        a.hasher.record(&dest, sha);
-                    }
-                }
+            let result = match task.await {
+                Ok(r) => r,
                 Err(e) => {
-                    tracing::error!(model = %model.name, error = %e, "model delivery failed");
+                    let why = format!("the transfer task ended abnormally: {e}");
+                    deliver::mark_lost(&shared, why.clone());
+                    if let Some(a) = weak.upgrade() {
+                        a.update(|s| s.facts_version += 1);
+                    }
+                    Err(why)
                 }
+            };
+            if let Err(e) = result {
+                tracing::error!(model = %model.name, error = %e, "model delivery failed");
             }
         });
         self.update(|s| s.facts_version += 1);
