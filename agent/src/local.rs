@@ -106,6 +106,10 @@ pub struct UpArgs {
     /// model.sha256 of `--model`: every copy is checked against it, and a wrong one replaced.
     #[arg(long, value_name = "HEX")]
     pub model_sha256: Option<String>,
+    /// delivery.enabled = false: the coordinator does not deliver model files by itself (a
+    /// node without its file is refused until `llm-agent model pull` or a person copies it).
+    #[arg(long)]
+    pub no_delivery: bool,
     /// delivery.max_mbit: the most a node receives per second when it fetches a model file.
     #[arg(long, value_name = "MBIT", value_parser = clap::value_parser!(u64).range(1..))]
     pub transfer_max_mbit: Option<u64>,
@@ -152,7 +156,9 @@ struct LocalFile<'a> {
 
 #[derive(Serialize)]
 struct LocalDelivery {
-    max_mbit: u64,
+    enabled: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_mbit: Option<u64>,
 }
 
 /// The throwaway PKI of [`throwaway_pki`], in the state dir.
@@ -399,9 +405,10 @@ pub fn local_config_text(args: &UpArgs, state_dir: &Path, token_file: &Path) -> 
         tls: LocalTls {
             dir: pki_dir(state_dir),
         },
-        delivery: args
-            .transfer_max_mbit
-            .map(|max_mbit| LocalDelivery { max_mbit }),
+        delivery: (args.no_delivery || args.transfer_max_mbit.is_some()).then(|| LocalDelivery {
+            enabled: !args.no_delivery,
+            max_mbit: args.transfer_max_mbit,
+        }),
     };
     toml::to_string(&file).context(
         "cannot write the generated config: the model, engine and state paths must be valid UTF-8",

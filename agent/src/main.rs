@@ -17,6 +17,7 @@ mod pacman;
 mod pki;
 mod plan;
 mod proto;
+mod pull;
 mod runner;
 mod server;
 mod service;
@@ -131,6 +132,8 @@ enum Command {
         #[arg(long)]
         restart_ring: bool,
     },
+    /// Model files on this node: `model pull NAME` fetches one from another node now.
+    Model(pull::ModelArgs),
     /// Print a shell completion script (for packages).
     Completions {
         #[arg(value_enum)]
@@ -209,6 +212,7 @@ fn main() -> ExitCode {
         },
         Command::CheckConfig { path } => check_config::run(&path),
         Command::Status(args) => status::run(args),
+        Command::Model(args) => pull::run(args),
         Command::NotifyUpgrade { restart_ring } => match upgrade::notify(restart_ring) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -469,7 +469,9 @@ pub struct TransferFact {
     pub done_bytes: u64,
     /// Bytes already there when this attempt began (a resume), 0 for a fresh start.
     pub resumed_from: u64,
-    /// Recent receive rate; none before the first second.
+    /// While running: the rate over the last second (none before the first). Once done: the
+    /// mean over the bytes received, from the first byte asked for to the last written (a wait
+    /// for the source to hash its copy not counted; `seconds` counts it).
     pub bytes_per_s: Option<f64>,
     pub eta_s: Option<f64>,
     /// What it is doing now, for people ("receiving", "waiting for rank 0 to hash its copy",

@@ -206,3 +206,36 @@ def test_prima_ranks_get_the_model_from_the_head_and_serve(tmp_path, smollm2_q8)
         got = answer(cluster.base, model)
     server = next(p for p in (engine_dir / "prima-server", engine_dir / "llama-server") if p.exists())
     assert got == reference_answer(server, model, 28080 + 4500, tmp_path)
+
+
+def test_model_pull_fetches_the_file_on_the_command_line_and_the_ring_then_serves(tmp_path):
+    model = _env_path("SMOLLM2_GGUF")
+    engine_dir = _env_path("LLAMA_CPP_DIR")
+    models = tmp_path / "rank0-models"
+    models.mkdir()
+    # Delivery off: the ring waits, refused, until a person brings the file.
+    cluster = Cluster("llama-rpc", engine_dir, model, 4550, tmp_path, extra=(
+        "--node-model-dir", f"0={models}", "--no-delivery", "--transfer-max-mbit", "200"))
+    config = tmp_path / "state-llama-rpc" / "cluster.toml"
+    agent = str(_env_path("LLM_AGENT_BIN"))
+    try:
+        def refused():
+            v = cluster.status()
+            return v["phase"] == "refused" and "[delivery] is off" in (v["reason"] or "")
+        wait_until(refused, 60, "the ring to be refused for the missing file")
+        unknown = subprocess.run([agent, "model", "pull", "nonesuch", "--config", str(config),
+                                  "--node", "rank0"], capture_output=True, text=True, timeout=30)
+        assert unknown.returncode == 2, unknown
+        assert "no model named nonesuch" in unknown.stderr, unknown.stderr
+        pulled = subprocess.run([agent, "model", "pull", model.stem, "--config", str(config),
+                                 "--node", "rank0", "--from", "2"],
+                                capture_output=True, text=True, timeout=120)
+        assert pulled.returncode == 0, pulled
+        assert "fetches model" in pulled.stdout and "sha256 verified" in pulled.stdout, pulled.stdout
+        assert "receiving model" in pulled.stdout, "progress lines while it ran (not a terminal)"
+        assert sha256(models / model.name) == sha256(model)
+        cluster.wait_serving(60)
+        assert answer(cluster.base, model)
+        print(pulled.stdout)
+    finally:
+        cluster.stop()

@@ -99,7 +99,7 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize)]
 pub struct Delivery {
     /// The coordinator asks nodes to fetch what they lack; `false`: copy files yourself (the
-    /// Ansible model role), and a node without its file is refused as before.
+    /// Ansible model role, or `llm-agent model pull`), and a node without its file is refused.
     pub enabled: bool,
     /// The most a receiving node reads per second, in Mbit/s (`None`: as fast as the link), so
     /// a transfer beside a serving ring leaves its traffic room.

@@ -107,7 +107,7 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
-fn now_unix() -> u64 {
+pub fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -296,23 +296,28 @@ impl Deliveries {
                 return Err(Box::new(f));
             }
         }
-        let t = Arc::new(Mutex::new(TransferFact {
-            model: model.to_string(),
-            from_rank,
-            state: TransferState::Running,
-            total_bytes: 0,
-            done_bytes: 0,
-            resumed_from: 0,
-            bytes_per_s: None,
-            eta_s: None,
-            activity: format!("connecting to rank {from_rank}"),
-            error: None,
-            started_unix: now_unix(),
-            finished_unix: None,
-            seconds: 0.0,
-        }));
+        let t = Arc::new(Mutex::new(fresh(model, from_rank)));
         map.insert(model.to_string(), t.clone());
         Ok(t)
+    }
+}
+
+/// A transfer of `model` from `from_rank` that is about to begin.
+pub fn fresh(model: &str, from_rank: u32) -> TransferFact {
+    TransferFact {
+        model: model.to_string(),
+        from_rank,
+        state: TransferState::Running,
+        total_bytes: 0,
+        done_bytes: 0,
+        resumed_from: 0,
+        bytes_per_s: None,
+        eta_s: None,
+        activity: format!("connecting to rank {from_rank}"),
+        error: None,
+        started_unix: now_unix(),
+        finished_unix: None,
+        seconds: 0.0,
     }
 }
 
@@ -338,6 +343,9 @@ pub struct Fetch {
 struct Meter {
     fact: Arc<Mutex<TransferFact>>,
     began: Instant,
+    /// When the first byte was asked for (after any wait for the source's hash): the rate at
+    /// the end is over the receiving alone.
+    receiving: Option<Instant>,
     /// Rate over the last window: (window start, bytes at window start).
     window: (Instant, u64),
     last_notify: Instant,
@@ -394,6 +402,7 @@ pub async fn run(
     let mut meter = Meter {
         fact,
         began: Instant::now(),
+        receiving: None,
         window: (Instant::now(), 0),
         last_notify: Instant::now(),
     };
@@ -406,8 +415,15 @@ pub async fn run(
                 f.state = TransferState::Done;
                 f.activity = "done".into();
                 let received = f.done_bytes.saturating_sub(f.resumed_from);
-                f.bytes_per_s =
-                    Some(received as f64 / meter.began.elapsed().as_secs_f64().max(1e-3));
+                f.bytes_per_s = Some(
+                    received as f64
+                        / meter
+                            .receiving
+                            .unwrap_or(meter.began)
+                            .elapsed()
+                            .as_secs_f64()
+                            .max(1e-3),
+                );
             }
             Err(e) => {
                 f.state = TransferState::Failed;
@@ -583,6 +599,7 @@ async fn receive(
     let mut batch: Vec<u8> = Vec::with_capacity(WRITE_BATCH);
     let mut done = offset;
     let began = Instant::now();
+    meter.receiving = Some(began);
     let mut stream = resp.bytes_stream();
     loop {
         let next = tokio::time::timeout(READ_STALL, stream.next())

@@ -381,15 +381,6 @@ impl NodeAgent {
                     format!("no model named {} in {source}", req.model),
                 )
             })?;
-        if !self.config.delivery.enabled {
-            return Err((
-                StatusCode::CONFLICT,
-                format!(
-                    "model delivery is off on rank {} ([delivery] enabled = false in {source})",
-                    self.rank
-                ),
-            ));
-        }
         let from = self.config.node(req.from_rank).ok_or_else(|| {
             (
                 StatusCode::BAD_REQUEST,
@@ -421,6 +412,22 @@ impl NodeAgent {
         let client = builder
             .build()
             .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let dest = self.config.model_path(self.rank, &model);
+        if let (Some(want), (_, proto::HashState::Done { sha256 })) =
+            (&model.sha256, self.hasher.state(&dest))
+        {
+            if want.eq_ignore_ascii_case(&sha256) {
+                return Ok(proto::TransferFact {
+                    state: proto::TransferState::Done,
+                    activity: format!(
+                        "already in place at {}, sha256 {sha256} as configured",
+                        dest.display()
+                    ),
+                    finished_unix: Some(deliver::now_unix()),
+                    ..deliver::fresh(&model.name, req.from_rank)
+                });
+            }
+        }
         let fact = match self.deliveries.begin(&model.name, req.from_rank) {
             Ok(f) => f,
             Err(running) => return Ok(*running),
@@ -431,7 +438,7 @@ impl NodeAgent {
             from_rank: req.from_rank,
             url: url.to_string(),
             token,
-            dest: self.config.model_path(self.rank, &model),
+            dest,
             expected: model.sha256.clone(),
             max_mbit: self.config.delivery.max_mbit,
             who: match me {
