@@ -405,7 +405,7 @@ pub fn local_config_text(args: &UpArgs, state_dir: &Path, token_file: &Path) -> 
         tls: LocalTls {
             dir: pki_dir(state_dir),
         },
-        delivery: (args.no_delivery || args.transfer_max_mbit.is_some()).then(|| LocalDelivery {
+        delivery: (args.no_delivery || args.transfer_max_mbit.is_some()).then_some(LocalDelivery {
             enabled: !args.no_delivery,
             max_mbit: args.transfer_max_mbit,
         }),
