@@ -216,15 +216,18 @@ pub fn check_nodes(config: &Config, facts: &[NodeReport]) -> (NodeCheck, Vec<Str
             }
         }
     }
-    // Every node that reads the model must read the same bytes.
+    // Every node that reads the model must read the same bytes. A copy being replaced (its
+    // delivery runs) is waited for above, not compared.
     let hashes: Vec<(usize, &str)> = ok
         .iter()
         .filter_map(|(r, f)| {
-            match &f
-                .model_at(&config.model_path(*r as u32, config.model()))
-                .hash
-            {
-                HashState::Done { sha256 } => Some((*r, sha256.as_str())),
+            let m = f.model_at(&config.model_path(*r as u32, config.model()));
+            let replacing = m
+                .transfer
+                .as_ref()
+                .is_some_and(|t| t.state == TransferState::Running);
+            match &m.hash {
+                HashState::Done { sha256 } if !replacing => Some((*r, sha256.as_str())),
                 _ => None,
             }
         })
@@ -737,6 +740,64 @@ mod tests {
             panic!("not refused")
         };
         assert!(msg.contains("different model file"), "{msg}");
+    }
+
+    fn transfer(state: TransferState, error: Option<&str>) -> crate::proto::TransferFact {
+        crate::proto::TransferFact {
+            state,
+            total_bytes: 1000,
+            done_bytes: 420,
+            bytes_per_s: Some(1e6),
+            eta_s: Some(0.6),
+            error: error.map(str::to_string),
+            ..crate::node::deliver::fresh("m", 0)
+        }
+    }
+
+    #[test]
+    fn a_node_receiving_its_model_means_waiting_with_the_progress() {
+        let mut wrong = facts(1, "b1", done("bb"));
+        if let Ok(f) = &mut wrong {
+            f.model.matches_expected = Some(false);
+            f.model.transfer = Some(transfer(TransferState::Running, None));
+        }
+        let mut missing = facts(1, "b1", HashState::Missing);
+        if let Ok(f) = &mut missing {
+            f.model.transfer = Some(transfer(TransferState::Running, None));
+        }
+        for f1 in [wrong, missing] {
+            let f = vec![facts(0, "b1", done("aa")), f1];
+            let NodeCheck::Waiting(msg) = check_nodes(&config(), &f).0 else {
+                panic!("not waiting: {:?}", check_nodes(&config(), &f).0)
+            };
+            assert!(
+                msg.contains(
+                    "rank 1 (10.0.0.2:7700) is receiving model m from rank 0: 42 % of 1.0 kB"
+                ),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_failed_delivery_is_a_refusal_naming_its_error() {
+        let mut f1 = facts(1, "b1", HashState::Missing);
+        if let Ok(f) = &mut f1 {
+            f.model.transfer = Some(transfer(
+                TransferState::Failed,
+                Some("not enough free space on rank 1"),
+            ));
+        }
+        let f = vec![facts(0, "b1", done("aa")), f1];
+        let NodeCheck::Refused(msg) = check_nodes(&config(), &f).0 else {
+            panic!("not refused")
+        };
+        assert!(
+            msg.contains(
+                "not found; its delivery from rank 0 failed: not enough free space on rank 1"
+            ),
+            "{msg}"
+        );
     }
 
     #[test]
