@@ -239,3 +239,38 @@ def test_model_pull_fetches_the_file_on_the_command_line_and_the_ring_then_serve
         print(pulled.stdout)
     finally:
         cluster.stop()
+
+
+def test_a_switch_waits_for_its_models_delivery_while_the_loaded_model_serves_on(tmp_path, smollm2_q8):
+    import threading
+    q4 = _env_path("SMOLLM2_GGUF")
+    q8 = Path(smollm2_q8)
+    engine_dir = _env_path("LLAMA_CPP_DIR")
+    models = tmp_path / "rank0-models"
+    models.mkdir()
+    os.link(q4, models / q4.name) if os.stat(q4).st_dev == os.stat(models).st_dev \
+        else (models / q4.name).write_bytes(q4.read_bytes())
+    # Rank 0 has the Q4_1 model; the Q8_0 one is on a worker only, and comes at 40 Mbit/s.
+    cluster = Cluster("llama-rpc", engine_dir, q4, 4650, tmp_path, extra=(
+        "--also-model", str(q8), "--node-model-dir", f"0={models}", "--transfer-max-mbit", "40",
+        "--min-residency", "0", "--queue-timeout", "120", "--max-in-flight", "1"))
+    with cluster.serving():
+        listing = {m["id"]: m["llm_cluster"]["state"]
+                   for m in requests.get(f"{cluster.base}/v1/models", timeout=5).json()["data"]}
+        assert listing[q4.stem] == "loaded", listing
+        assert listing[q8.stem].startswith("transferring"), listing
+        result = {}
+        waiter = threading.Thread(target=lambda: result.update(q8=answer(cluster.base, q8)))
+        waiter.start()
+        time.sleep(1)
+        assert answer(cluster.base, q4), "the loaded model serves while the other one arrives"
+        still = {m["id"]: m["llm_cluster"]["state"]
+                 for m in requests.get(f"{cluster.base}/v1/models", timeout=5).json()["data"]}
+        assert still[q8.stem].startswith("transferring"), still
+        waiter.join(timeout=150)
+        assert result.get("q8"), "the request for the delivered model was answered"
+        done = [e for e in events(cluster, "transfer") if e["state"] == "done" and e["model"] == q8.stem]
+        switches = [e for e in events(cluster, "switch") if e.get("to") == q8.stem]
+        assert done and switches, (done, switches)
+        assert switches[0]["seq"] > done[0]["seq"], "the switch came after the file was in place"
+        assert sha256(models / q8.name) == sha256(q8)

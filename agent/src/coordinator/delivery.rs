@@ -102,6 +102,25 @@ pub fn plan(config: &Config, facts: &[NodeReport], now_unix: u64) -> Vec<Deliver
     out
 }
 
+/// A delivery of model `index` still running on some node, described; a switch to that model
+/// waits for it, so the loaded model serves on instead of the ring standing stopped for the
+/// length of a transfer.
+pub fn pending<'a>(
+    facts: impl IntoIterator<Item = &'a NodeFacts>,
+    index: usize,
+    loaded: usize,
+) -> Option<String> {
+    facts.into_iter().find_map(|f| {
+        let m = model_fact(f, index, loaded)?;
+        let t = m
+            .transfer
+            .as_ref()
+            .filter(|t| t.state == TransferState::Running)?;
+        let lacking = matches!(m.hash, HashState::Missing) || m.matches_expected == Some(false);
+        lacking.then(|| format!("rank {} is {}", f.rank, describe(t)))
+    })
+}
+
 /// What the coordinator last saw of each node's transfer of each model: (rank, model) to
 /// (start time, state).
 pub type Seen = std::collections::HashMap<(u32, String), (u64, TransferState)>;
@@ -401,6 +420,25 @@ mod tests {
             vec![],
             "ended before we looked"
         );
+    }
+
+    #[test]
+    fn a_running_delivery_of_a_model_is_pending_for_its_switch() {
+        let mut receiving = fact("/m/code.gguf", HashState::Missing, None);
+        receiving.transfer = Some(TransferFact {
+            total_bytes: 200,
+            done_bytes: 50,
+            ..crate::node::deliver::fresh("code", 0)
+        });
+        let mut f1 = crate::coordinator::check::tests_support::facts(1);
+        f1.models = vec![fact("/m/chat.gguf", done("h"), None), receiving];
+        let f0 = crate::coordinator::check::tests_support::facts(0);
+        let why = pending([&f0, &f1], 1, 0).expect("pending");
+        assert!(
+            why.starts_with("rank 1 is receiving model code from rank 0: 25 %"),
+            "{why}"
+        );
+        assert_eq!(pending([&f0, &f1], 0, 0), None, "the loaded model is whole");
     }
 
     #[test]

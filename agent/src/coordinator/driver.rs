@@ -116,6 +116,8 @@ struct Run {
     switch: Option<SwitchRun>,
     /// Model deliveries already told as events.
     transfers: super::delivery::Seen,
+    /// A switch to this model waits for its file's delivery (said once in the log).
+    waiting_delivery: Option<usize>,
 }
 
 impl Driver {
@@ -150,6 +152,7 @@ impl Driver {
             narrator: Narrator::default(),
             switch: None,
             transfers: Default::default(),
+            waiting_delivery: None,
         };
         let mut gate_changed = self.gate.subscribe();
         for (rank, node) in self.config.nodes.iter().enumerate() {
@@ -325,7 +328,9 @@ impl Driver {
         match decision {
             Decision::Nothing => {}
             Decision::Hold { until, .. } => self.gate.hold(until),
+            Decision::Switch { to, .. } if self.delivery_pending(run, to) => {}
             Decision::Switch { to, reason } => {
+                run.waiting_delivery = None;
                 tracing::info!(
                     from = self.gate.name(snap.loaded),
                     to = self.gate.name(to),
@@ -379,6 +384,29 @@ impl Driver {
                 });
                 self.feed(run, Event::Load);
             }
+        }
+    }
+
+    /// Whether model `to`'s file is still arriving on some node (logged once per wait): the
+    /// switch begins when it is in place, and the loaded model serves meanwhile.
+    fn delivery_pending(&self, run: &mut Run, to: usize) -> bool {
+        let why = {
+            let v = self.view.borrow();
+            super::delivery::pending(
+                v.nodes.iter().filter_map(|n| n.facts.as_ref()),
+                to,
+                self.config.loaded,
+            )
+        };
+        match why {
+            Some(why) => {
+                if run.waiting_delivery != Some(to) {
+                    run.waiting_delivery = Some(to);
+                    tracing::info!(to = self.gate.name(to), %why, "a switch waits for the model's delivery; the loaded model serves on");
+                }
+                true
+            }
+            None => false,
         }
     }
 
