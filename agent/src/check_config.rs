@@ -173,9 +173,14 @@ fn absent_note(config: &Config, model: &Model) -> String {
     } else {
         ""
     };
+    let delivered = if config.delivery.enabled {
+        "; a node that lacks it gets it from a node that has it ([delivery])"
+    } else {
+        ""
+    };
     format!(
         "model {} is not on this machine, so it was not checked (the config is shared across \
-         nodes; {needed_by}){unchecked}",
+         nodes; {needed_by}{delivered}){unchecked}",
         model.path.display()
     )
 }
