@@ -668,6 +668,12 @@ async fn receive(
     if let Ok(d) = std::fs::File::open(&dir) {
         let _ = d.sync_all();
     }
+    // Owned like its directory (llm-cluster's, under the packages), as the Ansible model role
+    // leaves a copied file; a non-root agent keeps its own.
+    if let Ok(meta) = std::fs::metadata(&dir) {
+        use std::os::unix::fs::MetadataExt;
+        let _ = std::os::unix::fs::chown(dest, Some(meta.uid()), Some(meta.gid()));
+    }
     fetch.hasher.record(dest, got.clone());
     tracing::info!(model = %fetch.model, from_rank = fetch.from_rank, bytes = total - offset, seconds = began.elapsed().as_secs_f64(), "model file received and verified");
     Ok(got)
@@ -701,7 +707,10 @@ async fn flush(
 /// with those bytes already hashed.
 fn open_partial(path: &Path, keep: u64) -> std::io::Result<(std::fs::File, Sha256)> {
     use std::io::{Read, Seek};
+    use std::os::unix::fs::OpenOptionsExt;
+    // Readable by the unprivileged user the engines run as, whatever the agent's umask.
     let mut f = std::fs::OpenOptions::new()
+        .mode(0o644)
         .create(true)
         .truncate(false)
         .read(true)
