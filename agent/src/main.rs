@@ -212,7 +212,7 @@ fn main() -> ExitCode {
         },
         Command::CheckConfig { path } => check_config::run(&path),
         Command::Status(args) => status::run(args),
-        Command::Model(args) => pull::run(args),
+        Command::Model(args) => run_async_status(pull::run(args)),
         Command::NotifyUpgrade { restart_ring } => match upgrade::notify(restart_ring) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -316,6 +316,11 @@ fn tune_command(apply: bool, persist: bool, json: bool) -> ExitCode {
 }
 
 fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    run_async_status(async { fut.await.map(|()| ExitCode::SUCCESS) })
+}
+
+/// As [`run_async`], for a command that picks its own exit status.
+fn run_async_status(fut: impl std::future::Future<Output = anyhow::Result<ExitCode>>) -> ExitCode {
     // One event loop, as nginx runs one per worker: the agent waits on sockets and processes,
     // and its CPU work (model hashes) runs on the blocking pool. With two worker threads the
     // API proxy spent about a quarter of its CPU time waking the other thread: 61 µs of CPU
@@ -332,7 +337,7 @@ fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> Exit
         }
     };
     match rt.block_on(fut) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => exit::report(&e),
     }
 }

@@ -48,7 +48,7 @@ pub enum ModelAction {
     },
 }
 
-pub fn run(args: ModelArgs) -> ExitCode {
+pub async fn run(args: ModelArgs) -> Result<ExitCode> {
     let ModelAction::Pull {
         name,
         config,
@@ -58,33 +58,17 @@ pub fn run(args: ModelArgs) -> ExitCode {
     } = args.action;
     let config = match Config::load(&config) {
         Ok(c) => c,
-        Err(e) => return exit::report(&anyhow::Error::new(e)),
+        Err(e) => return Ok(exit::report(&anyhow::Error::new(e))),
     };
     let rank = match which_rank(&config, node.as_deref()) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e:#}");
-            return ExitCode::from(exit::USAGE);
+            return Ok(ExitCode::from(exit::USAGE));
         }
     };
     let from = from.unwrap_or(if rank == 0 { 1 } else { 0 });
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(exit::FAILURE);
-        }
-    };
-    match rt.block_on(pull(&config, rank, &name, from, no_wait)) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(exit::FAILURE)
-        }
-    }
+    pull(&config, rank, &name, from, no_wait).await
 }
 
 /// `--node`, or the one [[node]] whose address this machine has (a bind to it succeeds).

@@ -19,6 +19,23 @@ def cache_root(rank: int) -> str:
     return f"{STATE}/rpc-cache/rank{rank}"
 
 
+def inputs():
+    """(binds for Lab, the model on this machine): the agent, llama.cpp and the model's directory
+    read-only into every host, from the environment scripts/test.sh sets."""
+    import os
+    import pytest
+
+    def need(name):
+        v = os.environ.get(name)
+        if not v or not Path(v).exists():
+            pytest.fail(f"{name} is not set or missing: run through scripts/test.sh")
+        return Path(v)
+    agent, llama, model = need("LLM_AGENT_BIN"), need("LLAMA_CPP_DIR"), need("SMOLLM2_GGUF")
+    binds = [(agent, "/opt/llm-agent/llm-agent", True), (llama, "/opt/llama", True),
+             (model.parent, "/opt/models", True)]
+    return binds, model
+
+
 def install(lab, model: Path, rpc_cache: bool = True, backoff_ms: int | None = None):
     """Rank user, state dir, the shipped unit, config, token and API keys on every host.
     `backoff_ms`: a constant restart backoff (the config's doubles with every failure, which

@@ -8,8 +8,6 @@ file left; a restart of the head's agent does not fetch it again.
 """
 
 import hashlib
-import os
-from pathlib import Path
 
 import pytest
 
@@ -19,20 +17,9 @@ import rpc_ring
 MODELS = "/var/lib/llm-cluster/models"
 
 
-def _need(name):
-    v = os.environ.get(name)
-    if not v or not Path(v).exists():
-        pytest.fail(f"{name} is not set or missing: run through scripts/test.sh")
-    return Path(v)
-
-
 @pytest.fixture(scope="module")
 def lab():
-    agent = _need("LLM_AGENT_BIN")
-    llama = _need("LLAMA_CPP_DIR")
-    model = _need("SMOLLM2_GGUF")
-    binds = [(agent, "/opt/llm-agent/llm-agent", True), (llama, "/opt/llama", True),
-             (model.parent, "/opt/models", True)]
+    binds, model = rpc_ring.inputs()
     with Lab(2, binds=binds) as lab:
         rpc_ring.install(lab, model)
         text = lab.hosts[0].run("cat /etc/llm-cluster/cluster.toml").stdout

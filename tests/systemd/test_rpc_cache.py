@@ -8,8 +8,6 @@ bytes to the rpc hosts by at least what the cache holds (the veths' byte counter
 new entry, and the ring answers as before. Timings with a shaped link: bench/rpc_cache.py.
 """
 
-import os
-from pathlib import Path
 
 import pytest
 
@@ -18,20 +16,9 @@ import rpc_ring
 from rpc_ring import cache_entries, cache_root
 
 
-def _need(name):
-    v = os.environ.get(name)
-    if not v or not Path(v).exists():
-        pytest.fail(f"{name} is not set or missing: run through scripts/test.sh")
-    return Path(v)
-
-
 @pytest.fixture(scope="module")
 def lab():
-    agent = _need("LLM_AGENT_BIN")
-    llama = _need("LLAMA_CPP_DIR")
-    model = _need("SMOLLM2_GGUF")
-    binds = [(agent, "/opt/llm-agent/llm-agent", True), (llama, "/opt/llama", True),
-             (model.parent, "/opt/models", True)]
+    binds, model = rpc_ring.inputs()
     with Lab(3, binds=binds) as lab:
         rpc_ring.install(lab, model)
         yield lab

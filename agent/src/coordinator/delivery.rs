@@ -290,19 +290,8 @@ mod tests {
         let c = config("prima", false);
         let mut missing = fact("/m/chat.gguf", HashState::Missing, None);
         let t = TransferFact {
-            model: "chat".into(),
-            from_rank: 0,
-            state: TransferState::Running,
-            total_bytes: 10,
-            done_bytes: 3,
-            resumed_from: 0,
-            bytes_per_s: None,
-            eta_s: None,
-            activity: String::new(),
-            error: None,
             started_unix: 100,
-            finished_unix: None,
-            seconds: 0.0,
+            ..crate::node::deliver::fresh("chat", 0)
         };
         missing.transfer = Some(t.clone());
         let facts = |m: ModelFact| {
@@ -363,19 +352,9 @@ mod tests {
     #[test]
     fn a_transfer_is_told_when_it_starts_and_when_it_ends() {
         let t = |state, started| TransferFact {
-            model: "chat".into(),
-            from_rank: 0,
             state,
-            total_bytes: 10,
-            done_bytes: 3,
-            resumed_from: 0,
-            bytes_per_s: None,
-            eta_s: None,
-            activity: String::new(),
-            error: None,
             started_unix: started,
-            finished_unix: None,
-            seconds: 0.0,
+            ..crate::node::deliver::fresh("chat", 0)
         };
         let with = |t: Option<TransferFact>| {
             let mut m = fact("/m/chat.gguf", HashState::Missing, None);
