@@ -33,7 +33,16 @@ step "end-to-end: 3-rank local rings through the coordinator"
 if [ -z "${PRIMA_CPP_DIR:-}" ]; then
   echo "note: PRIMA_CPP_DIR is not set; the prima.cpp end-to-end tests will be SKIPPED (llama.cpp RPC runs)"
 fi
-"$VENV/bin/pytest" -rs -v -s -p no:cacheprovider tests/e2e
+# The rings' fixed ports (agents 17700+, API 18500+, rpc 50052+ ...) lie in Linux's ephemeral
+# range (32768-60999): a client socket or a helper process (chromedriver) that happened to be
+# given one would make a rank fail to bind it. As root the suite runs in a network namespace of
+# its own (loopback only, like every ring of it), whose ephemeral ports start above them.
+if [ "$(id -u)" = 0 ] && unshare --net true 2>/dev/null; then
+  unshare --net -- sh -c 'ip link set lo up && sysctl -qw net.ipv4.ip_local_port_range="60000 65000" && exec "$@"' \
+    sh "$VENV/bin/pytest" -rs -v -s -p no:cacheprovider tests/e2e
+else
+  "$VENV/bin/pytest" -rs -v -s -p no:cacheprovider tests/e2e
+fi
 
 step "systemd hosts: a 3-host ring under llm-agent@ units (systemd-nspawn)"
 if [ "$(id -u)" = 0 ]; then
