@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 use super::check::NodeReport;
 use super::state::{Phase, Supervisor};
 use crate::config::{Config, EngineKind};
-use crate::proto::{NodeFacts, Placement, PlacementSource, RankStatus};
+use crate::proto::{
+    HashState, ModelFact, NodeFacts, Placement, PlacementSource, RankStatus, TransferState,
+};
 
 /// Serialized for `/api/v1/cluster`, read back by `llm-agent status`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,6 +68,86 @@ pub struct NodeView {
     pub status: Option<RankStatus>,
     /// The node's facts as last fetched (engine build and package, model hash, tuning, ...).
     pub facts: Option<NodeFacts>,
+    /// Deliveries of model files to this node, from `facts` (see [`TransferView`]); absent
+    /// from coordinators that predate them.
+    #[serde(default)]
+    pub transfers: Vec<TransferView>,
+}
+
+/// One model file's latest delivery to a node, summed up from the node's facts so that
+/// `llm-agent status` and the dashboard show the same figures and words: a running one, a
+/// finished one, and a failed one while the file is still lacking (once the file is there by
+/// other means, its old failure is no news).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransferView {
+    pub model: String,
+    pub from_rank: u32,
+    pub state: TransferState,
+    /// Of `total_bytes`; none before the source said the file's size.
+    pub percent: Option<u32>,
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    pub bytes_per_s: Option<f64>,
+    pub eta_s: Option<f64>,
+    /// What the receiving node is doing now ("receiving from rank 1", "verifying sha256", ...).
+    pub activity: String,
+    pub error: Option<String>,
+    /// All of it as one line for people: "receiving model chat from rank 0: 42 % of 98.4 MB,
+    /// 11.0 MB/s, 6 s left", "received model chat from rank 0: 98.4 MB in 9.8 s (10.0 MB/s),
+    /// sha256 verified", "delivery of model chat from rank 0 failed: ...".
+    pub text: String,
+}
+
+impl TransferView {
+    /// The delivery recorded in `m`, if there is one worth showing.
+    pub fn of(m: &ModelFact) -> Option<TransferView> {
+        use crate::node::deliver::human_bytes;
+        let t = m.transfer.as_ref()?;
+        let lacking = matches!(m.hash, HashState::Missing | HashState::Error { .. })
+            || m.matches_expected == Some(false);
+        let text = match t.state {
+            TransferState::Running => super::delivery::describe(t),
+            TransferState::Done => format!(
+                "received model {} from rank {}: {} in {:.1} s ({}/s), sha256 verified",
+                t.model,
+                t.from_rank,
+                human_bytes(t.total_bytes.saturating_sub(t.resumed_from)),
+                t.seconds,
+                human_bytes(t.bytes_per_s.unwrap_or(0.0) as u64)
+            ),
+            TransferState::Failed if lacking => format!(
+                "delivery of model {} from rank {} failed: {}",
+                t.model,
+                t.from_rank,
+                t.error.as_deref().unwrap_or("no reason given")
+            ),
+            TransferState::Failed => return None,
+        };
+        Some(TransferView {
+            model: t.model.clone(),
+            from_rank: t.from_rank,
+            state: t.state,
+            percent: t.percent().map(|p| p.min(100)),
+            done_bytes: t.done_bytes,
+            total_bytes: t.total_bytes,
+            bytes_per_s: t.bytes_per_s,
+            eta_s: t.eta_s,
+            activity: t.activity.clone(),
+            error: t.error.clone(),
+            text,
+        })
+    }
+
+    /// Every configured model's delivery to the node with facts `f`, in the config's order
+    /// (an agent that reports one model: that one's).
+    pub fn all(f: &NodeFacts) -> Vec<TransferView> {
+        let models = if f.models.is_empty() {
+            std::slice::from_ref(&f.model)
+        } else {
+            &f.models[..]
+        };
+        models.iter().filter_map(TransferView::of).collect()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -142,6 +224,7 @@ impl ClusterView {
                     agent_error: None,
                     status: None,
                     facts: None,
+                    transfers: vec![],
                 })
                 .collect(),
         }
@@ -204,12 +287,16 @@ impl ClusterView {
         *self != before
     }
 
-    /// Takes in freshly fetched facts; a node whose facts could not be read keeps its last ones.
+    /// Takes in freshly fetched facts; a node whose facts could not be read keeps its last ones
+    /// (and the transfers read from them).
     pub fn update_facts(&mut self, facts: &[NodeReport], warnings: Vec<String>) {
         self.check_warnings = warnings;
         for (n, f) in self.nodes.iter_mut().zip(facts) {
             match f {
-                Ok(f) => n.facts = Some(f.clone()),
+                Ok(f) => {
+                    n.transfers = TransferView::all(f);
+                    n.facts = Some(f.clone());
+                }
                 Err(e) if n.reachable => n.agent_error = Some(e.to_string()),
                 Err(_) => {}
             }
@@ -277,5 +364,109 @@ mod tests {
         );
         let json = serde_json::to_value(&v).expect("json");
         assert_eq!(json["nodes"][0]["status"]["pid"], 42);
+    }
+
+    fn transfer(state: TransferState, done: u64) -> crate::proto::TransferFact {
+        crate::proto::TransferFact {
+            model: "chat".into(),
+            from_rank: 1,
+            state,
+            total_bytes: 98_400_000,
+            done_bytes: done,
+            resumed_from: 0,
+            bytes_per_s: Some(11_000_000.0),
+            eta_s: Some(5.6),
+            activity: "receiving from rank 1".into(),
+            error: (state == TransferState::Failed).then(|| "rank 1 went away".to_string()),
+            started_unix: 100,
+            finished_unix: None,
+            seconds: 8.9,
+        }
+    }
+
+    fn model(hash: HashState, t: Option<crate::proto::TransferFact>) -> ModelFact {
+        ModelFact {
+            path: "/m/chat.gguf".into(),
+            size: None,
+            hash,
+            expected_sha256: None,
+            matches_expected: None,
+            hashed_bytes: None,
+            transfer: t,
+        }
+    }
+
+    #[test]
+    fn a_nodes_deliveries_are_summed_up_from_its_facts() {
+        let running = model(
+            HashState::Missing,
+            Some(transfer(TransferState::Running, 41_328_000)),
+        );
+        let t = TransferView::of(&running).expect("a running transfer is shown");
+        assert_eq!(t.percent, Some(42));
+        assert_eq!((t.done_bytes, t.total_bytes), (41_328_000, 98_400_000));
+        assert_eq!(
+            t.text,
+            "receiving model chat from rank 1: 42 % of 98.4 MB, 11.0 MB/s, 6 s left"
+        );
+
+        let mut done = transfer(TransferState::Done, 98_400_000);
+        done.resumed_from = 400_000;
+        let arrived = model(
+            HashState::Done {
+                sha256: "ab".into(),
+            },
+            Some(done),
+        );
+        let t = TransferView::of(&arrived).expect("a finished transfer is shown");
+        assert_eq!(t.percent, Some(100));
+        assert_eq!(
+            t.text,
+            "received model chat from rank 1: 98.0 MB in 8.9 s (11.0 MB/s), sha256 verified"
+        );
+
+        let failed = model(
+            HashState::Missing,
+            Some(transfer(TransferState::Failed, 10)),
+        );
+        let t = TransferView::of(&failed).expect("a failure is shown while the file lacks");
+        assert_eq!(t.error.as_deref(), Some("rank 1 went away"));
+        assert_eq!(
+            t.text,
+            "delivery of model chat from rank 1 failed: rank 1 went away"
+        );
+        let copied_by_hand = model(
+            HashState::Done {
+                sha256: "ab".into(),
+            },
+            Some(transfer(TransferState::Failed, 10)),
+        );
+        assert_eq!(TransferView::of(&copied_by_hand), None, "an old failure");
+        assert_eq!(TransferView::of(&model(HashState::Missing, None)), None);
+
+        // From the facts: every configured model, or the one an older agent reports.
+        let mut f = crate::coordinator::check::tests_support::facts(0);
+        f.model = running.clone();
+        assert_eq!(TransferView::all(&f).len(), 1, "an agent of one model");
+        f.models = vec![model(HashState::Missing, None), arrived, running];
+        let all = TransferView::all(&f);
+        let states: Vec<_> = all.iter().map(|t| t.state).collect();
+        assert_eq!(states, [TransferState::Done, TransferState::Running]);
+
+        // In the view: read with the facts, kept with them when they cannot be read.
+        let c = config();
+        let mut v = ClusterView::initial(&c);
+        v.update_facts(&[Ok(f.clone()), Ok(f)], vec![]);
+        assert_eq!(v.nodes[1].transfers, all);
+        let lost = || {
+            Err(super::super::check::FactsError::Unreachable(
+                "timed out".into(),
+            ))
+        };
+        v.update_facts(&[lost(), lost()], vec![]);
+        assert_eq!(v.nodes[0].transfers, all);
+        let json = serde_json::to_value(&v).expect("json");
+        assert_eq!(json["nodes"][0]["transfers"][1]["state"], "running");
+        assert_eq!(json["nodes"][0]["transfers"][1]["percent"], 42);
     }
 }
