@@ -20,7 +20,7 @@ use futures_util::StreamExt;
 use crate::config::{Config, DEFAULT_PATH};
 use crate::coordinator::compat::SseFramer;
 use crate::coordinator::state::Phase;
-use crate::coordinator::view::{ClusterView, NodeView, TransferView};
+use crate::coordinator::view::{ClusterView, ModelState, NodeView, TransferView};
 use crate::exit;
 use crate::proto::{ClusterEvent, HashState, KeyState, TransferState};
 
@@ -276,6 +276,24 @@ fn node_error(n: &NodeView) -> Option<String> {
         })
 }
 
+/// "chat loaded", "code transferring 42 % (rank 0 from rank 1)", "big missing on rank 1, 2".
+fn model_state(m: &ModelState) -> String {
+    let mut s = format!("{} {}", m.name, m.state);
+    if !m.transfers.is_empty() {
+        let t: Vec<String> = m
+            .transfers
+            .iter()
+            .map(|t| format!("rank {} from rank {}", t.rank, t.from_rank))
+            .collect();
+        s.push_str(&format!(" ({})", t.join(", ")));
+    }
+    if !m.missing_on.is_empty() {
+        let ranks: Vec<String> = m.missing_on.iter().map(u32::to_string).collect();
+        s.push_str(&format!(" on rank {}", ranks.join(", ")));
+    }
+    s
+}
+
 /// The report, as `status` prints it.
 pub fn render(view: &ClusterView, events: &[ClusterEvent], now: SystemTime) -> String {
     let mut o = String::new();
@@ -308,6 +326,10 @@ pub fn render(view: &ClusterView, events: &[ClusterEvent], now: SystemTime) -> S
         view.model.name,
         view.model.path.display()
     ));
+    if !view.models.is_empty() {
+        let models: Vec<String> = view.models.iter().map(model_state).collect();
+        o.push_str(&format!("     Models: {}\n", models.join("; ")));
+    }
     o.push_str(&format!(
         "   Restarts: {} since the coordinator started; {} failed attempt(s) in a row\n",
         view.restarts, view.failures
@@ -817,9 +839,26 @@ mod tests {
                 Some(42)
             )
         );
+        v.models = vec![ModelState {
+            name: "m".into(),
+            aliases: vec![],
+            state: "transferring 42 %".into(),
+            missing_on: vec![],
+            transfers: vec![crate::coordinator::view::ModelTransfer {
+                rank: 0,
+                from_rank: 1,
+                percent: Some(42),
+                bytes_per_s: Some(11e6),
+                eta_s: Some(5.5),
+            }],
+        }];
         let out = render(&v, &[], SystemTime::now());
         assert!(
             out.contains("model: model file missing: /m.gguf\n    transfer: receiving model m from rank 1: 42 % of 98.4 MB, 11.0 MB/s, 6 s left\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("     Models: m transferring 42 % (rank 0 from rank 1)\n"),
             "{out}"
         );
         // A transfer of another model than the loaded one is not what the ring waits for.
@@ -832,7 +871,14 @@ mod tests {
         assert!(render(&v, &[], SystemTime::now()).contains("transfer: receiving model code"));
 
         receiving(&mut v, transfer(TransferState::Failed, 10, "failed"));
+        v.models[0].state = "missing".into();
+        v.models[0].transfers.clear();
+        v.models[0].missing_on = vec![0, 2];
         let out = render(&v, &[], SystemTime::now());
+        assert!(
+            out.contains("     Models: m missing on rank 0, 2\n"),
+            "{out}"
+        );
         assert!(
             out.contains("transfer: delivery of model m from rank 1 failed: rank 1 went away\n"),
             "{out}"

@@ -10,8 +10,8 @@ with the failure and the restart among its events. The browser's console is read
 
 Then the same browser on a second ring (no keys) whose rank 0 lacks the model file and gets it from a
 worker at 40 Mbit/s (about 20 s for the test model): the page shows rank 0's transfer running
-with a percentage between 0 and 100, its rate and ETA, then the ring serving with the transfer
-done; `llm-agent status --watch` beside it prints the same delivery as its stage.
+with a percentage between 0 and 100, its rate and ETA, and the model listed as
+"transferring NN %", then the ring serving with the transfer done and the model loaded; `llm-agent status --watch` beside it prints the same delivery as its stage.
 
 Screenshots are written to $DASHBOARD_SCREENSHOTS (default: a directory under pytest's tmp
 dir) and their paths printed. Port offsets 1900 and 4600. Without Chromium the test is
@@ -304,6 +304,10 @@ def test_a_node_receiving_the_model_shows_its_progress_then_the_ring_serves(brow
         assert ring_label and ring_label.startswith(f"receiving {model.stem} "), ring_label
         reason = browser.execute_script("return document.querySelector('#reason').textContent")
         assert "is receiving model" in reason, reason
+        models_js = "return [...document.querySelectorAll('#models .model-state')].map((m) => m.dataset.state)"
+        listed = poll(lambda: (m := browser.execute_script(models_js)) and m[0].startswith("transferring ") and m,
+                      30, "the model listed as transferring NN %")
+        assert re.fullmatch(r"transferring \d+ %", listed[0]), listed
         shots(browser, "05-receiving-the-model")
 
         def serving_reading_on():
@@ -312,6 +316,7 @@ def test_a_node_receiving_the_model_shows_its_progress_then_the_ring_serves(brow
 
         poll(serving_reading_on, 180, "the ring serving once the model arrived", every=0.25)
         done = poll(lambda: [r for r in transfer_rows(browser, 0) if r[0] == "done"], 15, "the transfer done")
+        assert poll(lambda: browser.execute_script(models_js) == ["loaded"], 15, "the model listed as loaded")
         assert done[0][1] == "100" and done[0][2] is None, done
         assert "sha256 verified" in done[0][3], done
         seen = sorted(set(percents))

@@ -289,6 +289,21 @@ function drawNodes(view, windows) {
   });
 }
 
+/** Every configured model with its state as /v1/models says it ("loaded", "transferring
+ *  42 %", "missing", ...), from the cluster view (a /v1/models poll would count as usage). */
+function drawModels(models) {
+  $('models-box').hidden = !models.length;
+  $('models').replaceChildren(...models.map((m) => {
+    const s = el('span', 'model-state', `${m.name}: ${m.state}`);
+    s.dataset.model = m.name;
+    s.dataset.state = m.state;
+    const where = [...m.transfers.map((t) => `rank ${t.rank} receives it from rank ${t.from_rank}`),
+      ...(m.missing_on.length ? [`missing on rank ${m.missing_on.join(', ')}`] : [])];
+    if (where.length) s.title = where.join('; ');
+    return s;
+  }));
+}
+
 function drawCluster(view) {
   $('cluster-name').textContent = view.cluster;
   const phase = $('phase');
@@ -298,6 +313,7 @@ function drawCluster(view) {
   $('restarts').textContent = view.restarts;
   $('engine').textContent = view.engine;
   $('model').textContent = view.model.name;
+  drawModels(view.models || []);
   model = view.model.name;
   $('chat-model').textContent = model;
   const reason = $('reason');

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::check::NodeReport;
 use super::state::{Phase, Supervisor};
+use super::switch::Snapshot;
 use crate::config::{Config, EngineKind};
 use crate::proto::{
     HashState, ModelFact, NodeFacts, Placement, PlacementSource, RankStatus, TransferState,
@@ -42,9 +43,37 @@ pub struct ClusterView {
     /// prima: the layer placement of the ring and where it came from.
     pub placement: Option<PlacementView>,
     pub nodes: Vec<NodeView>,
+    /// Every configured model's state ([`ClusterView::model_states`]). Filled by the API as it
+    /// answers (which model is loaded or wanted is the model gate's, not the driver's): empty
+    /// in the driver's copy, and from coordinators that predate it.
+    #[serde(default)]
+    pub models: Vec<ModelState>,
     /// The node checks' warnings, from which `warnings` is made.
     #[serde(skip)]
     check_warnings: Vec<String>,
+}
+
+/// One configured model and its state, as `/v1/models` (in `llm_cluster`) and
+/// `/api/v1/cluster` (in `models`) show it: `loaded`, `switching` (the ring is moving to it),
+/// `transferring NN %` (nodes are receiving its file, each in `transfers`), `available`, or
+/// `missing` with the nodes whose file is absent or does not match.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelState {
+    pub name: String,
+    pub aliases: Vec<String>,
+    pub state: String,
+    pub missing_on: Vec<u32>,
+    pub transfers: Vec<ModelTransfer>,
+}
+
+/// A node receiving a model's file, in [`ModelState::transfers`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelTransfer {
+    pub rank: u32,
+    pub from_rank: u32,
+    pub percent: Option<u32>,
+    pub bytes_per_s: Option<f64>,
+    pub eta_s: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -211,6 +240,7 @@ impl ClusterView {
             switches: 0,
             warnings: vec![],
             placement: None,
+            models: vec![],
             check_warnings: vec![],
             nodes: config
                 .nodes
@@ -285,6 +315,72 @@ impl ClusterView {
             }
         }
         *self != before
+    }
+
+    /// Every configured model's state, from the model gate's `snap` and the nodes' facts.
+    /// `names[i]`: model `i`'s name, then its aliases.
+    pub fn model_states(&self, names: &[&[String]], snap: &Snapshot) -> Vec<ModelState> {
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, names)| {
+                let mut missing_on = Vec::new();
+                let mut transfers = Vec::new();
+                let (mut done, mut total) = (0u64, 0u64);
+                for n in &self.nodes {
+                    let Some(fact) = n
+                        .facts
+                        .as_ref()
+                        .and_then(|f| super::delivery::model_fact(f, i, snap.loaded))
+                    else {
+                        continue;
+                    };
+                    let bad = matches!(fact.hash, HashState::Missing | HashState::Error { .. })
+                        || fact.matches_expected == Some(false);
+                    let running = fact
+                        .transfer
+                        .as_ref()
+                        .filter(|t| t.state == TransferState::Running);
+                    if let Some(t) = running.filter(|_| bad) {
+                        done += t.done_bytes;
+                        total += t.total_bytes;
+                        transfers.push(ModelTransfer {
+                            rank: n.rank,
+                            from_rank: t.from_rank,
+                            percent: t.percent(),
+                            bytes_per_s: t.bytes_per_s,
+                            eta_s: t.eta_s,
+                        });
+                    } else if bad {
+                        missing_on.push(n.rank);
+                    }
+                }
+                let percent =
+                    (total > 0).then(|| (done as f64 / total as f64 * 100.0).floor() as u32);
+                let state = if snap.target == Some(i) && transfers.is_empty() {
+                    "switching".to_string()
+                } else if snap.loaded == i
+                    && !snap.unloaded
+                    && snap.target.is_none()
+                    && self.serving()
+                {
+                    "loaded".to_string()
+                } else if !transfers.is_empty() {
+                    format!("transferring {} %", percent.unwrap_or(0))
+                } else if !missing_on.is_empty() {
+                    "missing".to_string()
+                } else {
+                    "available".to_string()
+                };
+                ModelState {
+                    name: names.first().cloned().unwrap_or_default(),
+                    aliases: names.get(1..).unwrap_or_default().to_vec(),
+                    state,
+                    missing_on,
+                    transfers,
+                }
+            })
+            .collect()
     }
 
     /// Takes in freshly fetched facts; a node whose facts could not be read keeps its last ones
@@ -468,5 +564,82 @@ mod tests {
         let json = serde_json::to_value(&v).expect("json");
         assert_eq!(json["nodes"][0]["transfers"][1]["state"], "running");
         assert_eq!(json["nodes"][0]["transfers"][1]["percent"], 42);
+    }
+
+    #[test]
+    fn each_models_state_comes_from_the_gate_and_the_nodes_files() {
+        let c = config();
+        let mut v = ClusterView::initial(&c);
+        let mut snap = Snapshot {
+            loaded: 0,
+            unloaded: false,
+            target: None,
+            loaded_since: None,
+            last_request: std::time::Instant::now(),
+            passed: 0,
+            waiting: vec![],
+        };
+        let (chat, code) = (["chat".to_string(), "c".to_string()], ["code".to_string()]);
+        let names: [&[String]; 2] = [&chat, &code];
+        let states = |v: &ClusterView, snap: &Snapshot| -> Vec<String> {
+            v.model_states(&names, snap)
+                .into_iter()
+                .map(|m| m.state)
+                .collect()
+        };
+        let node = |code: ModelFact| {
+            let mut f = crate::coordinator::check::tests_support::facts(0);
+            f.models = vec![
+                model(
+                    HashState::Done {
+                        sha256: "ab".into(),
+                    },
+                    None,
+                ),
+                code,
+            ];
+            f
+        };
+        // Rank 0 receives `code` at 42 %, rank 1 at 10 %: 26 % of both files together.
+        let mut f0 = node(model(
+            HashState::Missing,
+            Some(transfer(TransferState::Running, 41_328_000)),
+        ));
+        f0.rank = 0;
+        let mut f1 = node(model(
+            HashState::Missing,
+            Some(transfer(TransferState::Running, 9_840_000)),
+        ));
+        f1.rank = 1;
+        v.nodes[0].facts = Some(f0);
+        v.nodes[1].facts = Some(f1.clone());
+        assert_eq!(states(&v, &snap), ["available", "transferring 26 %"]);
+        let m = &v.model_states(&names, &snap)[1];
+        assert_eq!(m.name, "code");
+        assert_eq!(
+            m.transfers
+                .iter()
+                .map(|t| (t.rank, t.percent))
+                .collect::<Vec<_>>(),
+            [(0, Some(42)), (1, Some(10))]
+        );
+        assert_eq!(v.model_states(&names, &snap)[0].aliases, ["c"]);
+        v.phase = Phase::Serving;
+        assert_eq!(states(&v, &snap)[0], "loaded");
+        // A failed delivery leaves the file missing there.
+        v.nodes[1].facts = Some(node(model(
+            HashState::Missing,
+            Some(transfer(TransferState::Failed, 10)),
+        )));
+        v.nodes[0].facts = Some(node(model(HashState::Missing, None)));
+        assert_eq!(states(&v, &snap), ["loaded", "missing"]);
+        assert_eq!(v.model_states(&names, &snap)[1].missing_on, [0, 1]);
+        snap.target = Some(1);
+        assert_eq!(states(&v, &snap), ["available", "switching"]);
+        // Served with the view, read back by `status`.
+        v.models = v.model_states(&names, &snap);
+        let back: ClusterView =
+            serde_json::from_value(serde_json::to_value(&v).expect("json")).expect("view");
+        assert_eq!(back.models, v.models);
     }
 }
