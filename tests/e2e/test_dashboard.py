@@ -14,7 +14,7 @@ with a percentage between 0 and 100, its rate and ETA, and the model listed as
 "transferring NN %", then the ring serving with the transfer done and the model loaded; `llm-agent status --watch` beside it prints the same delivery as its stage.
 
 Screenshots are written to $DASHBOARD_SCREENSHOTS (default: a directory under pytest's tmp
-dir) and their paths printed. Port offsets 1900 and 4600. Without Chromium the test is
+dir) and their paths printed. Port offsets 1900, 4600 and 4650. Without Chromium the test is
 skipped, unless LLM_CLUSTER_BROWSER_REQUIRED=1 (set by .ci/run), where it fails."""
 
 import os
@@ -32,6 +32,7 @@ from conftest import Cluster, _env_path
 
 OFFSET = 1900
 TRANSFER_OFFSET = 4600
+NO_ROOM_OFFSET = 4650
 KEY = "sk-dashboard-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
@@ -264,6 +265,14 @@ def test_a_killed_rank_shows_as_a_restart(ring, browser, shots):
     assert not unexpected(console(browser))
 
 
+def open_page(browser, base):
+    """Opens `base`'s dashboard with the console drained of what earlier pages logged (a ring
+    stopped under its open page makes it log refused connections)."""
+    browser.get("about:blank")
+    console(browser)
+    browser.get(f"{base}/")
+
+
 def transfer_rows(browser, rank):
     """Rank `rank`'s transfer rows on its node card: [state, percent, bar value, text]."""
     return browser.execute_script("""
@@ -283,7 +292,7 @@ def test_a_node_receiving_the_model_shows_its_progress_then_the_ring_serves(brow
         [str(_env_path("LLM_AGENT_BIN")), "status", "--url", cluster.base, "--watch", "--timeout", "240"],
         stdout=open(watch_out, "w"), stderr=subprocess.STDOUT)
     try:
-        browser.get(f"{cluster.base}/")
+        open_page(browser, cluster.base)
         percents = []
 
         def mid_transfer():
@@ -339,4 +348,51 @@ def test_a_node_receiving_the_model_shows_its_progress_then_the_ring_serves(brow
         if watch.poll() is None:
             watch.kill()
             watch.wait()
+        cluster.stop()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    d = tmp_path / "small"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(d)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {r.stderr.strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_a_failed_delivery_shows_with_its_error(browser, shots, tmp_path, small_disk):
+    model = _env_path("SMOLLM2_GGUF")
+    cluster = Cluster("llama-rpc", _env_path("LLAMA_CPP_DIR"), model, NO_ROOM_OFFSET, tmp_path, extra=(
+        "--node-model-dir", f"0={small_disk}"))
+    try:
+        open_page(browser, cluster.base)
+        rows = poll(lambda: [r for r in transfer_rows(browser, 0) if r[0] == "failed"], 60,
+                    "rank 0's transfer failed")
+        state, pct, bar, text = rows[0]
+        assert bar is None, "no bar on a failed transfer"
+        assert f"delivery of model {model.stem} from rank " in text and "not enough free space" in text, text
+        assert re.search(r"\d+ bytes \([\d.]+ MB\) missing", text), text
+        cls = browser.execute_script(
+            "return document.querySelector('#nodes .node[data-rank=\"0\"] dd.transfer span').className")
+        assert cls == "error", cls
+        models = browser.execute_script(
+            "return [...document.querySelectorAll('#models .model-state')].map((m) => m.dataset.state)")
+        assert models == ["missing"], models
+        print(f"[figure] the page showed: {text!r}")
+        shots(browser, "07-delivery-failed")
+        assert not unexpected(console(browser)), "console errors on the refused ring's page"
+        r = subprocess.run([str(_env_path("LLM_AGENT_BIN")), "status", "--url", cluster.base],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 3, r
+        assert f"    transfer: delivery of model {model.stem} from rank " in r.stdout, r.stdout
+        assert f"     Models: {model.stem} missing on rank 0" in r.stdout, r.stdout
+    except Exception:
+        print(cluster.log_tail())
+        raise
+    finally:
         cluster.stop()
