@@ -861,6 +861,22 @@ mod tests {
             out.contains("     Models: m transferring 42 % (rank 0 from rank 1)\n"),
             "{out}"
         );
+        // Two nodes receive it (prima): the ring waits for the one furthest behind.
+        let mut behind = facts(HashState::Missing, None);
+        behind.rank = 1;
+        let mut t = transfer(TransferState::Running, 9_840_000, "receiving from rank 0");
+        t.from_rank = 0;
+        behind.model.transfer = Some(t);
+        v.nodes[1].transfers = TransferView::all(&behind);
+        assert_eq!(
+            stage(&v),
+            (
+                "rank 1 receives model m from rank 0: 9.8 MB of 98.4 MB, 11.0 MB/s, 6 s left (2 nodes receive it)"
+                    .into(),
+                Some(10)
+            )
+        );
+        v.nodes[1].transfers.clear();
         // A transfer of another model than the loaded one is not what the ring waits for.
         let mut other = transfer(TransferState::Running, 10, "receiving from rank 1");
         other.model = "code".into();
