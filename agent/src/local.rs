@@ -489,8 +489,9 @@ pub async fn up(args: UpArgs) -> Result<()> {
     tracing::info!(ranks = args.local, engine = %args.engine, state_dir = %state_dir.display(), "local cluster starting");
 
     let mut view = coordinator.view.clone();
-    // What the ring waits for (checking nodes, hashing NN %, starting ranks, loading), on a
-    // terminal only: a log or a test reading the output gets the lines it had.
+    // What the ring waits for (checking nodes, hashing NN %, receiving the model NN %, starting
+    // ranks, loading), on a terminal only: a log or a test reading the output gets the lines
+    // it had.
     let progress = {
         use std::io::IsTerminal;
         std::io::stderr()

@@ -1,11 +1,12 @@
 //! `llm-agent status`: the cluster as the coordinator sees it, in the manner of
 //! `systemctl status` — the ring's phase, generation, model and uptime, every node's rank, host,
-//! state, process, engine build, model hash and network tuning, the last error, and the recent
-//! events — read from rank 0's API (`/api/v1/cluster`, `/api/v1/events`).
+//! state, process, engine build, model hash, model deliveries and network tuning, the last
+//! error, and the recent events — read from rank 0's API (`/api/v1/cluster`, `/api/v1/events`).
 //!
 //! The exit status says what a script wants to know without parsing: 0 serving, 3 not serving,
 //! 1 the coordinator cannot be reached. `--watch` follows the event stream while the ring forms
-//! and shows what it waits for (a spinner, or a bar while a model is hashed) until it serves.
+//! and shows what it waits for (a spinner, or a bar while a model is hashed or delivered to a
+//! node) until it serves.
 //! What is shown and the stage of a forming ring are pure functions of the view.
 
 use std::io::IsTerminal;
@@ -19,9 +20,9 @@ use futures_util::StreamExt;
 use crate::config::{Config, DEFAULT_PATH};
 use crate::coordinator::compat::SseFramer;
 use crate::coordinator::state::Phase;
-use crate::coordinator::view::{ClusterView, NodeView};
+use crate::coordinator::view::{ClusterView, ModelState, NodeView, TransferView};
 use crate::exit;
-use crate::proto::{ClusterEvent, HashState, KeyState};
+use crate::proto::{ClusterEvent, HashState, KeyState, TransferState};
 
 #[derive(clap::Args, Debug)]
 #[command(
@@ -41,8 +42,8 @@ pub struct StatusArgs {
     /// `{"cluster": ..., "events": [...]}`.
     #[arg(long, conflicts_with = "watch")]
     pub json: bool,
-    /// Follow the ring while it forms (checking nodes, hashing, starting ranks, loading) and
-    /// return once it serves; events are printed as they come.
+    /// Follow the ring while it forms (checking nodes, hashing, delivering the model, starting
+    /// ranks, loading) and return once it serves; events are printed as they come.
     #[arg(long)]
     pub watch: bool,
     /// With --watch: give up after this many seconds.
@@ -78,6 +79,9 @@ pub fn api_base(config: &Config) -> String {
 pub fn stage(view: &ClusterView) -> (String, Option<u64>) {
     match view.phase {
         Phase::WaitingForNodes => {
+            if let Some(s) = delivery_stage(view) {
+                return s;
+            }
             for n in &view.nodes {
                 if let Some(m) = n.facts.as_ref().map(|f| &f.model) {
                     if m.hash == HashState::Hashing {
@@ -120,6 +124,42 @@ pub fn stage(view: &ClusterView) -> (String, Option<u64>) {
             None,
         ),
     }
+}
+
+/// The delivery the ring waits for: the loaded model's file arriving at a node (the least
+/// advanced one when several receive it), with its percent for the bar.
+fn delivery_stage(view: &ClusterView) -> Option<(String, Option<u64>)> {
+    use crate::node::deliver::human_bytes;
+    let running: Vec<(u32, &TransferView)> = view
+        .nodes
+        .iter()
+        .flat_map(|n| n.transfers.iter().map(move |t| (n.rank, t)))
+        .filter(|(_, t)| t.state == TransferState::Running && t.model == view.model.name)
+        .collect();
+    let (rank, t) = *running.iter().min_by_key(|(_, t)| t.percent.unwrap_or(0))?;
+    let mut what = format!(
+        "rank {rank} receives model {} from rank {}: ",
+        t.model, t.from_rank
+    );
+    if t.total_bytes > 0 && t.activity.starts_with("receiving") {
+        what.push_str(&format!(
+            "{} of {}",
+            human_bytes(t.done_bytes),
+            human_bytes(t.total_bytes)
+        ));
+        if let Some(r) = t.bytes_per_s {
+            what.push_str(&format!(", {}/s", human_bytes(r as u64)));
+        }
+        if let Some(e) = t.eta_s {
+            what.push_str(&format!(", {} s left", e.round()));
+        }
+    } else {
+        what.push_str(&t.activity);
+    }
+    if running.len() > 1 {
+        what.push_str(&format!(" ({} nodes receive it)", running.len()));
+    }
+    Some((what, t.percent.map(u64::from)))
 }
 
 fn since(at: &str, now: SystemTime) -> Option<String> {
@@ -236,6 +276,24 @@ fn node_error(n: &NodeView) -> Option<String> {
         })
 }
 
+/// "chat loaded", "code transferring 42 % (rank 0 from rank 1)", "big missing on rank 1, 2".
+fn model_state(m: &ModelState) -> String {
+    let mut s = format!("{} {}", m.name, m.state);
+    if !m.transfers.is_empty() {
+        let t: Vec<String> = m
+            .transfers
+            .iter()
+            .map(|t| format!("rank {} from rank {}", t.rank, t.from_rank))
+            .collect();
+        s.push_str(&format!(" ({})", t.join(", ")));
+    }
+    if !m.missing_on.is_empty() {
+        let ranks: Vec<String> = m.missing_on.iter().map(u32::to_string).collect();
+        s.push_str(&format!(" on rank {}", ranks.join(", ")));
+    }
+    s
+}
+
 /// The report, as `status` prints it.
 pub fn render(view: &ClusterView, events: &[ClusterEvent], now: SystemTime) -> String {
     let mut o = String::new();
@@ -268,6 +326,10 @@ pub fn render(view: &ClusterView, events: &[ClusterEvent], now: SystemTime) -> S
         view.model.name,
         view.model.path.display()
     ));
+    if !view.models.is_empty() {
+        let models: Vec<String> = view.models.iter().map(model_state).collect();
+        o.push_str(&format!("     Models: {}\n", models.join("; ")));
+    }
     o.push_str(&format!(
         "   Restarts: {} since the coordinator started; {} failed attempt(s) in a row\n",
         view.restarts, view.failures
@@ -301,6 +363,9 @@ pub fn render(view: &ClusterView, events: &[ClusterEvent], now: SystemTime) -> S
         ));
         o.push_str(&format!("      engine: {}\n", node_engine(n)));
         o.push_str(&format!("       model: {}\n", node_hash(n)));
+        for t in &n.transfers {
+            o.push_str(&format!("    transfer: {}\n", t.text));
+        }
         o.push_str(&format!("      tuning: {}\n", node_tuning(n)));
         if let Some(e) = node_error(n) {
             o.push_str(&format!("  last error: {e}\n"));
@@ -452,7 +517,7 @@ pub fn run(args: StatusArgs) -> ExitCode {
     })
 }
 
-/// Shows a forming ring until it serves: a spinner (a bar while hashing) on a terminal, plain
+/// Shows a forming ring until it serves: a spinner (a bar while hashing or delivering) on a terminal, plain
 /// lines otherwise; every event is printed as it comes.
 async fn watch(c: &Client, args: &StatusArgs) -> ExitCode {
     let deadline = args
@@ -714,5 +779,149 @@ mod tests {
         ] {
             assert!(out.contains(want), "missing {want:?} in:\n{out}");
         }
+    }
+
+    fn transfer(state: TransferState, done: u64, activity: &str) -> crate::proto::TransferFact {
+        crate::proto::TransferFact {
+            model: "m".into(),
+            from_rank: 1,
+            state,
+            total_bytes: 98_400_000,
+            done_bytes: done,
+            resumed_from: 0,
+            bytes_per_s: Some(11_000_000.0),
+            eta_s: Some(5.5),
+            activity: activity.into(),
+            error: (state == TransferState::Failed).then(|| "rank 1 went away".to_string()),
+            started_unix: 100,
+            finished_unix: None,
+            seconds: 3.7,
+        }
+    }
+
+    /// `v`'s rank 0 with its model file missing and `t` as its delivery, as the view reads it.
+    fn receiving(v: &mut ClusterView, t: crate::proto::TransferFact) {
+        let mut f = facts(HashState::Missing, None);
+        f.model.transfer = Some(t);
+        v.nodes[0].transfers = TransferView::all(&f);
+        v.nodes[0].facts = Some(f);
+    }
+
+    #[test]
+    fn a_delivery_the_ring_waits_for_drives_the_progress_and_shows_per_node() {
+        let mut v = view();
+        assert_eq!(v.model.name, "m");
+        v.reason = Some("waiting for nodes: rank 0 (10.0.0.1) is receiving model m ...".into());
+        receiving(
+            &mut v,
+            transfer(
+                TransferState::Running,
+                0,
+                "waiting for rank 1 to hash its copy",
+            ),
+        );
+        assert_eq!(
+            stage(&v),
+            (
+                "rank 0 receives model m from rank 1: waiting for rank 1 to hash its copy".into(),
+                Some(0)
+            )
+        );
+        receiving(
+            &mut v,
+            transfer(TransferState::Running, 41_328_000, "receiving from rank 1"),
+        );
+        assert_eq!(
+            stage(&v),
+            (
+                "rank 0 receives model m from rank 1: 41.3 MB of 98.4 MB, 11.0 MB/s, 6 s left"
+                    .into(),
+                Some(42)
+            )
+        );
+        v.models = vec![ModelState {
+            name: "m".into(),
+            aliases: vec![],
+            state: "transferring 42 %".into(),
+            missing_on: vec![],
+            transfers: vec![crate::coordinator::view::ModelTransfer {
+                rank: 0,
+                from_rank: 1,
+                percent: Some(42),
+                bytes_per_s: Some(11e6),
+                eta_s: Some(5.5),
+            }],
+        }];
+        let out = render(&v, &[], SystemTime::now());
+        assert!(
+            out.contains("model: model file missing: /m.gguf\n    transfer: receiving model m from rank 1: 42 % of 98.4 MB, 11.0 MB/s, 6 s left\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("     Models: m transferring 42 % (rank 0 from rank 1)\n"),
+            "{out}"
+        );
+        // Two nodes receive it (prima): the ring waits for the one furthest behind.
+        let mut behind = facts(HashState::Missing, None);
+        behind.rank = 1;
+        let mut t = transfer(TransferState::Running, 9_840_000, "receiving from rank 0");
+        t.from_rank = 0;
+        behind.model.transfer = Some(t);
+        v.nodes[1].transfers = TransferView::all(&behind);
+        assert_eq!(
+            stage(&v),
+            (
+                "rank 1 receives model m from rank 0: 9.8 MB of 98.4 MB, 11.0 MB/s, 6 s left (2 nodes receive it)"
+                    .into(),
+                Some(10)
+            )
+        );
+        v.nodes[1].transfers.clear();
+        // A transfer of another model than the loaded one is not what the ring waits for.
+        let mut other = transfer(TransferState::Running, 10, "receiving from rank 1");
+        other.model = "code".into();
+        receiving(&mut v, other);
+        assert!(stage(&v)
+            .0
+            .starts_with("checking nodes: waiting for nodes: rank 0"));
+        assert!(render(&v, &[], SystemTime::now()).contains("transfer: receiving model code"));
+
+        receiving(&mut v, transfer(TransferState::Failed, 10, "failed"));
+        v.models[0].state = "missing".into();
+        v.models[0].transfers.clear();
+        v.models[0].missing_on = vec![0, 2];
+        let out = render(&v, &[], SystemTime::now());
+        assert!(
+            out.contains("     Models: m missing on rank 0, 2\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("transfer: delivery of model m from rank 1 failed: rank 1 went away\n"),
+            "{out}"
+        );
+        assert!(
+            stage(&v).0.starts_with("checking nodes:"),
+            "a failure is not progress: {:?}",
+            stage(&v)
+        );
+
+        // Once the file is there: the delivery stays in the report, no more in the stage.
+        let mut f = facts(
+            HashState::Done {
+                sha256: "ab".repeat(32),
+            },
+            None,
+        );
+        f.model.transfer = Some(transfer(TransferState::Done, 98_400_000, "done"));
+        v.nodes[0].transfers = TransferView::all(&f);
+        v.nodes[0].facts = Some(f);
+        v.phase = Phase::Serving;
+        let out = render(&v, &[], SystemTime::now());
+        assert!(
+            out.contains(
+                "transfer: received model m from rank 1: 98.4 MB in 3.7 s (11.0 MB/s), sha256 verified\n"
+            ),
+            "{out}"
+        );
     }
 }

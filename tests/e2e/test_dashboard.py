@@ -1,20 +1,27 @@
 """The dashboard at `/` in a real headless Chromium (Debian's `chromium` + `chromium-driver`,
 driven by selenium) on a real 3-rank llama.cpp RPC ring with API keys on.
 
-One ring and one browser for every check, in order: the page (served without a key, not counted
+One ring and one browser for the first checks, in order: the page (served without a key, not counted
 as usage) asks for the key (again after a wrong one), then shows the three nodes serving; reloaded with the key kept,
 it loads without a console error and its event panel follows /api/v1/events (the ring's start
 replayed); the chat box streams an answer (its text grows over several DOM reads) and the tok/s
 chart moves; after a kill -9 of a rank's engine the page shows the new generation serving again,
 with the failure and the restart among its events. The browser's console is read through selenium's `get_log('browser')`.
 
+Then the same browser on a second ring (no keys) whose rank 0 lacks the model file and gets it from a
+worker at 40 Mbit/s (about 20 s for the test model): the page shows rank 0's transfer running
+with a percentage between 0 and 100, its rate and ETA, and the model listed as
+"transferring NN %", then the ring serving with the transfer done and the model loaded; `llm-agent status --watch` beside it prints the same delivery as its stage.
+
 Screenshots are written to $DASHBOARD_SCREENSHOTS (default: a directory under pytest's tmp
-dir) and their paths printed. Port offset 1900. Without Chromium the test is skipped, unless
-LLM_CLUSTER_BROWSER_REQUIRED=1 (set by .ci/run), where it fails."""
+dir) and their paths printed. Port offsets 1900, 4600 and 4650. Without Chromium the test is
+skipped, unless LLM_CLUSTER_BROWSER_REQUIRED=1 (set by .ci/run), where it fails."""
 
 import os
+import re
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -24,6 +31,8 @@ import requests
 from conftest import Cluster, _env_path
 
 OFFSET = 1900
+TRANSFER_OFFSET = 4600
+NO_ROOM_OFFSET = 4650
 KEY = "sk-dashboard-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
@@ -254,3 +263,136 @@ def test_a_killed_rank_shows_as_a_restart(ring, browser, shots):
     print(f"[figure] event kinds shown, newest first: {kinds[:12]}")
     shots(browser, "04-restarted")
     assert not unexpected(console(browser))
+
+
+def open_page(browser, base):
+    """Opens `base`'s dashboard with the console drained of what earlier pages logged (a ring
+    stopped under its open page makes it log refused connections)."""
+    browser.get("about:blank")
+    console(browser)
+    browser.get(f"{base}/")
+
+
+def transfer_rows(browser, rank):
+    """Rank `rank`'s transfer rows on its node card: [state, percent, bar value, text]."""
+    return browser.execute_script("""
+        return [...document.querySelectorAll(`#nodes .node[data-rank="${arguments[0]}"] dd.transfer`)]
+          .map((d) => [d.dataset.state, d.dataset.percent ?? null,
+                       d.querySelector('progress')?.value ?? null, d.textContent]);""", rank)
+
+
+def test_a_node_receiving_the_model_shows_its_progress_then_the_ring_serves(browser, shots, tmp_path):
+    model = _env_path("SMOLLM2_GGUF")
+    empty = tmp_path / "rank0-models"
+    empty.mkdir()
+    cluster = Cluster("llama-rpc", _env_path("LLAMA_CPP_DIR"), model, TRANSFER_OFFSET, tmp_path, extra=(
+        "--node-model-dir", f"0={empty}", "--transfer-max-mbit", "40"))
+    watch_out = tmp_path / "status-watch.out"
+    watch = subprocess.Popen(
+        [str(_env_path("LLM_AGENT_BIN")), "status", "--url", cluster.base, "--watch", "--timeout", "240"],
+        stdout=open(watch_out, "w"), stderr=subprocess.STDOUT)
+    try:
+        open_page(browser, cluster.base)
+        percents = []
+
+        def mid_transfer():
+            rows = [r for r in transfer_rows(browser, 0) if r[0] == "running"]
+            for state, pct, bar, text in rows:
+                if pct is not None:
+                    percents.append(int(pct))
+                    assert float(bar) == float(pct), (bar, pct)
+                    if 0 < int(pct) < 100 and "MB/s" in text and "s left" in text:
+                        return text
+            return None
+
+        text = poll(mid_transfer, 120, "rank 0's transfer running between 0 and 100 %", every=0.25)
+        assert f"receiving model {model.stem} from rank " in text, text
+        ring_label = browser.execute_script(
+            "return document.querySelector('#ring .ring-node[data-rank=\"0\"] text.receiving')?.textContent")
+        print(f"[figure] the page showed rank 0 receiving: {text!r}; ring label {ring_label!r}")
+        assert ring_label and ring_label.startswith(f"receiving {model.stem} "), ring_label
+        reason = browser.execute_script("return document.querySelector('#reason').textContent")
+        assert "is receiving model" in reason, reason
+        models_js = "return [...document.querySelectorAll('#models .model-state')].map((m) => m.dataset.state)"
+        listed = poll(lambda: (m := browser.execute_script(models_js)) and m[0].startswith("transferring ") and m,
+                      30, "the model listed as transferring NN %")
+        assert re.fullmatch(r"transferring \d+ %", listed[0]), listed
+        shots(browser, "05-receiving-the-model")
+
+        def serving_reading_on():
+            mid_transfer()  # the percentages shown on the way, which must move
+            return serving_three(browser)
+
+        poll(serving_reading_on, 180, "the ring serving once the model arrived", every=0.25)
+        done = poll(lambda: [r for r in transfer_rows(browser, 0) if r[0] == "done"], 15, "the transfer done")
+        assert poll(lambda: browser.execute_script(models_js) == ["loaded"], 15, "the model listed as loaded")
+        assert done[0][1] == "100" and done[0][2] is None, done
+        assert "sha256 verified" in done[0][3], done
+        seen = sorted(set(percents))
+        print(f"[figure] percentages the page showed for rank 0: {seen}")
+        assert len([p for p in seen if 0 < p < 100]) >= 2, f"the bar did not move: {seen}"
+        shots(browser, "06-delivered-and-serving")
+        assert not unexpected(console(browser)), "console errors on the delivering ring's page"
+
+        assert watch.wait(timeout=60) == 0, watch_out.read_text()
+        out = watch_out.read_text()
+        stages = re.findall(rf"… rank 0 receives model {re.escape(model.stem)} from rank \d: "
+                            r"[\d.]+ [kMG]?B of [\d.]+ MB, [\d.]+ [kMG]?B/s, \d+ s left \((\d+) %\)", out)
+        assert any(0 < int(p) < 100 for p in stages), out
+        assert f"transfer: received model {model.stem} from rank " in out, out
+        print(f"[figure] status --watch showed the delivery at {len(stages)} stages: {stages}")
+    except Exception:
+        print(cluster.log_tail())
+        raise
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+        cluster.stop()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    d = tmp_path / "small"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(d)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {r.stderr.strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_a_failed_delivery_shows_with_its_error(browser, shots, tmp_path, small_disk):
+    model = _env_path("SMOLLM2_GGUF")
+    cluster = Cluster("llama-rpc", _env_path("LLAMA_CPP_DIR"), model, NO_ROOM_OFFSET, tmp_path, extra=(
+        "--node-model-dir", f"0={small_disk}"))
+    try:
+        open_page(browser, cluster.base)
+        rows = poll(lambda: [r for r in transfer_rows(browser, 0) if r[0] == "failed"], 60,
+                    "rank 0's transfer failed")
+        state, pct, bar, text = rows[0]
+        assert bar is None, "no bar on a failed transfer"
+        assert f"delivery of model {model.stem} from rank " in text and "not enough free space" in text, text
+        assert re.search(r"\d+ bytes \([\d.]+ MB\) missing", text), text
+        cls = browser.execute_script(
+            "return document.querySelector('#nodes .node[data-rank=\"0\"] dd.transfer span').className")
+        assert cls == "error", cls
+        models = browser.execute_script(
+            "return [...document.querySelectorAll('#models .model-state')].map((m) => m.dataset.state)")
+        assert models == ["missing"], models
+        print(f"[figure] the page showed: {text!r}")
+        shots(browser, "07-delivery-failed")
+        assert not unexpected(console(browser)), "console errors on the refused ring's page"
+        r = subprocess.run([str(_env_path("LLM_AGENT_BIN")), "status", "--url", cluster.base],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 3, r
+        assert f"    transfer: delivery of model {model.stem} from rank " in r.stdout, r.stdout
+        assert f"     Models: {model.stem} missing on rank 0" in r.stdout, r.stdout
+    except Exception:
+        print(cluster.log_tail())
+        raise
+    finally:
+        cluster.stop()

@@ -190,7 +190,8 @@ function drawRing(view, windows) {
     g.append(svg('text', { x, y: y + 4 }, label));
     const below = y >= cy ? y + radius + 14 : y - radius - 22;
     g.append(svg('text', { x, y: below }, `${node.facts?.hostname ?? node.address} · ${node.state}`));
-    g.append(svg('text', { x, y: below + 13, class: 'window' }, windows[i]));
+    const receiving = receivingText(node);
+    g.append(svg('text', { x, y: below + 13, class: receiving ? 'window receiving' : 'window' }, receiving ?? windows[i]));
     const where = rank === node.rank ? '' : ` (node ${node.rank} of the config)`;
     g.append(svg('title', {}, `rank ${rank}${where} at ${node.address} (agent ${node.agent}): ${node.state}`));
     nodes.append(g);
@@ -215,6 +216,31 @@ function hashText(m) {
   if (m.matches_expected === false) t += ' (DIFFERS from the configured hash)';
   if (m.size) t += `, ${mib(m.size)}`;
   return t;
+}
+
+/** One delivery of a model file to the node (the view's `transfers`: the text is the one
+ *  `llm-agent status` prints), with a bar while it runs. */
+function transferRow(dl, t) {
+  dl.append(el('dt', '', 'transfer'));
+  const dd = el('dd', `transfer tr-${t.state}`);
+  dd.dataset.state = t.state;
+  dd.dataset.model = t.model;
+  if (t.percent !== null && t.percent !== undefined) dd.dataset.percent = t.percent;
+  if (t.state === 'running') {
+    const bar = el('progress');
+    bar.max = 100;
+    // No value: an indeterminate bar while the size is not known yet.
+    if (dd.dataset.percent !== undefined) bar.value = t.percent;
+    dd.append(bar);
+  }
+  dd.append(el('span', t.state === 'failed' ? 'error' : '', t.text));
+  dl.append(dd);
+}
+
+/** "receiving chat 42 %" under a node in the ring while a model file comes to it. */
+function receivingText(node) {
+  const t = (node.transfers || []).find((x) => x.state === 'running');
+  return t ? `receiving ${t.model} ${t.percent ?? 0} %` : null;
 }
 
 function networkText(keys) {
@@ -249,6 +275,7 @@ function drawNodes(view, windows) {
     const bin = f?.binaries?.find((b) => b.used_by_this_rank);
     fact(dl, 'binary', bin ? (bin.path ?? `${bin.name} (not found)`) : null);
     fact(dl, 'model', hashText(f?.model));
+    for (const t of node.transfers || []) transferRow(dl, t);
     fact(dl, 'memory', f?.memory ? `${gib(f.memory.available_bytes)} free of ${gib(f.memory.total_bytes)}` : null);
     fact(dl, 'cpu', f?.cpu ? `${f.cpu.model}, ${f.cpu.logical_cores} cores` : null);
     if (f?.gpus?.length) fact(dl, 'gpus', f.gpus.map((g) => g.name + (g.memory_total_mib ? ` (${g.memory_total_mib} MiB)` : '')).join(', '));
@@ -262,6 +289,21 @@ function drawNodes(view, windows) {
   });
 }
 
+/** Every configured model with its state as /v1/models says it ("loaded", "transferring
+ *  42 %", "missing", ...), from the cluster view (a /v1/models poll would count as usage). */
+function drawModels(models) {
+  $('models-box').hidden = !models.length;
+  $('models').replaceChildren(...models.map((m) => {
+    const s = el('span', 'model-state', `${m.name}: ${m.state}`);
+    s.dataset.model = m.name;
+    s.dataset.state = m.state;
+    const where = [...m.transfers.map((t) => `rank ${t.rank} receives it from rank ${t.from_rank}`),
+      ...(m.missing_on.length ? [`missing on rank ${m.missing_on.join(', ')}`] : [])];
+    if (where.length) s.title = where.join('; ');
+    return s;
+  }));
+}
+
 function drawCluster(view) {
   $('cluster-name').textContent = view.cluster;
   const phase = $('phase');
@@ -271,6 +313,7 @@ function drawCluster(view) {
   $('restarts').textContent = view.restarts;
   $('engine').textContent = view.engine;
   $('model').textContent = view.model.name;
+  drawModels(view.models || []);
   model = view.model.name;
   $('chat-model').textContent = model;
   const reason = $('reason');

@@ -298,7 +298,10 @@ async fn prometheus(State(s): State<ApiState>) -> Response {
 }
 
 async fn cluster(State(s): State<ApiState>) -> Json<ClusterView> {
-    Json(s.view.borrow().clone())
+    let models = model_states(&s);
+    let mut view = s.view.borrow().clone();
+    view.models = models;
+    Json(view)
 }
 
 /// Resolves when the ring that was serving `generation` is no longer serving, or when the
@@ -443,73 +446,29 @@ async fn model_served(s: &ApiState, requested: &str, generation: u64) -> Result<
     request::check_model(requested, rules, &engine_names(s, generation).await)
 }
 
-/// `/v1/models`: every configured model, OpenAI's fields first, and in `llm_cluster` (which
-/// OpenAI clients ignore) its state: `loaded`, `switching` (the ring is moving to it),
-/// `transferring NN %` (nodes are receiving its file, each in `transfers`), `available`, or
-/// `missing` with the nodes whose file is absent or does not match.
-fn model_listing(s: &ApiState) -> serde_json::Value {
+/// Every configured model's state ([`ClusterView::model_states`]).
+fn model_states(s: &ApiState) -> Vec<super::view::ModelState> {
     let gate = s.gateway.gate();
-    let snap = gate.snapshot();
-    let view = s.view.borrow();
-    let data: Vec<serde_json::Value> = (0..gate.len())
-        .map(|i| {
-            let names = gate.names(i);
-            let mut missing: Vec<u32> = Vec::new();
-            let mut transfers: Vec<serde_json::Value> = Vec::new();
-            let (mut done, mut total) = (0u64, 0u64);
-            for n in &view.nodes {
-                let Some(fact) = n
-                    .facts
-                    .as_ref()
-                    .and_then(|f| super::delivery::model_fact(f, i, snap.loaded))
-                else {
-                    continue;
-                };
-                let bad = matches!(
-                    fact.hash,
-                    crate::proto::HashState::Missing | crate::proto::HashState::Error { .. }
-                ) || fact.matches_expected == Some(false);
-                let running = fact
-                    .transfer
-                    .as_ref()
-                    .filter(|t| t.state == crate::proto::TransferState::Running);
-                if let Some(t) = running.filter(|_| bad) {
-                    done += t.done_bytes;
-                    total += t.total_bytes;
-                    transfers.push(json!({
-                        "rank": n.rank,
-                        "from_rank": t.from_rank,
-                        "percent": t.percent(),
-                        "bytes_per_s": t.bytes_per_s,
-                        "eta_s": t.eta_s,
-                    }));
-                } else if bad {
-                    missing.push(n.rank);
-                }
-            }
-            let percent = (total > 0).then(|| (done as f64 / total as f64 * 100.0).floor() as u32);
-            let state = if snap.target == Some(i) && transfers.is_empty() {
-                "switching".to_string()
-            } else if snap.loaded == i && !snap.unloaded && snap.target.is_none() && view.serving()
-            {
-                "loaded".to_string()
-            } else if !transfers.is_empty() {
-                format!("transferring {} %", percent.unwrap_or(0))
-            } else if !missing.is_empty() {
-                "missing".to_string()
-            } else {
-                "available".to_string()
-            };
+    let names: Vec<&[String]> = (0..gate.len()).map(|i| gate.names(i)).collect();
+    s.view.borrow().model_states(&names, &gate.snapshot())
+}
+
+/// `/v1/models`: every configured model, OpenAI's fields first, and in `llm_cluster` (which
+/// OpenAI clients ignore) its state (see [`super::view::ModelState`]).
+fn model_listing(s: &ApiState) -> serde_json::Value {
+    let data: Vec<serde_json::Value> = model_states(s)
+        .into_iter()
+        .map(|m| {
             json!({
-                "id": names.first(),
+                "id": m.name,
                 "object": "model",
                 "created": 0,
                 "owned_by": "llm-cluster",
                 "llm_cluster": {
-                    "state": state,
-                    "aliases": names.get(1..).unwrap_or_default(),
-                    "missing_on": missing,
-                    "transfers": transfers,
+                    "state": m.state,
+                    "aliases": m.aliases,
+                    "missing_on": m.missing_on,
+                    "transfers": m.transfers,
                 },
             })
         })
