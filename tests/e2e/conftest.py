@@ -194,3 +194,18 @@ def smollm2_q8(tmp_path_factory):
     """A Q8_0 copy of SmolLM2 (prima's profiler rejects its Q4_1 weights), made in seconds."""
     from q8 import make_q8
     return make_q8(_env_path("SMOLLM2_GGUF"), tmp_path_factory.mktemp("models") / "smollm2-q8.gguf")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 40 MiB tmpfs, too small for the 98 MB test model (for a node without room)."""
+    d = tmp_path / "small"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(d)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {r.stderr.strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)

@@ -351,20 +351,6 @@ def test_a_node_receiving_the_model_shows_its_progress_then_the_ring_serves(brow
         cluster.stop()
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    d = tmp_path / "small"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(d)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {r.stderr.strip()}")
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], check=False)
-
-
 def test_a_failed_delivery_shows_with_its_error(browser, shots, tmp_path, small_disk):
     model = _env_path("SMOLLM2_GGUF")
     cluster = Cluster("llama-rpc", _env_path("LLAMA_CPP_DIR"), model, NO_ROOM_OFFSET, tmp_path, extra=(

@@ -109,20 +109,6 @@ def test_a_corrupted_copy_is_detected_and_replaced(tmp_path):
         assert answer(cluster.base, model)
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    d = tmp_path / "small"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(d)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {r.stderr.strip()}")
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], check=False)
-
-
 def test_a_node_without_room_says_how_many_bytes_are_missing_and_no_ring_starts(tmp_path, small_disk):
     model = _env_path("SMOLLM2_GGUF")
     cluster = Cluster("llama-rpc", _env_path("LLAMA_CPP_DIR"), model, 4400, tmp_path, extra=(
