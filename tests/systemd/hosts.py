@@ -518,6 +518,18 @@ class Host:
         except OSError:
             return ""
 
+    # ---- the link
+    def shape_inbound(self, rate: str | None, burst: str = "64kb", latency: str = "400ms"):
+        """Rate-limit what the lab sends this host, or with rate None stop limiting it. A tbf
+        qdisc on the machine's side of the host's veth: tbf shapes a link's egress, and that
+        side's egress is everything the bridge forwards to the host (netem does not exist on
+        every kernel; tbf does). burst must hold the largest (GSO) packet, 64 KiB on a veth."""
+        if rate is None:
+            _sh(["tc", "qdisc", "del", "dev", self.veth, "root"], check=False)
+            return
+        _sh(["tc", "qdisc", "replace", "dev", self.veth, "root", "tbf", "rate", rate,
+             "burst", burst, "latency", latency])
+
     # ---- running things inside
     def run(self, cmd, check=True, timeout=30, input=None, env=None, cwd="/"):
         """Run a command inside the host (all its namespaces, root dir and cwd).
