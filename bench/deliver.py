@@ -8,7 +8,8 @@ the coordinator has rank 0 fetch it from rank 1. The file flows rank 1 -> rank 0
 qdisc sits on the machine's side of rank 0's veth (tbf shapes egress; that side's egress is
 what the bridge forwards to rank 0).
 
-Per case (a link rate or none, a model file, a `delivery.max_mbit` or none), in one lab:
+Per case (a link rate or none, a model file, a `delivery.max_mbit` or none, the control plane
+in plain HTTP with the token or in mutual TLS), in one lab:
   tcp        a plain TCP stream rank 1 -> rank 0 over the same shaping: what the link gives
   seconds    the transfer fact's `seconds` (the agent's own clock: request to verified file)
   receive s  the receive loop alone (the agent's log line "model file received and verified")
@@ -19,15 +20,19 @@ hashes on the first request, which would add its hash time and a 2 s retry to th
 Models: SmolLM2-135M Q4_1 (98 MB, the test model) and `big`, made here from it with the gguf
 package (rpc_cache.make_wide: `--big-layers` blocks with 10240-wide F16 FFNs, random weights,
 ~530 MB at 14 layers), so that the fast links run for seconds, not a fraction of one.
+The TLS cases use certificates made as an operator makes them (`llm-agent pki init`, `pki issue
+rankN`, as in test_tls_systemd.py).
 
-  scripts/bench.sh deliver [--runs 2] [--quick] [--no-big] [--big-layers 14]
+  scripts/bench.sh deliver [--runs 2] [--quick] [--no-big] [--no-tls] [--big-layers 14]
 """
 
 import argparse
 import json
 import os
 import re
+import ssl
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -40,26 +45,28 @@ sys.path.insert(0, str(REPO / "tests/systemd"))
 import hosts  # noqa: E402
 import rpc_ring  # noqa: E402
 from rpc_cache import make_wide  # noqa: E402
-from test_ring_systemd import API_KEY, TOKEN  # noqa: E402
+from test_ring_systemd import API_KEY, TOKEN, config_text  # noqa: E402
 
 MODEL_DIR = f"{rpc_ring.STATE}/models"
 TCP_PORT = 9099
 TCP_BYTES = 100 << 20
-# (model, tbf rate or None for the bare veth, delivery.max_mbit or None)
+PKI = "/etc/llm-cluster/pki"
+# (model, tbf rate or None for the bare veth, delivery.max_mbit or None, mutual TLS)
 CASES = [
-    ("smollm2", None, None), ("smollm2", "1gbit", None), ("smollm2", "100mbit", None),
-    ("smollm2", "100mbit", 50),
-    ("big", None, None), ("big", "1gbit", None), ("big", "1gbit", 300),
-    ("big", "100mbit", None),
+    ("smollm2", None, None, False), ("smollm2", "1gbit", None, False),
+    ("smollm2", "100mbit", None, False), ("smollm2", "100mbit", 50, False),
+    ("smollm2", "100mbit", None, True),
+    ("big", None, None, False), ("big", "1gbit", None, False), ("big", "1gbit", 300, False),
+    ("big", "100mbit", None, False), ("big", None, None, True), ("big", "1gbit", None, True),
 ]
-QUICK = [("smollm2", "100mbit", None), ("smollm2", "100mbit", 50)]
+QUICK = [("smollm2", "100mbit", None, False), ("smollm2", "100mbit", 50, False)]
 
 
 def mbit(rate):
     """'100mbit' -> 100.0, '1gbit' -> 1000.0 (tc's units, decimal)."""
     m = re.fullmatch(r"(\d+(?:\.\d+)?)(k|m|g)bit", rate)
     if not m:
-        sys.exit(f"--rate {rate}: expected e.g. 100mbit or 1gbit")
+        sys.exit(f"link rate {rate}: expected e.g. 100mbit or 1gbit")
     return float(m[1]) * {"k": 1e-3, "m": 1.0, "g": 1e3}[m[2]]
 
 
@@ -95,26 +102,48 @@ def tcp_mbit(src, dst, nbytes=TCP_BYTES):
     return int(n) * 8 / float(s) / 1e6
 
 
-def edit_config(max_mbit):
+def edit_config(max_mbit, tls):
     def edit(text):
         rank0 = "\n[[node]]\nrank = 0\n"
         assert rank0 in text, "the test config's node table changed"
         text = text.replace(rank0, f'{rank0}model_dir = "{MODEL_DIR}"\n')
         if max_mbit is not None:
             text += f"\n[delivery]\nmax_mbit = {max_mbit}\n"
+        if tls:
+            text += "\n[tls]\n"
         return text
     return edit
 
 
-def hash_source(h, model, timeout=300):
+def make_pki(lab, agent, tmp):
+    """The cluster CA and every rank's certificate and key, made here and put on each host."""
+    conf = Path(tmp) / "cluster.toml"
+    conf.write_text(config_text(lab, Path("/opt/models/x.gguf")) + "\n[tls]\n")
+    pki = Path(tmp) / "pki"
+    for args in (["init"], *[["issue", f"rank{h.index}"] for h in lab.hosts]):
+        subprocess.run([str(agent), "pki", *args, "--config", str(conf), "--dir", str(pki)],
+                       check=True, capture_output=True, text=True)
+    for h in lab.hosts:
+        h.write_file(f"{PKI}/ca.crt", (pki / "ca.crt").read_bytes())
+        for ext, mode in (("crt", 0o644), ("key", 0o600)):
+            h.write_file(f"{PKI}/rank{h.index}.{ext}",
+                         (pki / f"rank{h.index}.{ext}").read_bytes(), mode=mode)
+    # What rank 0 presents to rank 1: the client side of this bench's own requests.
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    ctx.load_cert_chain(str(pki / "rank0.crt"), str(pki / "rank0.key"))
+    return ctx
+
+
+def hash_source(h, model, tls_ctx=None, timeout=300):
     """Until rank 1 serves its copy: it hashes it on the first request (503 meanwhile)."""
     size = model.stat().st_size
+    scheme = "https" if tls_ctx else "http"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            st, _, body = hosts.http("GET", f"http://{h.ip}:7700/v1/models/smollm2/file",
+            st, _, body = hosts.http("GET", f"{scheme}://{h.ip}:7700/v1/models/smollm2/file",
                                      headers={"Authorization": f"Bearer {TOKEN}",
-                                              "Range": f"bytes={size - 1}-"})
+                                              "Range": f"bytes={size - 1}-"}, context=tls_ctx)
             if st == 206:
                 return
             if st != 503:
@@ -150,7 +179,7 @@ def receive_seconds(h):
     return secs
 
 
-def deliver_once(lab, model, rate, max_mbit):
+def deliver_once(lab, model, rate, max_mbit, tls_ctx=None):
     h0, h1 = lab.hosts
     rpc_ring.stop_agents(lab)
     h0.run(f"rm -rf {MODEL_DIR}")
@@ -159,9 +188,9 @@ def deliver_once(lab, model, rate, max_mbit):
     else:
         h0.shape_inbound(None)
     link = tcp_mbit(h1, h0)
-    rpc_ring.install(lab, model, rpc_cache=False, edit=edit_config(max_mbit))
+    rpc_ring.install(lab, model, rpc_cache=False, edit=edit_config(max_mbit, tls_ctx is not None))
     h1.systemctl("enable", "--now", "llm-agent@rank1.service")
-    hash_source(h1, model)
+    hash_source(h1, model, tls_ctx)
     before = tx_bytes(h0)
     t0 = time.monotonic()
     h0.systemctl("enable", "--now", "llm-agent@rank0.service")
@@ -179,7 +208,8 @@ def deliver_once(lab, model, rate, max_mbit):
     row = {
         "model": model.name, "file_bytes": size, "link": rate or "unshaped",
         "link_mbit": mbit(rate) if rate else None, "tcp_mbit": round(link, 1),
-        "max_mbit": max_mbit, "seconds": round(ev["seconds"], 3),
+        "max_mbit": max_mbit, "control": "mtls" if tls_ctx else "http",
+        "seconds": round(ev["seconds"], 3),
         "fact_seconds": round(fact["seconds"], 3),
         "receive_seconds": round(recv, 3) if recv is not None else None,
         "wall_s": round(wall, 2), "mbit_s": round(rate_mbit, 1),
@@ -194,26 +224,27 @@ def deliver_once(lab, model, rate, max_mbit):
 
 def summary(rows):
     """One line per case: medians over the runs."""
-    head = (f"{'file':<34} {'link':>8} {'cap':>5} {'tcp Mbit/s':>10} {'seconds':>8} "
+    head = (f"{'file':<20} {'control':>7} {'link':>8} {'cap':>5} {'tcp Mbit/s':>10} {'seconds':>8} "
             f"{'receive s':>9} {'wall s':>7} {'Mbit/s':>7} {'/ limit':>7} {'/ tcp':>6}  runs (s)")
     lines = [head]
     keys = []
     for r in rows:
-        k = (r["model"], r["link"], r["max_mbit"])
+        k = (r["model"], r["control"], r["link"], r["max_mbit"])
         if k not in keys:
             keys.append(k)
     for k in keys:
-        rs = [r for r in rows if (r["model"], r["link"], r["max_mbit"]) == k]
+        rs = [r for r in rows if (r["model"], r["control"], r["link"], r["max_mbit"]) == k]
 
         def med(f):
             v = [r[f] for r in rs if r[f] is not None]
             return statistics.median(v) if v else float("nan")
-        name = f"{rs[0]['model'][:20]} ({rs[0]['file_bytes'] / 1e6:.1f} MB)"
-        cap = str(k[2]) if k[2] is not None else "-"
+        limit = f"{med('ratio_to_limit'):>7.3f}" if k[2] != "unshaped" else f"{'-':>7}"
+        name = f"{rs[0]['file']} ({rs[0]['file_bytes'] / 1e6:.1f} MB)"
+        cap = str(k[3]) if k[3] is not None else "-"
         lines.append(
-            f"{name:<34} {k[1]:>8} {cap:>5} {med('tcp_mbit'):>10.1f} {med('seconds'):>8.2f} "
+            f"{name:<20} {k[1]:>7} {k[2]:>8} {cap:>5} {med('tcp_mbit'):>10.1f} {med('seconds'):>8.2f} "
             f"{med('receive_seconds'):>9.2f} {med('wall_s'):>7.2f} {med('mbit_s'):>7.1f} "
-            f"{med('ratio_to_limit'):>7.3f} {med('ratio_to_tcp'):>6.3f}  "
+            f"{limit} {med('ratio_to_tcp'):>6.3f}  "
             + " ".join(f"{r['seconds']:.2f}" for r in rs))
     return "\n".join(lines)
 
@@ -224,12 +255,14 @@ def main():
     ap.add_argument("--quick", action="store_true", help="SmolLM2 at 100 Mbit, with and "
                     "without a 50 Mbit cap, one run")
     ap.add_argument("--no-big", action="store_true", help="SmolLM2 only")
+    ap.add_argument("--no-tls", action="store_true", help="no mutual-TLS cases")
     ap.add_argument("--big-layers", type=int, default=14)
     args = ap.parse_args()
     if os.geteuid() != 0 or hosts.unavailable_reason():
         sys.exit(f"needs root and systemd-nspawn: {hosts.unavailable_reason()}")
     hosts.prepare()
-    cases = QUICK if args.quick else [c for c in CASES if not (args.no_big and c[0] == "big")]
+    cases = QUICK if args.quick else [c for c in CASES if not (args.no_big and c[0] == "big")
+                                      and not (args.no_tls and c[3])]
     runs = 1 if args.quick else args.runs
     smol = Path(os.environ["SMOLLM2_GGUF"])
     llama = Path(os.environ["LLAMA_CPP_DIR"])
@@ -250,10 +283,11 @@ def main():
                  (models, "/opt/models", True)]
         load = [round(x, 2) for x in os.getloadavg()]
         with hosts.Lab(2, binds=binds) as lab:
+            tls_ctx = make_pki(lab, agent, tmp) if any(c[3] for c in cases) else None
             for run in range(runs):
-                for name, rate, cap in cases:
-                    row = deliver_once(lab, files[name], rate, cap)
-                    row["run"] = run
+                for name, rate, cap, tls in cases:
+                    row = deliver_once(lab, files[name], rate, cap, tls_ctx if tls else None)
+                    row["file"], row["run"] = name, run
                     rows.append(row)
                     print(json.dumps(row), flush=True)
             rpc_ring.stop_agents(lab)

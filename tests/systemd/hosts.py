@@ -146,16 +146,17 @@ def _comm(pid: int):
         return None
 
 
-def http(method, url, body=None, headers=None, timeout=30):
+def http(method, url, body=None, headers=None, timeout=30, context=None):
     """A JSON request from the machine to a host's HTTP endpoint: (status, headers, body bytes).
-    HTTP errors are answers, not exceptions; connection failures raise OSError."""
+    HTTP errors are answers, not exceptions; connection failures raise OSError. context: an
+    ssl.SSLContext for https (a client certificate for a mutual-TLS control port)."""
     import urllib.error
     import urllib.request
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method, headers={
         "Content-Type": "application/json", **(headers or {})})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as r:
             return r.status, dict(r.headers), r.read()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read()
