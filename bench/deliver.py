@@ -51,6 +51,7 @@ MODEL_DIR = f"{rpc_ring.STATE}/models"
 TCP_PORT = 9099
 TCP_BYTES = 100 << 20
 PKI = "/etc/llm-cluster/pki"
+CONFIG = "/etc/llm-cluster/cluster.toml"
 # (model, tbf rate or None for the bare veth, delivery.max_mbit or None, mutual TLS)
 CASES = [
     ("smollm2", None, None, False), ("smollm2", "1gbit", None, False),
@@ -103,6 +104,7 @@ def tcp_mbit(src, dst, nbytes=TCP_BYTES):
 
 
 def edit_config(max_mbit, tls):
+    """What the test config (rpc_ring.install) lacks here: rank 0's model_dir, the cap, [tls]."""
     def edit(text):
         rank0 = "\n[[node]]\nrank = 0\n"
         assert rank0 in text, "the test config's node table changed"
@@ -188,7 +190,10 @@ def deliver_once(lab, model, rate, max_mbit, tls_ctx=None):
     else:
         h0.shape_inbound(None)
     link = tcp_mbit(h1, h0)
-    rpc_ring.install(lab, model, rpc_cache=False, edit=edit_config(max_mbit, tls_ctx is not None))
+    rpc_ring.install(lab, model, rpc_cache=False)
+    text = edit_config(max_mbit, tls_ctx is not None)(h0.read_file(CONFIG))
+    for h in lab.hosts:
+        h.write_file(CONFIG, text)
     h1.systemctl("enable", "--now", "llm-agent@rank1.service")
     hash_source(h1, model, tls_ctx)
     before = tx_bytes(h0)

@@ -19,11 +19,10 @@ def cache_root(rank: int) -> str:
     return f"{STATE}/rpc-cache/rank{rank}"
 
 
-def install(lab, model: Path, rpc_cache: bool = True, backoff_ms: int | None = None, edit=None):
+def install(lab, model: Path, rpc_cache: bool = True, backoff_ms: int | None = None):
     """Rank user, state dir, the shipped unit, config, token and API keys on every host.
     `backoff_ms`: a constant restart backoff (the config's doubles with every failure, which
-    would make later restarts of a benchmark slower). `edit`: config text -> config text, for
-    what a caller adds (a node's model_dir, a [delivery] table)."""
+    would make later restarts of a benchmark slower)."""
     unit = (REPO / "packaging/systemd/llm-agent@.service").read_text()
     exec_args = re.search(r"^ExecStart=\S+(.*)$", unit, re.M)[1]
     text = config_text(lab, model).replace(
@@ -32,8 +31,6 @@ def install(lab, model: Path, rpc_cache: bool = True, backoff_ms: int | None = N
         old = "backoff_initial_ms = 500\nbackoff_max_ms = 5000\n"
         assert old in text, "the test config's backoff changed"
         text = text.replace(old, f"backoff_initial_ms = {backoff_ms}\nbackoff_max_ms = {backoff_ms}\n")
-    if edit is not None:
-        text = edit(text)
     for h in lab.hosts:
         h.run("id llm-cluster >/dev/null 2>&1 || useradd --system --home-dir /var/lib/llm-cluster "
               "--shell /usr/sbin/nologin llm-cluster")
