@@ -28,7 +28,6 @@ the head's hash query per cacheable tensor waits that long on a cold cache.
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -86,8 +85,7 @@ def make_wide(src: Path, dst: Path, n_ff=10240, layers=2):
 
 def shape(lab, rate, latency):
     for h in lab.hosts[1:]:
-        subprocess.run(["tc", "qdisc", "replace", "dev", h.veth, "root", "tbf", "rate", rate,
-                        "burst", "64kb", "latency", latency], check=True)
+        h.shape_inbound(rate, latency=latency)
 
 
 def clear_cache(lab):

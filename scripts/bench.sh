@@ -14,6 +14,11 @@
 #                             llama-rpc ring restart without the rpc tensor cache, with it emptied
 #                             and with it filled, on systemd hosts over a tbf-shaped link; root
 #                             (bench/rpc_cache.py)
+#   scripts/bench.sh deliver [--runs 2] [--quick] [--no-big]
+#                             model delivery's transfer rate vs the link rate: a node without
+#                             the model fetches it from one that has it, on systemd hosts over
+#                             tbf-shaped links (none, 1 Gbit, 100 Mbit) and under
+#                             delivery.max_mbit; root (bench/deliver.py)
 #   scripts/bench.sh slots    llama-server's slot settings (idle-slot caching, prompt cache, KV
 #                             layout): 4 concurrent chats a round through the coordinator, per
 #                             variant (bench/slots.py)
@@ -38,6 +43,7 @@ case "${1:-local}" in
   gateway) shift; exec "$VENV/bin/python" bench/gateway.py "$@" ;;
   switch) exec "$VENV/bin/python" bench/switch.py ;;
   rpc-cache) shift; exec "$VENV/bin/python" bench/rpc_cache.py "$@" ;;
+  deliver) shift; exec "$VENV/bin/python" bench/deliver.py "$@" ;;
   slots) exec "$VENV/bin/python" bench/slots.py ;;
   matrix)
     shift
@@ -49,5 +55,5 @@ case "${1:-local}" in
     fi
     exec "$LLM_AGENT_BIN" bench --matrix --model-file "$SMOLLM2_GGUF" --llama-dir "$LLAMA_CPP_DIR" \
       "${prima[@]}" "$@" ;;
-  *) echo "usage: scripts/bench.sh [local|bringup|gateway [speed|limits]|slots|rpc-cache [...]|matrix [bench flags]|switch]" >&2; exit 2 ;;
+  *) echo "usage: scripts/bench.sh [local|bringup|gateway [speed|limits]|slots|rpc-cache [...]|deliver [...]|matrix [bench flags]|switch]" >&2; exit 2 ;;
 esac

@@ -146,16 +146,17 @@ def _comm(pid: int):
         return None
 
 
-def http(method, url, body=None, headers=None, timeout=30):
+def http(method, url, body=None, headers=None, timeout=30, context=None):
     """A JSON request from the machine to a host's HTTP endpoint: (status, headers, body bytes).
-    HTTP errors are answers, not exceptions; connection failures raise OSError."""
+    HTTP errors are answers, not exceptions; connection failures raise OSError. context: an
+    ssl.SSLContext for https (a client certificate for a mutual-TLS control port)."""
     import urllib.error
     import urllib.request
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method, headers={
         "Content-Type": "application/json", **(headers or {})})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as r:
             return r.status, dict(r.headers), r.read()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read()
@@ -517,6 +518,18 @@ class Host:
             return self.log_path.read_text(errors="replace")[-8000:]
         except OSError:
             return ""
+
+    # ---- the link
+    def shape_inbound(self, rate: str | None, burst: str = "64kb", latency: str = "400ms"):
+        """Rate-limit what the lab sends this host, or with rate None stop limiting it. A tbf
+        qdisc on the machine's side of the host's veth: tbf shapes a link's egress, and that
+        side's egress is everything the bridge forwards to the host (netem does not exist on
+        every kernel; tbf does). burst must hold the largest (GSO) packet, 64 KiB on a veth."""
+        if rate is None:
+            _sh(["tc", "qdisc", "del", "dev", self.veth, "root"], check=False)
+            return
+        _sh(["tc", "qdisc", "replace", "dev", self.veth, "root", "tbf", "rate", rate,
+             "burst", burst, "latency", latency])
 
     # ---- running things inside
     def run(self, cmd, check=True, timeout=30, input=None, env=None, cwd="/"):
