@@ -260,3 +260,33 @@ def test_a_switch_waits_for_its_models_delivery_while_the_loaded_model_serves_on
         assert done and switches, (done, switches)
         assert switches[0]["seq"] > done[0]["seq"], "the switch came after the file was in place"
         assert sha256(models / q8.name) == sha256(q8)
+
+
+def test_a_node_lacking_two_models_receives_them_one_after_the_other(tmp_path, smollm2_q8):
+    q4 = _env_path("SMOLLM2_GGUF")
+    q8 = Path(smollm2_q8)
+    models = tmp_path / "rank0-models"
+    models.mkdir()
+    cluster = Cluster("llama-rpc", _env_path("LLAMA_CPP_DIR"), q4, 4700, tmp_path, extra=(
+        "--also-model", str(q8), "--node-model-dir", f"0={models}", "--transfer-max-mbit", "200"))
+    seen = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                v = cluster.status()
+            except requests.RequestException:
+                time.sleep(0.1)
+                continue
+            ts = [t for t in (v["nodes"][0].get("transfers") or []) if t["state"] == "running"]
+            seen.append(sorted(t["activity"] for t in ts))
+            done = [t for t in (v["nodes"][0].get("transfers") or []) if t["state"] == "done"]
+            if len(done) == 2:
+                break
+            time.sleep(0.1)
+        receiving = [s for s in seen if sum(a.startswith("receiving") for a in s) > 1]
+        assert not receiving, f"two files arrived at once: {receiving[:3]}"
+        assert any(any(a.startswith("waiting for another") for a in s) for s in seen), seen[-5:]
+        assert sha256(models / q4.name) == sha256(q4) and sha256(models / q8.name) == sha256(q8)
+    finally:
+        cluster.stop()

@@ -259,10 +259,21 @@ fn file_chunks(
 // --- the receiver's side --------------------------------------------------------------------
 
 /// Every delivery to this node since the agent started, by model name. One at a time per
-/// model: a second request for a model being fetched answers with the running one.
-#[derive(Default)]
+/// model: a second request for a model being fetched answers with the running one. And one
+/// receiving at a time per node: two would split the link for no gain, and each would check the
+/// free space without the other's bytes still to come.
 pub struct Deliveries {
     by_model: Mutex<HashMap<String, Arc<Mutex<TransferFact>>>>,
+    turn: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for Deliveries {
+    fn default() -> Self {
+        Deliveries {
+            by_model: Mutex::default(),
+            turn: Arc::new(tokio::sync::Semaphore::new(1)),
+        }
+    }
 }
 
 impl Deliveries {
@@ -271,6 +282,11 @@ impl Deliveries {
         let t = map.get(model)?;
         let f = t.lock().unwrap_or_else(|e| e.into_inner()).clone();
         Some(f)
+    }
+
+    /// The node's one turn to receive, for [`run`].
+    pub fn turn(&self) -> Arc<tokio::sync::Semaphore> {
+        self.turn.clone()
     }
 
     pub fn all(&self) -> Vec<TransferFact> {
@@ -397,6 +413,7 @@ pub async fn run(
     fetch: Fetch,
     client: reqwest::Client,
     fact: Arc<Mutex<TransferFact>>,
+    turn: Arc<tokio::sync::Semaphore>,
     notify: impl Fn() + Send,
 ) -> Result<String, String> {
     let mut meter = Meter {
@@ -406,7 +423,22 @@ pub async fn run(
         window: (Instant::now(), 0),
         last_notify: Instant::now(),
     };
-    let result = receive(&fetch, &client, &mut meter, &notify).await;
+    let result = match turn.clone().try_acquire_owned() {
+        Ok(permit) => Ok(permit),
+        Err(_) => {
+            meter.set(|f| {
+                f.activity = "waiting for another model's delivery to this node to end".into()
+            });
+            notify();
+            turn.acquire_owned()
+                .await
+                .map_err(|_| "the node's deliveries were closed".to_string())
+        }
+    };
+    let result = match result {
+        Ok(_permit) => receive(&fetch, &client, &mut meter, &notify).await,
+        Err(e) => Err(e),
+    };
     meter.set(|f| {
         f.finished_unix = Some(now_unix());
         f.eta_s = None;
@@ -827,6 +859,21 @@ mod tests {
         t.lock().expect("lock").state = TransferState::Failed;
         assert!(d.begin("chat", 2).is_ok(), "a failed one may be retried");
         assert_eq!(d.fact("chat").map(|f| f.from_rank), Some(2));
+    }
+
+    #[tokio::test]
+    async fn a_node_receives_one_file_at_a_time() {
+        let d = Deliveries::default();
+        let first = d
+            .turn()
+            .try_acquire_owned()
+            .expect("the first gets the turn");
+        assert!(d.turn().try_acquire_owned().is_err(), "a second waits");
+        drop(first);
+        assert!(
+            d.turn().try_acquire_owned().is_ok(),
+            "and gets it after the first"
+        );
     }
 
     #[test]

@@ -460,7 +460,13 @@ impl NodeAgent {
         };
         tracing::info!(rank = self.rank, model = %model.name, from_rank = req.from_rank, dest = %dest.display(), "fetching a model file");
         let shared = fact.clone();
-        let task = tokio::spawn(deliver::run(fetch, client, fact, notify));
+        let task = tokio::spawn(deliver::run(
+            fetch,
+            client,
+            fact,
+            self.deliveries.turn(),
+            notify,
+        ));
         tokio::spawn(async move {
             let result = match task.await {
                 Ok(r) => r,
