@@ -148,6 +148,19 @@ pub fn changes(seen: &mut Seen, facts: &[NodeReport]) -> Vec<(u32, crate::proto:
     out
 }
 
+/// "received model chat from rank 0: 98.4 MB in 8.3 s (11.9 MB/s), sha256 verified".
+pub fn received(t: &crate::proto::TransferFact) -> String {
+    use crate::node::deliver::human_bytes;
+    format!(
+        "received model {} from rank {}: {} in {:.1} s ({}/s), sha256 verified",
+        t.model,
+        t.from_rank,
+        human_bytes(t.total_bytes.saturating_sub(t.resumed_from)),
+        t.seconds,
+        human_bytes(t.bytes_per_s.unwrap_or(0.0) as u64)
+    )
+}
+
 /// "receiving model chat from rank 0: 42 % of 1.2 GB, 11.0 MB/s, 60 s left" for the node check.
 pub fn describe(t: &crate::proto::TransferFact) -> String {
     use crate::node::deliver::human_bytes;

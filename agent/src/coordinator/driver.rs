@@ -719,7 +719,6 @@ impl Driver {
 
 /// A delivery that started, resumed, finished or failed, for `/api/v1/events` and the counter.
 fn transfer_event(rank: u32, t: &crate::proto::TransferFact) -> events::Draft {
-    use crate::node::deliver::human_bytes;
     use crate::proto::TransferState;
     let message = match t.state {
         TransferState::Running if t.resumed_from > 0 => format!(
@@ -730,14 +729,7 @@ fn transfer_event(rank: u32, t: &crate::proto::TransferFact) -> events::Draft {
             "rank {rank} receives model {} from rank {}",
             t.model, t.from_rank
         ),
-        TransferState::Done => format!(
-            "rank {rank} received model {} from rank {}: {} in {:.1} s ({}/s), sha256 verified",
-            t.model,
-            t.from_rank,
-            human_bytes(t.total_bytes.saturating_sub(t.resumed_from)),
-            t.seconds,
-            human_bytes(t.bytes_per_s.unwrap_or(0.0) as u64)
-        ),
+        TransferState::Done => format!("rank {rank} {}", super::delivery::received(t)),
         TransferState::Failed => format!(
             "rank {rank} could not receive model {} from rank {}: {}",
             t.model,

@@ -130,20 +130,12 @@ pub struct TransferView {
 impl TransferView {
     /// The delivery recorded in `m`, if there is one worth showing.
     pub fn of(m: &ModelFact) -> Option<TransferView> {
-        use crate::node::deliver::human_bytes;
         let t = m.transfer.as_ref()?;
         let lacking = matches!(m.hash, HashState::Missing | HashState::Error { .. })
             || m.matches_expected == Some(false);
         let text = match t.state {
             TransferState::Running => super::delivery::describe(t),
-            TransferState::Done => format!(
-                "received model {} from rank {}: {} in {:.1} s ({}/s), sha256 verified",
-                t.model,
-                t.from_rank,
-                human_bytes(t.total_bytes.saturating_sub(t.resumed_from)),
-                t.seconds,
-                human_bytes(t.bytes_per_s.unwrap_or(0.0) as u64)
-            ),
+            TransferState::Done => super::delivery::received(t),
             TransferState::Failed if lacking => format!(
                 "delivery of model {} from rank {} failed: {}",
                 t.model,
