@@ -436,7 +436,11 @@ pub struct ModelFact {
     pub transfer: Option<TransferFact>,
 }
 
-/// `POST /v1/models/fetch`: get `model`'s file from node `from_rank` (the receiving node
+/// The node control API's model deliveries: `GET` lists them, `POST` a [`FetchRequest`] starts
+/// one.
+pub const TRANSFERS_ROUTE: &str = "/v1/models/transfers";
+
+/// `POST /v1/models/transfers`: get `model`'s file from node `from_rank` (the receiving node
 /// looks both up in its own config: nobody can point it at another address or path).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FetchRequest {

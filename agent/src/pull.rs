@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use crate::config::Config;
 use crate::exit;
 use crate::node::deliver::human_bytes;
-use crate::proto::{FetchRequest, TransferFact, TransferState};
+use crate::proto::{FetchRequest, TransferFact, TransferState, TRANSFERS_ROUTE};
 
 #[derive(clap::Args, Debug)]
 pub struct ModelArgs {
@@ -113,18 +113,10 @@ async fn pull(
     let node = config
         .node(rank)
         .with_context(|| format!("no [[node]] with rank = {rank}"))?;
-    let token = crate::auth::load_token(&config.cluster.token_file)?;
-    let tls = crate::tls::client_config_for(config, rank)?;
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
-    if let Some(tls) = tls {
-        builder = builder.use_preconfigured_tls(tls);
-    }
-    let http = builder.build().context("cannot build the HTTP client")?;
-    let url = format!("{scheme}://{}/v1/models/transfers", node.agent_addr());
-    let resp = http
-        .post(&url)
-        .bearer_auth(&token)
+    let client = crate::coordinator::client::NodeClient::for_rank(config, rank)?;
+    let addr = node.agent_addr();
+    let resp = client
+        .request(reqwest::Method::POST, addr, TRANSFERS_ROUTE)
         .json(&FetchRequest {
             model: name.to_string(),
             from_rank: from,
@@ -132,7 +124,7 @@ async fn pull(
         .timeout(Duration::from_secs(10))
         .send()
         .await
-        .with_context(|| format!("cannot reach rank {rank}'s agent at {}", node.agent_addr()))?;
+        .with_context(|| format!("cannot reach rank {rank}'s agent at {addr}"))?;
     let status = resp.status();
     if !status.is_success() {
         let body: serde_json::Value = resp.json().await.unwrap_or_default();
@@ -155,9 +147,7 @@ async fn pull(
     }
     println!(
         "rank {rank} ({}) fetches model {} from rank {}",
-        node.agent_addr(),
-        fact.model,
-        fact.from_rank
+        addr, fact.model, fact.from_rank
     );
     if no_wait {
         return Ok(ExitCode::SUCCESS);
@@ -224,9 +214,8 @@ async fn pull(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         let got = async {
-            let resp = http
-                .get(&url)
-                .bearer_auth(&token)
+            let resp = client
+                .request(reqwest::Method::GET, addr, TRANSFERS_ROUTE)
                 .timeout(Duration::from_secs(5))
                 .send()
                 .await?

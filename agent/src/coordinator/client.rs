@@ -73,8 +73,32 @@ impl NodeClient {
         })
     }
 
+    /// The client of a program on node `rank` that talks to node agents (the coordinator is
+    /// rank 0's; a node fetching a model file, `llm-agent model pull`): the token from
+    /// `cluster.token_file`, and under `[tls]` that node's certificate.
+    pub fn for_rank(config: &crate::config::Config, rank: u32) -> Result<NodeClient> {
+        let token = crate::auth::load_token(&config.cluster.token_file)?;
+        let tls = crate::tls::client_config_for(config, rank).with_context(|| {
+            format!("rank {rank}: cannot set up TLS for connections to the nodes")
+        })?;
+        NodeClient::new(token, tls)
+    }
+
     fn url(&self, addr: SocketAddr, path: &str) -> String {
         format!("{}://{addr}{path}", self.scheme)
+    }
+
+    /// A request to node `addr`'s control API, with the token, for callers that read the answer
+    /// themselves (a streamed model file; a status code to tell apart).
+    pub fn request(
+        &self,
+        method: reqwest::Method,
+        addr: SocketAddr,
+        path: &str,
+    ) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, self.url(addr, path))
+            .bearer_auth(&self.token)
     }
 
     async fn check(resp: reqwest::Response) -> Result<reqwest::Response> {
@@ -196,7 +220,7 @@ impl Nodes for NodeClient {
     async fn fetch(&self, addr: SocketAddr, req: &FetchRequest) -> Result<TransferFact> {
         let resp = self
             .http
-            .post(self.url(addr, "/v1/models/transfers"))
+            .post(self.url(addr, crate::proto::TRANSFERS_ROUTE))
             .bearer_auth(&self.token)
             .json(req)
             .timeout(Duration::from_secs(10))

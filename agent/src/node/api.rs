@@ -42,7 +42,7 @@ pub(super) const ROUTES: &[Route] = &[
     ("/v1/rank/usage", || get(usage)),
     ("/v1/rank/placement", || get(placement)),
     ("/v1/links", || get(links)),
-    ("/v1/models/transfers", || get(transfers).post(fetch)),
+    (crate::proto::TRANSFERS_ROUTE, || get(transfers).post(fetch)),
     ("/v1/models/{name}/file", || get(model_file)),
 ];
 
@@ -90,7 +90,7 @@ pub async fn serve(
     ))
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
+pub(super) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
@@ -161,5 +161,5 @@ async fn model_file(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    s.agent.serve_model_file(&name, &headers)
+    s.agent.serve_model_file(&name, &headers).await
 }

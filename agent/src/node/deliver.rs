@@ -22,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 
@@ -118,7 +118,7 @@ pub fn now_unix() -> u64 {
 /// `GET /v1/models/{name}/file`: this node's copy of a model, whole or from a `Range` on. Only
 /// a copy that is hashed and matches the configured sha256 is served: a wrong file must not
 /// spread.
-pub fn serve(
+pub async fn serve(
     rank: u32,
     name: &str,
     path: &Path,
@@ -127,9 +127,7 @@ pub fn serve(
     hashed_bytes: Option<u64>,
     headers: &HeaderMap,
 ) -> Response {
-    let fail = |status: StatusCode, msg: String| {
-        (status, axum::Json(serde_json::json!({ "error": msg }))).into_response()
-    };
+    let fail = super::api::error;
     let sha = match state.1 {
         HashState::Done { sha256 } => sha256,
         HashState::Missing | HashState::NotRequired if state.0.is_none() => {
@@ -200,17 +198,21 @@ pub fn serve(
         return r;
     }
     let offset = from.unwrap_or(0);
-    let path = path.to_path_buf();
-    let body = futures_util::stream::once(async move {
+    let file = async {
         use tokio::io::AsyncSeekExt;
-        let mut f = tokio::fs::File::open(&path).await?;
+        let mut f = tokio::fs::File::open(path).await?;
         f.seek(std::io::SeekFrom::Start(offset)).await?;
         Ok::<_, std::io::Error>(f)
-    })
-    .flat_map(|opened| match opened {
-        Ok(f) => file_chunks(f).boxed(),
-        Err(e) => futures_util::stream::once(async move { Err(e) }).boxed(),
-    });
+    };
+    let body = match file.await {
+        Ok(f) => tokio_util::io::ReaderStream::with_capacity(f, 256 << 10),
+        Err(e) => {
+            return fail(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot read {}: {e}", path.display()),
+            )
+        }
+    };
     let mut r = Response::new(Body::from_stream(body));
     *r.status_mut() = if from.is_some() {
         StatusCode::PARTIAL_CONTENT
@@ -235,25 +237,6 @@ pub fn serve(
         );
     }
     r
-}
-
-/// The file from its current position on, in 256 KiB chunks.
-fn file_chunks(
-    f: tokio::fs::File,
-) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send {
-    futures_util::stream::unfold(Some(f), |f| async move {
-        use tokio::io::AsyncReadExt;
-        let mut f = f?;
-        let mut buf = vec![0u8; 256 << 10];
-        match f.read(&mut buf).await {
-            Ok(0) => None,
-            Ok(n) => {
-                buf.truncate(n);
-                Some((Ok(bytes::Bytes::from(buf)), Some(f)))
-            }
-            Err(e) => Some((Err(e), None)),
-        }
-    })
 }
 
 // --- the receiver's side --------------------------------------------------------------------
@@ -318,6 +301,15 @@ impl Deliveries {
     }
 }
 
+/// The path of model `name`'s file on a source's control API, the name percent-encoded.
+pub fn file_path(name: &str) -> String {
+    let mut url = reqwest::Url::parse("http://source/").expect("a constant URL parses");
+    if let Ok(mut segments) = url.path_segments_mut() {
+        segments.clear().extend(["v1", "models", name, "file"]);
+    }
+    url.path().to_string()
+}
+
 /// A transfer of `model` from `from_rank` that is about to begin.
 pub fn fresh(model: &str, from_rank: u32) -> TransferFact {
     TransferFact {
@@ -341,9 +333,9 @@ pub fn fresh(model: &str, from_rank: u32) -> TransferFact {
 pub struct Fetch {
     pub model: String,
     pub from_rank: u32,
-    /// The source's `/v1/models/{name}/file`.
-    pub url: String,
-    pub token: String,
+    /// The source's control API, and its client (the token, this node's TLS identity).
+    pub source: std::net::SocketAddr,
+    pub client: crate::coordinator::client::NodeClient,
     pub dest: PathBuf,
     /// The configured sha256; without one, the source's hash is the target.
     pub expected: Option<String>,
@@ -400,18 +392,21 @@ impl Meter {
 pub fn mark_lost(fact: &Mutex<TransferFact>, why: String) {
     let mut f = fact.lock().unwrap_or_else(|e| e.into_inner());
     if f.state == TransferState::Running {
-        f.state = TransferState::Failed;
-        f.activity = "failed".into();
-        f.error = Some(why);
-        f.finished_unix = Some(now_unix());
+        failed(&mut f, why);
     }
+}
+
+fn failed(f: &mut TransferFact, why: String) {
+    f.state = TransferState::Failed;
+    f.activity = "failed".into();
+    f.error = Some(why);
+    f.finished_unix = Some(now_unix());
 }
 
 /// Runs `fetch` to its end: the file verified and in place, or an error for people. `notify`
 /// is called when the coordinator should look again (progress, the end).
 pub async fn run(
     fetch: Fetch,
-    client: reqwest::Client,
     fact: Arc<Mutex<TransferFact>>,
     turn: Arc<tokio::sync::Semaphore>,
     notify: impl Fn() + Send,
@@ -423,21 +418,15 @@ pub async fn run(
         window: (Instant::now(), 0),
         last_notify: Instant::now(),
     };
-    let result = match turn.clone().try_acquire_owned() {
-        Ok(permit) => Ok(permit),
-        Err(_) => {
-            meter.set(|f| {
-                f.activity = "waiting for another model's delivery to this node to end".into()
-            });
-            notify();
-            turn.acquire_owned()
-                .await
-                .map_err(|_| "the node's deliveries were closed".to_string())
-        }
-    };
-    let result = match result {
-        Ok(_permit) => receive(&fetch, &client, &mut meter, &notify).await,
-        Err(e) => Err(e),
+    if turn.available_permits() == 0 {
+        meter.set(|f| {
+            f.activity = "waiting for another model's delivery to this node to end".into()
+        });
+        notify();
+    }
+    let result = match turn.acquire_owned().await {
+        Ok(_permit) => receive(&fetch, &mut meter, &notify).await,
+        Err(_) => Err("the node's deliveries were closed".to_string()),
     };
     meter.set(|f| {
         f.finished_unix = Some(now_unix());
@@ -457,11 +446,7 @@ pub async fn run(
                             .max(1e-3),
                 );
             }
-            Err(e) => {
-                f.state = TransferState::Failed;
-                f.activity = "failed".into();
-                f.error = Some(e.clone());
-            }
+            Err(e) => failed(f, e.clone()),
         }
     });
     notify();
@@ -470,7 +455,6 @@ pub async fn run(
 
 async fn receive(
     fetch: &Fetch,
-    client: &reqwest::Client,
     meter: &mut Meter,
     notify: &(impl Fn() + Send),
 ) -> Result<String, String> {
@@ -484,7 +468,7 @@ async fn receive(
         .await
         .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     // The partial to resume: the configured hash's, or without one the newest for this file.
-    let (mut target, mut have) = match &fetch.expected {
+    let (target, mut have) = match &fetch.expected {
         Some(sha) => {
             let p = partial_path(dest, sha);
             let len = tokio::fs::metadata(&p).await.map_or(0, |m| m.len());
@@ -496,8 +480,11 @@ async fn receive(
         },
     };
     let waited = Instant::now();
+    let path = file_path(&fetch.model);
     let resp = loop {
-        let mut req = client.get(&fetch.url).bearer_auth(&fetch.token);
+        let mut req = fetch
+            .client
+            .request(reqwest::Method::GET, fetch.source, &path);
         if let (Some(sha), true) = (&target, have > 0) {
             req = req
                 .header(header::RANGE, format!("bytes={have}-"))
@@ -582,9 +569,9 @@ async fn receive(
     };
     if offset == 0 {
         remove_partials(dest, &dir).await;
-        target = Some(source_sha.clone());
     }
-    let sha = target.unwrap_or(source_sha);
+    // A 206 came only if If-Range matched the source's hash: the partial is of that content.
+    let sha = source_sha;
     let partial = partial_path(dest, &sha);
     // Room for the rest, before the first byte is written.
     let free = free_bytes(&dir)
@@ -644,8 +631,8 @@ async fn receive(
                 )
             })?;
         let chunk = match next {
-            None => None,
-            Some(Ok(c)) => Some(c),
+            None => break,
+            Some(Ok(c)) => c,
             Some(Err(e)) => {
                 flush(&mut slot, &mut batch, &partial).await?;
                 return Err(format!(
@@ -654,7 +641,6 @@ async fn receive(
                 ));
             }
         };
-        let Some(chunk) = chunk else { break };
         done += chunk.len() as u64;
         batch.extend_from_slice(&chunk);
         if batch.len() >= WRITE_BATCH {
@@ -677,36 +663,48 @@ async fn receive(
     }
     meter.set(|f| f.activity = "verifying sha256".into());
     let (file, hasher) = slot.take().ok_or("the partial file was lost")?;
-    let got = tokio::task::spawn_blocking(move || {
-        file.sync_all()?;
-        Ok::<_, std::io::Error>(hex::encode(hasher.finalize()))
-    })
-    .await
-    .map_err(|e| format!("the final hash panicked: {e}"))?
-    .map_err(|e| format!("cannot write {}: {e}", partial.display()))?;
-    if got != sha {
-        let _ = tokio::fs::remove_file(&partial).await;
-        return Err(format!(
-            "the received file has sha256 {got}, but it should have {sha}: the bytes were damaged on the way or on disk; the partial file was removed and the next attempt starts over"
-        ));
-    }
-    tokio::fs::rename(&partial, dest).await.map_err(|e| {
-        format!(
-            "cannot move {} to {}: {e}",
-            partial.display(),
-            dest.display()
-        )
-    })?;
-    if let Ok(d) = std::fs::File::open(&dir) {
-        let _ = d.sync_all();
-    }
-    // Owned like its directory (llm-cluster's, under the packages), as the Ansible model role
-    // leaves a copied file; a non-root agent keeps its own.
-    if let Ok(meta) = std::fs::metadata(&dir) {
-        use std::os::unix::fs::MetadataExt;
-        let _ = std::os::unix::fs::chown(dest, Some(meta.uid()), Some(meta.gid()));
-    }
-    fetch.hasher.record(dest, got.clone());
+    let place = {
+        let (partial, dest, dir, record) = (
+            partial.clone(),
+            dest.clone(),
+            dir.clone(),
+            fetch.hasher.clone(),
+        );
+        move || -> Result<String, String> {
+            let got = file
+                .sync_all()
+                .map(|()| hex::encode(hasher.finalize()))
+                .map_err(|e| format!("cannot write {}: {e}", partial.display()))?;
+            if got != sha {
+                let _ = std::fs::remove_file(&partial);
+                return Err(format!(
+                    "the received file has sha256 {got}, but it should have {sha}: the bytes were damaged on the way or on disk; the partial file was removed and the next attempt starts over"
+                ));
+            }
+            std::fs::rename(&partial, &dest).map_err(|e| {
+                format!(
+                    "cannot move {} to {}: {e}",
+                    partial.display(),
+                    dest.display()
+                )
+            })?;
+            if let Ok(d) = std::fs::File::open(&dir) {
+                let _ = d.sync_all();
+            }
+            // Owned like its directory (llm-cluster's, under the packages), as the Ansible
+            // model role leaves a copied file; a non-root agent keeps its own.
+            if let Ok(meta) = std::fs::metadata(&dir) {
+                use std::os::unix::fs::MetadataExt;
+                let _ = std::os::unix::fs::chown(&dest, Some(meta.uid()), Some(meta.gid()));
+            }
+            record.record(&dest, got.clone());
+            Ok(got)
+        }
+    };
+    // Hashing the end, fsync, rename and the hash store are blocking: off the event loop.
+    let got = tokio::task::spawn_blocking(place)
+        .await
+        .map_err(|e| format!("putting the file in place panicked: {e}"))??;
     tracing::info!(model = %fetch.model, from_rank = fetch.from_rank, bytes = total - offset, seconds = began.elapsed().as_secs_f64(), "model file received and verified");
     Ok(got)
 }

@@ -332,23 +332,33 @@ impl NodeAgent {
         self.config.reads_model(self.rank)
     }
 
+    /// The configured model `name` (or alias) names, or the 404 for the control API.
+    fn configured_model(
+        &self,
+        name: &str,
+    ) -> Result<&crate::config::Model, (axum::http::StatusCode, String)> {
+        self.config
+            .find_model(name)
+            .map(|i| &self.config.models[i])
+            .ok_or_else(|| {
+                (
+                    axum::http::StatusCode::NOT_FOUND,
+                    format!("no model named {name} in {}", self.config.source.display()),
+                )
+            })
+    }
+
     /// Serves this node's copy of model `name` to another node ([`deliver::serve`]). A node
     /// whose rank does not read the model (a llama.cpp rpc worker) hashes a copy it has on the
     /// first request.
-    pub fn serve_model_file(
+    pub async fn serve_model_file(
         &self,
         name: &str,
         headers: &axum::http::HeaderMap,
     ) -> axum::response::Response {
-        use axum::response::IntoResponse;
-        let Some(model) = self.config.find_model(name).map(|i| &self.config.models[i]) else {
-            return (
-                axum::http::StatusCode::NOT_FOUND,
-                axum::Json(serde_json::json!({
-                    "error": format!("no model named {name} in {}", self.config.source.display())
-                })),
-            )
-                .into_response();
+        let model = match self.configured_model(name) {
+            Ok(m) => m,
+            Err((status, why)) => return api::error(status, why),
         };
         let path = self.config.model_path(self.rank, model);
         let state = self.hasher.state(&path);
@@ -361,6 +371,7 @@ impl NodeAgent {
             self.hasher.hashed_bytes(&path),
             headers,
         )
+        .await
     }
 
     /// Starts fetching `req.model`'s file from `req.from_rank` in the background; the fact of
@@ -371,16 +382,7 @@ impl NodeAgent {
     ) -> Result<proto::TransferFact, (axum::http::StatusCode, String)> {
         use axum::http::StatusCode;
         let source = self.config.source.display();
-        let model = self
-            .config
-            .find_model(&req.model)
-            .map(|i| self.config.models[i].clone())
-            .ok_or_else(|| {
-                (
-                    StatusCode::NOT_FOUND,
-                    format!("no model named {} in {source}", req.model),
-                )
-            })?;
+        let model = self.configured_model(&req.model)?.clone();
         let from = self.config.node(req.from_rank).ok_or_else(|| {
             (
                 StatusCode::BAD_REQUEST,
@@ -393,25 +395,8 @@ impl NodeAgent {
                 format!("rank {} cannot fetch a model from itself", self.rank),
             ));
         }
-        let token = crate::auth::load_token(&self.config.cluster.token_file)
+        let client = crate::coordinator::client::NodeClient::for_rank(&self.config, self.rank)
             .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
-        let tls = crate::tls::client_config_for(&self.config, self.rank)
-            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
-        let scheme = if tls.is_some() { "https" } else { "http" };
-        let mut url = reqwest::Url::parse(&format!("{scheme}://{}/", from.agent_addr()))
-            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        if let Ok(mut segments) = url.path_segments_mut() {
-            segments
-                .clear()
-                .extend(["v1", "models", &model.name, "file"]);
-        }
-        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
-        if let Some(tls) = tls {
-            builder = builder.use_preconfigured_tls(tls);
-        }
-        let client = builder
-            .build()
-            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         let dest = self.config.model_path(self.rank, &model);
         if let (Some(want), (_, proto::HashState::Done { sha256 })) =
             (&model.sha256, self.hasher.state(&dest))
@@ -436,8 +421,8 @@ impl NodeAgent {
         let fetch = deliver::Fetch {
             model: model.name.clone(),
             from_rank: req.from_rank,
-            url: url.to_string(),
-            token,
+            source: from.agent_addr(),
+            client,
             dest,
             expected: model.sha256.clone(),
             max_mbit: self.config.delivery.max_mbit,
@@ -460,13 +445,7 @@ impl NodeAgent {
         };
         tracing::info!(rank = self.rank, model = %model.name, from_rank = req.from_rank, dest = %dest.display(), "fetching a model file");
         let shared = fact.clone();
-        let task = tokio::spawn(deliver::run(
-            fetch,
-            client,
-            fact,
-            self.deliveries.turn(),
-            notify,
-        ));
+        let task = tokio::spawn(deliver::run(fetch, fact, self.deliveries.turn(), notify));
         tokio::spawn(async move {
             let result = match task.await {
                 Ok(r) => r,
