@@ -100,7 +100,7 @@ pub fn model_names(config: &Config) -> Vec<String> {
     config
         .models
         .iter()
-        .flat_map(|m| std::iter::once(m.name.clone()).chain(m.aliases.iter().cloned()))
+        .flat_map(|m| m.names().cloned())
         .collect()
 }
 

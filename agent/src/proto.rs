@@ -139,6 +139,17 @@ pub enum PlacementSource {
     Remembered,
 }
 
+impl PlacementSource {
+    /// The serde name ("config", "halda", "remembered"), for people and labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlacementSource::Config => "config",
+            PlacementSource::Halda => "halda",
+            PlacementSource::Remembered => "remembered",
+        }
+    }
+}
+
 /// `GET /v1/rank/placement`: the placement rank 0's engine printed when it scheduled the ring.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RankPlacement {
@@ -565,6 +576,17 @@ impl KeyState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn placement_source_names_are_the_serde_names() {
+        for s in [
+            PlacementSource::Config,
+            PlacementSource::Halda,
+            PlacementSource::Remembered,
+        ] {
+            assert_eq!(serde_json::to_value(s).expect("json"), s.as_str());
+        }
+    }
 
     /// The names shown in messages and node views are the ones the JSON APIs use.
     #[test]

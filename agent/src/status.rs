@@ -297,10 +297,7 @@ fn model_state(m: &ModelState) -> String {
 /// The report, as `status` prints it.
 pub fn render(view: &ClusterView, events: &[ClusterEvent], now: SystemTime) -> String {
     let mut o = String::new();
-    let engine = serde_json::to_value(view.engine)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default();
+    let engine = view.engine.as_str();
     let mark = if view.serving() { "●" } else { "○" };
     o.push_str(&format!(
         "{mark} {} ({engine}): {}\n",
@@ -335,10 +332,7 @@ pub fn render(view: &ClusterView, events: &[ClusterEvent], now: SystemTime) -> S
         view.restarts, view.failures
     ));
     if let Some(p) = &view.placement {
-        let source = serde_json::to_value(p.source)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
+        let source = p.source.as_str();
         let windows = p
             .windows
             .as_ref()
@@ -671,7 +665,7 @@ impl Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::{EventDetail, ModelFact, NodeFacts};
+    use crate::proto::{EventDetail, NodeFacts};
 
     fn view() -> ClusterView {
         let text = "[cluster]\nname=\"lab\"\nengine=\"llama-rpc\"\n[model]\npath=\"/m.gguf\"\n\
@@ -684,32 +678,15 @@ mod tests {
     }
 
     fn facts(hash: HashState, hashed: Option<u64>) -> NodeFacts {
-        NodeFacts {
-            agent_version: "0.1.0".into(),
-            protocol_version: 2,
-            rank: 0,
-            hostname: "head".into(),
-            engine: crate::config::EngineKind::LlamaRpc,
-            binaries: vec![],
-            engine_version: Some("version: 4589 (abc)".into()),
-            engine_package: None,
-            models: Vec::new(),
-            model: ModelFact {
-                path: "/m.gguf".into(),
-                size: Some(1000),
-                hash,
-                expected_sha256: None,
-                matches_expected: None,
-                hashed_bytes: hashed,
-                transfer: None,
-            },
-            memory: None,
-            cpu: None,
-            gpus: vec![],
-            network: vec![],
-            tls: None,
-            rpc_cache: None,
-        }
+        let mut f = crate::coordinator::check::tests_support::facts(0);
+        f.hostname = "head".into();
+        f.engine = crate::config::EngineKind::LlamaRpc;
+        f.binaries = vec![];
+        f.engine_version = Some("version: 4589 (abc)".into());
+        f.model.size = Some(1000);
+        f.model.hash = hash;
+        f.model.hashed_bytes = hashed;
+        f
     }
 
     #[test]

@@ -193,11 +193,8 @@ pub fn expiry_warning(what: &str, e: &Expiry) -> Option<String> {
 /// the CA for both server and client authentication, names `address`, and matches the key.
 /// Every error names the file it is about. Returns the certificate's expiry.
 pub fn check_files(tls: &Tls, rank: u32, address: IpAddr) -> Result<Expiry> {
-    let cert_path = tls.cert(rank);
-    let key_path = tls.key(rank);
-    let ca = read_certs(&tls.ca, "tls.ca")?;
-    let chain = read_certs(&cert_path, "tls.cert")?;
-    let key = read_key(&key_path)?;
+    let (cert_path, key_path) = (tls.cert(rank), tls.key(rank));
+    let Identity { ca, chain, key } = Identity::load(tls, rank)?;
     check_identity(&ca, &chain, key, address, UnixTime::now()).map_err(|e| match e {
         Bad::Ca(m) => anyhow::anyhow!("tls.ca {}: {m}", tls.ca.display()),
         Bad::Cert(m) => anyhow::anyhow!(

@@ -323,9 +323,14 @@ pub struct Node {
 }
 
 impl Model {
+    /// Its name, then its aliases: every value a client may send for it.
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        std::iter::once(&self.name).chain(&self.aliases)
+    }
+
     /// Whether a client's `model` value names this model.
     pub fn answers_to(&self, name: &str) -> bool {
-        self.name == name || self.aliases.iter().any(|a| a == name)
+        self.names().any(|n| n == name)
     }
 }
 
@@ -369,13 +374,11 @@ impl Config {
     }
 
     /// The index of the model a client names, by name or alias.
-    #[allow(dead_code)] // read by the model switch and the node's spec check
     pub fn find_model(&self, name: &str) -> Option<usize> {
         self.models.iter().position(|m| m.answers_to(name))
     }
 
     /// This config with model `index` loaded (out of range: unchanged).
-    #[allow(dead_code)] // read by the model switch and the node's spec check
     pub fn with_loaded(&self, index: usize) -> Config {
         let mut c = self.clone();
         if index < c.models.len() {

@@ -591,9 +591,8 @@ async fn proxy(State(s): State<ApiState>, req: Request) -> Response {
         // Proxies between here and the client must not buffer the stream either.
         headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     }
-    let loaded = s.gateway.gate().loaded_name();
     let path = parts.uri.path();
-    let body = match Rewrite::for_request(gate.engine, path, &loaded) {
+    let body = match Rewrite::for_request(gate.engine, path, || s.gateway.gate().loaded_name()) {
         None => Body::new(Passed {
             upstream: incoming,
             lost,

@@ -21,7 +21,13 @@ pub struct Rewrite {
 
 impl Rewrite {
     /// What to rewrite for `path` on `engine`, if anything.
-    pub fn for_request(engine: EngineKind, path: &str, model: &str) -> Option<Rewrite> {
+    /// `model` is asked only for a request that is rewritten (the loaded model's name is not
+    /// free to get, and most requests need none).
+    pub fn for_request(
+        engine: EngineKind,
+        path: &str,
+        model: impl FnOnce() -> String,
+    ) -> Option<Rewrite> {
         if engine != EngineKind::Prima {
             return None;
         }
@@ -37,7 +43,7 @@ impl Rewrite {
             .unwrap_or(0);
         Some(Rewrite {
             native_completion,
-            model: model.to_string(),
+            model: model(),
             created,
             id: format!("cmpl-{}", hex::encode(rand::random::<[u8; 12]>())),
         })
@@ -180,14 +186,18 @@ mod tests {
     use super::*;
 
     fn rw(path: &str) -> Rewrite {
-        Rewrite::for_request(EngineKind::Prima, path, "smol").expect("prima rewrites")
+        Rewrite::for_request(EngineKind::Prima, path, || "smol".into()).expect("prima rewrites")
     }
 
     #[test]
     fn only_prima_and_only_openai_routes() {
-        assert!(Rewrite::for_request(EngineKind::LlamaRpc, "/v1/completions", "m").is_none());
-        assert!(Rewrite::for_request(EngineKind::Prima, "/v1/models", "m").is_none());
-        assert!(Rewrite::for_request(EngineKind::Prima, "/v1/completions?x=1", "m").is_some());
+        assert!(
+            Rewrite::for_request(EngineKind::LlamaRpc, "/v1/completions", || "m".into()).is_none()
+        );
+        assert!(Rewrite::for_request(EngineKind::Prima, "/v1/models", || "m".into()).is_none());
+        assert!(
+            Rewrite::for_request(EngineKind::Prima, "/v1/completions?x=1", || "m".into()).is_some()
+        );
     }
 
     #[test]

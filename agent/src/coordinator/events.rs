@@ -246,10 +246,7 @@ pub fn placement(
         Some(w) => format!("layer windows {w:?}"),
         None => "layer windows chosen by Halda when the ring starts".into(),
     };
-    let source = serde_json::to_value(new.source)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default();
+    let source = new.source.as_str();
     Some(Draft {
         generation: (generation > 0).then_some(generation),
         rank: None,

@@ -348,10 +348,7 @@ fn scrape_registry(now: &Now<'_>, ranks: &BTreeMap<u32, RankSample>, engine_up: 
     let info = Family::<InfoLabels, Gauge>::default();
     info.get_or_create(&InfoLabels {
         cluster: v.cluster.clone(),
-        engine: serde_json::to_value(v.engine)
-            .ok()
-            .and_then(|e| e.as_str().map(str::to_owned))
-            .unwrap_or_default(),
+        engine: v.engine.as_str().to_string(),
         model: v.model.name.clone(),
     })
     .set(1);

@@ -150,8 +150,12 @@ pub struct Passed {
 
 impl Drop for Passed {
     fn drop(&mut self) {
-        self.gate
-            .update(|s| s.snap.passed = s.snap.passed.saturating_sub(1));
+        // Only the last one out is news: a drain waits for none in flight, nothing else reads
+        // the count. (Notifying each would wake the driver and every waiter per request.)
+        self.gate.update_if(|s| {
+            s.snap.passed = s.snap.passed.saturating_sub(1);
+            (s.snap.passed == 0, ())
+        });
     }
 }
 
@@ -178,11 +182,7 @@ impl ModelGate {
         let names: Vec<Vec<String>> = config
             .models
             .iter()
-            .map(|m| {
-                std::iter::once(m.name.clone())
-                    .chain(m.aliases.iter().cloned())
-                    .collect()
-            })
+            .map(|m| m.names().cloned().collect())
             .collect();
         ModelGate::for_names(names, config.loaded, config.api.queue_size as usize)
     }
@@ -262,8 +262,11 @@ impl ModelGate {
 
     /// The name of the model the ring runs (or is switching to).
     pub fn loaded_name(&self) -> String {
-        let s = self.snapshot();
-        self.name(s.target.unwrap_or(s.loaded)).to_string()
+        let m = {
+            let s = self.lock();
+            s.snap.target.unwrap_or(s.snap.loaded)
+        };
+        self.name(m).to_string()
     }
 
     /// Lets a request for `model` (None: whatever is loaded) through once that model serves, or
@@ -278,8 +281,9 @@ impl ModelGate {
                 s.snap.last_request = Instant::now();
                 let m = model.unwrap_or(s.snap.loaded);
                 if may_pass(&s.snap, m) {
+                    // Nobody waits for a request to pass (a waiter's own leaving notifies).
                     s.snap.passed += 1;
-                    return (true, Ok(None));
+                    return (false, Ok(None));
                 }
                 if waiting.is_none() {
                     if s.snap.waiting.len() >= self.max_waiting {

@@ -127,12 +127,17 @@ pub struct TransferView {
     pub text: String,
 }
 
+/// A node's copy that the ring cannot use: absent, unreadable, or not the configured sha256.
+fn unusable(m: &ModelFact) -> bool {
+    matches!(m.hash, HashState::Missing | HashState::Error { .. })
+        || m.matches_expected == Some(false)
+}
+
 impl TransferView {
     /// The delivery recorded in `m`, if there is one worth showing.
     pub fn of(m: &ModelFact) -> Option<TransferView> {
         let t = m.transfer.as_ref()?;
-        let lacking = matches!(m.hash, HashState::Missing | HashState::Error { .. })
-            || m.matches_expected == Some(false);
+        let lacking = unusable(m);
         let text = match t.state {
             TransferState::Running => super::delivery::describe(t),
             TransferState::Done => super::delivery::received(t),
@@ -327,8 +332,7 @@ impl ClusterView {
                     else {
                         continue;
                     };
-                    let bad = matches!(fact.hash, HashState::Missing | HashState::Error { .. })
-                        || fact.matches_expected == Some(false);
+                    let bad = unusable(fact);
                     let running = fact
                         .transfer
                         .as_ref()

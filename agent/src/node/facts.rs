@@ -231,15 +231,12 @@ fn sha256_counted(path: &Path, done: &AtomicU64) -> std::io::Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
-/// Gathers the facts. `needs_model`: whether this rank reads the GGUF itself.
+/// Gathers the facts; `model` is the loaded model's file, made by [`model_fact`].
 pub async fn collect(
     rank: u32,
     engine: EngineKind,
     local: &LocalEngine,
-    model_path: &Path,
-    expected_sha256: Option<&str>,
-    needs_model: bool,
-    hasher: &ModelHasher,
+    model: ModelFact,
 ) -> NodeFacts {
     let (server, worker) = local.names(engine);
     let rank_bin = if rank == 0 { server } else { worker };
@@ -263,7 +260,6 @@ pub async fn collect(
         Some(p) => cached_version(&p).await,
         None => None,
     };
-    let model = model_fact(model_path, expected_sha256, needs_model, hasher);
     // Reading pacman's database blocks (a file list per package on a cache miss).
     let engine_package = match binaries[0].path.clone() {
         Some(p) => tokio::task::spawn_blocking(move || {

@@ -155,7 +155,7 @@ impl NodeAgent {
         tokio::spawn(async move {
             while hashed.changed().await.is_ok() {
                 match weak.upgrade() {
-                    Some(a) => a.update(|s| s.facts_version += 1),
+                    Some(a) => a.facts_changed(),
                     None => break,
                 }
             }
@@ -192,7 +192,7 @@ impl NodeAgent {
                     Some(()) = usr1.recv() => match weak.upgrade() {
                         Some(a) => {
                             tracing::info!(rank = a.rank, "SIGUSR1: packages changed; facts will be read anew");
-                            a.update(|s| s.facts_version += 1);
+                            a.facts_changed();
                         }
                         None => return,
                     },
@@ -307,6 +307,12 @@ impl NodeAgent {
 
     pub fn subscribe(&self) -> watch::Receiver<RankStatus> {
         self.status.subscribe()
+    }
+
+    /// Says in the status that the facts changed (a hash finished, a package or a delivery
+    /// changed), so the coordinator, which follows the status, looks at them again.
+    fn facts_changed(&self) {
+        self.update(|s| s.facts_version += 1);
     }
 
     fn update(&self, f: impl FnOnce(&mut RankStatus)) {
@@ -439,7 +445,7 @@ impl NodeAgent {
             let weak = weak.clone();
             move || {
                 if let Some(a) = weak.upgrade() {
-                    a.update(|s| s.facts_version += 1);
+                    a.facts_changed();
                 }
             }
         };
@@ -453,7 +459,7 @@ impl NodeAgent {
                     let why = format!("the transfer task ended abnormally: {e}");
                     deliver::mark_lost(&shared, why.clone());
                     if let Some(a) = weak.upgrade() {
-                        a.update(|s| s.facts_version += 1);
+                        a.facts_changed();
                     }
                     Err(why)
                 }
@@ -462,7 +468,7 @@ impl NodeAgent {
                 tracing::error!(model = %model.name, error = %e, "model delivery failed");
             }
         });
-        self.update(|s| s.facts_version += 1);
+        self.facts_changed();
         Ok(first)
     }
 
@@ -475,17 +481,8 @@ impl NodeAgent {
     }
 
     pub async fn facts(&self) -> NodeFacts {
-        let mut f = facts::collect(
-            self.rank,
-            self.config.cluster.engine,
-            &self.local,
-            &self.config.model_path(self.rank, self.config.model()),
-            self.config.model().sha256.as_deref(),
-            self.needs_model(),
-            &self.hasher,
-        )
-        .await;
-        f.models = self
+        // Every configured model's file, once; the loaded one's is also the facts' `model`.
+        let models: Vec<proto::ModelFact> = self
             .config
             .models
             .iter()
@@ -500,7 +497,10 @@ impl NodeAgent {
                 fact
             })
             .collect();
-        f.model.transfer = self.deliveries.fact(&self.config.model().name);
+        let loaded = models[self.config.loaded.min(models.len().saturating_sub(1))].clone();
+        let mut f =
+            facts::collect(self.rank, self.config.cluster.engine, &self.local, loaded).await;
+        f.models = models;
         f.network = self
             .network
             .lock()
